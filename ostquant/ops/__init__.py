@@ -1,0 +1,167 @@
+"""ostquant ops: documented Python entry points to the ``torch.ops.ostquant`` custom ops.
+
+Every op has a schema and a fake kernel (so it traces under ``torch.compile``), a pure-PyTorch
+reference kernel that runs on any device (:mod:`ostquant.ops.reference`, the specification),
+and, when the compiled extension ``ostquant._C`` is present, CUDA kernels for CUDA tensors.
+``cuda_ops()`` lists which ops have a compiled CUDA kernel.
+
+All ops raise :class:`OpInputError` (a ``ValueError``) naming the bad argument.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import library as _library  # noqa: F401  (registers schemas + reference kernels)
+from .checks import GEMM_K_ALIGN, KV_HEAD_DIMS
+from .validate import OpInputError
+
+_ext = None
+_ext_error: Optional[str] = None
+
+
+def _load_extension():
+    global _ext, _ext_error
+    if os.environ.get("OSTQUANT_DISABLE_EXTENSION", "0") == "1":
+        _ext_error = "disabled by OSTQUANT_DISABLE_EXTENSION=1"
+        return
+    try:
+        _ext = importlib.import_module("ostquant._C")
+    except ImportError as e:  # pure-Python install, or built for another torch
+        _ext_error = str(e)
+    except OSError as e:
+        _ext_error = str(e)
+        warnings.warn(f"ostquant._C failed to load ({e}); using reference kernels")
+
+
+_load_extension()
+
+
+def extension_loaded() -> bool:
+    """True if the compiled CUDA extension ``ostquant._C`` was imported."""
+    return _ext is not None
+
+
+def extension_error() -> Optional[str]:
+    """Why the extension is not loaded (None if it is)."""
+    return _ext_error
+
+
+def cuda_ops() -> List[str]:
+    """Names of ostquant ops that have a compiled CUDA kernel registered."""
+    out = []
+    for name in _library.SCHEMAS:
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"ostquant::{name}", "CUDA"):
+            out.append(name)
+    return out
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int8 values in [-8, 7] (last dim even) into uint8, two per byte.
+
+    Element ``2j`` goes to the low nibble of byte ``j``, ``2j+1`` to the high nibble.
+    """
+    return torch.ops.ostquant.pack_int4(q)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Unpack uint8 [..., K/2] into int8 [..., K] (values in [-8, 7])."""
+    return torch.ops.ostquant.unpack_int4(packed)
+
+
+def quantize_per_token(x: torch.Tensor, bits: int = 4, sym: bool = False,
+                       clip_ratio: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize each row (token) of ``x`` [..., K] over its last dim.
+
+    Returns ``(q, scale, zero)``: int8 codes in ``[-2^(bits-1), 2^(bits-1)-1]`` with x's shape,
+    and float32 ``scale``/``zero`` of shape ``x.shape[:-1]`` such that
+    ``x ≈ scale·(q − zero)``. ``zero`` is all 0 when ``sym``. ``clip_ratio`` in (0, 1] shrinks
+    the range before quantizing.
+    """
+    return torch.ops.ostquant.quantize_per_token(x, bits, sym, clip_ratio)
+
+
+def quantize_per_channel(w: torch.Tensor, bits: int = 4, sym: bool = True,
+                         clip_search: bool = False, max_shrink: float = 0.8, grid: int = 100,
+                         norm: float = 2.4) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize a weight [out, in] per output channel; same outputs as :func:`quantize_per_token`.
+
+    With ``clip_search`` each row's range is shrunk by the ratio in
+    ``{1 - i/grid : i ≤ max_shrink·grid}`` that minimizes ``Σ|w − Q(w)|^norm``.
+    """
+    return torch.ops.ostquant.quantize_per_channel(w, bits, sym, clip_search, max_shrink, grid,
+                                                   norm)
+
+
+def int4_gemm(x_packed: torch.Tensor, x_scale: torch.Tensor, x_zero: Optional[torch.Tensor],
+              w_packed: torch.Tensor, w_scale: torch.Tensor, w_sum: Optional[torch.Tensor] = None,
+              bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16
+              ) -> torch.Tensor:
+    """W4A4 GEMM ``y = dequant(x) · dequant(w)ᵀ (+ bias)``, epilogue fused.
+
+    ``x_packed`` uint8 [M, K/2], ``w_packed`` uint8 [N, K/2] (K a multiple of
+    ``GEMM_K_ALIGN``), ``x_scale``/``x_zero`` float32 [M] (``x_zero`` None for symmetric
+    activations), ``w_scale`` float32 [N] (weights symmetric), ``w_sum`` float32 [N] = Σ_k q_w
+    (computed if None), ``bias`` [N]. Output [M, N] in ``out_dtype``.
+    """
+    return torch.ops.ostquant.int4_gemm(x_packed, x_scale, x_zero, w_packed, w_scale, w_sum,
+                                        bias, out_dtype)
+
+
+def w4a16_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weight-only int4 GEMM: ``x [M, K] @ (q_w·s_w)ᵀ + bias`` with x's dtype."""
+    return torch.ops.ostquant.w4a16_gemm(x, w_packed, w_scale, bias)
+
+
+def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale · x @ Hᵀ`` over the last dim n = K·2^k (see ``transforms.hadamard_matrices``).
+
+    Pass ``scale = n ** -0.5`` for the orthonormal transform.
+    """
+    return torch.ops.ostquant.hadamard_transform(x, scale)
+
+
+def quantize_kv(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 quantization of K or V [..., head_dim] per (token, head).
+
+    Returns packed uint8 codes [..., head_dim/2] and float16 scale/zero [...].
+    """
+    return torch.ops.ostquant.quantize_kv(x)
+
+
+def kv_cache_append(k, v, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero,
+                    cache_seqlens) -> None:
+    """Quantize ``k``/``v`` [B, S, Hkv, D] and write them into the int4 cache in place.
+
+    Cache layout (contiguous mode): codes uint8 [B, Smax, Hkv, D/2], scale/zero float16
+    [B, Smax, Hkv]. Token ``s`` of sequence ``b`` goes to slot ``cache_seqlens[b] + s``;
+    ``cache_seqlens`` itself is not modified. Raises if a sequence would overflow ``Smax``.
+    """
+    torch.ops.ostquant.kv_cache_append(k, v, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero,
+                                       cache_seqlens)
+
+
+def int4_kv_attention(q, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero, seqlens,
+                      sm_scale: Optional[float] = None, causal: bool = True) -> torch.Tensor:
+    """Attention of ``q`` [B, Sq, Hq, D] over an int4 KV cache (grouped-query aware).
+
+    ``seqlens[b]`` cache tokens are valid; the queries are the last ``Sq`` of them.
+    ``sm_scale`` defaults to ``D ** -0.5``.
+    """
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    return torch.ops.ostquant.int4_kv_attention(q, k_cache, k_scale, k_zero, v_cache, v_scale,
+                                                v_zero, seqlens, sm_scale, causal)
+
+
+__all__ = [
+    "GEMM_K_ALIGN", "KV_HEAD_DIMS", "OpInputError", "cuda_ops", "extension_loaded",
+    "extension_error", "pack_int4", "unpack_int4", "quantize_per_token", "quantize_per_channel",
+    "int4_gemm", "w4a16_gemm", "hadamard_transform", "quantize_kv", "kv_cache_append",
+    "int4_kv_attention",
+]

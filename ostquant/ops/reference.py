@@ -1,0 +1,290 @@
+"""Pure-PyTorch reference kernels: the specification of every ostquant op.
+
+These functions run on any device and are written to be read. CUDA kernels must reproduce
+them (bit-exactly for quantized values and scales, to float rounding for GEMM/attention
+outputs). The same math is used by the straight-through fake quantizers in
+:mod:`ostquant.quant`, so calibration sees exactly the numbers the runtime produces.
+
+Conventions (see ``docs/ops.md``):
+
+* **int4 packing** — signed two's complement, two values per byte, element ``2j`` in the low
+  nibble, element ``2j+1`` in the high nibble, packed along the last dimension.
+* **Quantization** — ``x ≈ scale * (q - zero)`` with ``q`` signed in
+  ``[-2^(b-1), 2^(b-1)-1]``. Symmetric: ``zero = 0``, ``scale = absmax·clip / (2^(b-1)-1)``.
+  Asymmetric: the range ``[min(x,0), max(x,0)]·clip`` is mapped onto the ``2^b`` levels,
+  ``scale = (hi-lo)/(2^b-1)``, ``zero = round(-lo/scale) - 2^(b-1)`` (an integer-valued
+  float). ``q = clamp(round(x / scale) + zero)``, computed in float32 with true division and
+  round-half-to-even. A group whose range is zero gets ``scale = 1``.
+* **GEMM** — ``y[m,n] = sx[m]·sw[n]·(Σ_k qx[m,k]·qw[n,k] − zx[m]·Σ_k qw[n,k]) + bias[n]``
+  with the integer sum exact and the epilogue in float32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .validate import fail
+
+# ----------------------------------------------------------------------------------------
+# int4 packing
+# ----------------------------------------------------------------------------------------
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int8 values in [-8, 7] along the last dim (even length) into uint8 bytes."""
+    q = q.to(torch.int16)
+    lo = q[..., 0::2] & 0xF
+    hi = q[..., 1::2] & 0xF
+    return (lo | (hi << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 [..., K/2] -> int8 [..., K] with values in [-8, 7]."""
+    p = packed.to(torch.int16)
+    lo = p & 0xF
+    hi = (p >> 4) & 0xF
+    lo = torch.where(lo >= 8, lo - 16, lo)
+    hi = torch.where(hi >= 8, hi - 16, hi)
+    out = torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return out.to(torch.int8)
+
+
+# ----------------------------------------------------------------------------------------
+# Quantization math (shared with the fake quantizers)
+# ----------------------------------------------------------------------------------------
+
+
+def qrange(bits: int) -> Tuple[int, int]:
+    """Signed integer range ``(qmin, qmax)`` of a ``bits``-bit quantizer."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def compute_qparams(x: torch.Tensor, bits: int, sym: bool, clip_ratio=1.0
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of ``x`` (reduced over the last dim), float32, keepdim.
+
+    ``clip_ratio`` is a float or a float32 tensor broadcastable to ``x.shape[:-1] + (1,)``.
+    """
+    x = x.float()
+    qmin, qmax = qrange(bits)
+    if sym:
+        absmax = x.abs().amax(dim=-1, keepdim=True) * clip_ratio
+        scale = absmax / qmax
+        zero = torch.zeros_like(scale)
+    else:
+        hi = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
+        lo = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
+        scale = (hi - lo) / (qmax - qmin)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-lo / scale) + qmin
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, zero
+
+
+def quantize_with(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+                  ) -> torch.Tensor:
+    """Integer codes (as float32) of ``x`` for given ``scale``/``zero``."""
+    qmin, qmax = qrange(bits)
+    return torch.clamp(torch.round(x.float() / scale) + zero, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``scale * (q - zero)`` in float32."""
+    return (q.float() - zero) * scale
+
+
+def quantize_per_token(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row quantization over the last dim.
+
+    Returns ``q`` (int8, shape of x), ``scale`` and ``zero`` (float32, shape ``x.shape[:-1]``).
+    """
+    scale, zero = compute_qparams(x, bits, sym, clip_ratio)
+    q = quantize_with(x, scale, zero, bits).to(torch.int8)
+    return q, scale.squeeze(-1), zero.squeeze(-1)
+
+
+def search_clip_ratio(w: torch.Tensor, bits: int, sym: bool, max_shrink: float = 0.8,
+                      grid: int = 100, norm: float = 2.4) -> torch.Tensor:
+    """Per-row clipping ratio minimising ``Σ|w - Q(w)|^norm`` over a grid.
+
+    Tries ratios ``1 - i/grid`` for ``i = 0 .. int(max_shrink*grid)``; returns a float32 tensor
+    of shape ``w.shape[:-1] + (1,)``. Ties keep the larger ratio (less clipping).
+    """
+    w = w.float()
+    best_err = torch.full(w.shape[:-1] + (1,), float("inf"), device=w.device)
+    best_ratio = torch.ones_like(best_err)
+    for i in range(int(max_shrink * grid) + 1):
+        ratio = 1.0 - i / grid
+        scale, zero = compute_qparams(w, bits, sym, ratio)
+        err = (dequantize(quantize_with(w, scale, zero, bits), scale, zero) - w)
+        err = err.abs().pow(norm).sum(dim=-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
+
+
+def quantize_per_channel(w: torch.Tensor, bits: int, sym: bool, clip_search: bool,
+                         max_shrink: float, grid: int, norm: float
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-output-channel (per-row) weight quantization, optionally with clipping search."""
+    ratio = search_clip_ratio(w, bits, sym, max_shrink, grid, norm) if clip_search else 1.0
+    return quantize_per_token(w, bits, sym, ratio)
+
+
+# ----------------------------------------------------------------------------------------
+# GEMMs
+# ----------------------------------------------------------------------------------------
+
+
+def _exact_int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` for small-integer-valued tensors, exact.
+
+    float32 is exact while |sum| < 2^24 (int4 products are ≤ 64, so K ≤ 2^18). On CUDA we use
+    float64 so TF32 settings can never make the reference inexact.
+    """
+    dt = torch.float64 if a.is_cuda else torch.float32
+    return a.to(dt) @ b.to(dt).T
+
+
+def int4_gemm(x_packed, x_scale, x_zero, w_packed, w_scale, w_sum, bias, out_dtype):
+    """W4A4 GEMM with the dequantization epilogue fused (see module docstring)."""
+    qx = unpack_int4(x_packed)
+    qw = unpack_int4(w_packed)
+    acc = _exact_int_matmul(qx, qw).float()
+    if x_zero is not None:
+        if w_sum is None:
+            w_sum = qw.float().sum(dim=-1)
+        acc = acc - x_zero.float()[:, None] * w_sum.float()[None, :]
+    y = acc * x_scale.float()[:, None] * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def w4a16_gemm(x, w_packed, w_scale, bias):
+    """Weight-only int4 GEMM: ``x @ (qw * sw)ᵀ + bias`` computed in float32, output x.dtype."""
+    w = unpack_int4(w_packed).float() * w_scale.float()[:, None]
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Hadamard transform
+# ----------------------------------------------------------------------------------------
+
+
+def _fwht_pow2(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Sylvester Walsh–Hadamard transform along the last dim (length 2^k)."""
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    h = 1
+    y = x
+    while h < n:
+        y = y.reshape(*lead, n // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    return y.reshape(*lead, n)
+
+
+def hadamard_transform(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · x @ Hᵀ`` along the last dim, ``H = kron(H_K, H_{2^k})``, in float32."""
+    from ostquant.transforms.hadamard_matrices import hadamard_factor, hadamard_matrix
+
+    n = x.shape[-1]
+    K, m = hadamard_factor(n)
+    y = x.float()
+    if K > 1:
+        y = y.reshape(*x.shape[:-1], K, m)
+        y = _fwht_pow2(y)
+        hk = hadamard_matrix(K).to(device=x.device, dtype=torch.float32)
+        y = torch.matmul(hk, y)  # [K,K] @ [..., K, m]: mixes the K axis
+        y = y.reshape(*x.shape[:-1], n)
+    else:
+        y = _fwht_pow2(y)
+    return (y * scale).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# int4 KV cache
+# ----------------------------------------------------------------------------------------
+
+KV_BITS = 4
+
+
+def quantize_kv(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per (token, head) over head_dim; fp16 scale/zero; packed codes.
+
+    The scale is rounded to fp16 *before* the codes are computed, so dequantizing with the
+    stored fp16 scale reproduces exactly what the codes were computed against.
+    """
+    scale, zero = compute_qparams(x, KV_BITS, sym=False)
+    scale = scale.clamp(max=torch.finfo(torch.float16).max).half().float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # fp16 underflow
+    # zero must be recomputed for the rounded scale to keep the range centred.
+    lo = x.float().amin(dim=-1, keepdim=True).clamp(max=0)
+    zero = torch.round(-lo / scale) + qrange(KV_BITS)[0]
+    zero = zero.clamp(*qrange(KV_BITS))
+    q = quantize_with(x, scale, zero, KV_BITS).to(torch.int8)
+    return pack_int4(q), scale.squeeze(-1).half(), zero.squeeze(-1).half()
+
+
+def dequantize_kv(packed, scale, zero) -> torch.Tensor:
+    """float32 values of an int4 KV cache slice: ``scale·(q − zero)``."""
+    return dequantize(unpack_int4(packed), scale.float()[..., None], zero.float()[..., None])
+
+
+def kv_cache_append(k, v, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero, cache_seqlens):
+    """Quantize ``k``/``v`` [B,S,Hkv,D] and write them at ``cache_seqlens[b] + s`` (in place)."""
+    B, S = k.shape[:2]
+    smax = k_cache.shape[1]
+    lens = cache_seqlens.to(torch.long).cpu()
+    if bool((lens + S > smax).any()):
+        b = int(torch.nonzero(lens + S > smax)[0])
+        fail("kv_cache_append", f"cache full: sequence {b} holds {int(lens[b])} tokens, "
+             f"appending {S} exceeds capacity {smax}")
+    kq, ks, kz = quantize_kv(k)
+    vq, vs, vz = quantize_kv(v)
+    for b in range(B):
+        sl = slice(int(lens[b]), int(lens[b]) + S)
+        k_cache[b, sl] = kq[b]
+        k_scale[b, sl] = ks[b]
+        k_zero[b, sl] = kz[b]
+        v_cache[b, sl] = vq[b]
+        v_scale[b, sl] = vs[b]
+        v_zero[b, sl] = vz[b]
+
+
+def int4_kv_attention(q, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero, seqlens,
+                      sm_scale: float, causal: bool) -> torch.Tensor:
+    """Attention of ``q`` [B,Sq,Hq,D] over an int4 cache [B,Smax,Hkv,D/2] (GQA: Hq % Hkv == 0).
+
+    Sequence ``b`` has ``seqlens[b]`` valid cache tokens; query ``i`` sits at position
+    ``seqlens[b] - Sq + i``. With ``causal``, it attends to keys at positions ≤ its own;
+    otherwise to all valid keys. Computed in float32; output has q's dtype.
+    """
+    B, Sq, Hq, D = q.shape
+    smax, hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // hkv
+    k = dequantize_kv(k_cache, k_scale, k_zero)  # [B, Smax, Hkv, D]
+    v = dequantize_kv(v_cache, v_scale, v_zero)
+    k = k.repeat_interleave(group, dim=2).transpose(1, 2)  # [B, Hq, Smax, D]
+    v = v.repeat_interleave(group, dim=2).transpose(1, 2)
+    qf = q.float().transpose(1, 2)  # [B, Hq, Sq, D]
+    scores = (qf @ k.transpose(-1, -2)) * sm_scale  # [B, Hq, Sq, Smax]
+    lens = seqlens.to(device=q.device, dtype=torch.long)
+    kpos = torch.arange(smax, device=q.device)
+    valid = kpos[None, :] < lens[:, None]  # [B, Smax]
+    mask = valid[:, None, :].expand(B, Sq, smax)
+    if causal:
+        qpos = lens[:, None] - Sq + torch.arange(Sq, device=q.device)[None, :]  # [B, Sq]
+        mask = mask & (kpos[None, None, :] <= qpos[:, :, None])
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = probs @ v  # [B, Hq, Sq, D]
+    return out.transpose(1, 2).contiguous().to(q.dtype)
