@@ -312,6 +312,7 @@ def _bad_cases():
         ("quant int input", lambda: O.quantize_per_token(torch.ones(2, 4, dtype=torch.int32)), "dtype"),
         ("quant empty", lambda: O.quantize_per_token(torch.randn(0, 64)), "empty"),
         ("quant bits", lambda: O.quantize_per_token(x, 5), "bits"),
+        ("quant nan", lambda: O.quantize_per_token(torch.tensor([[1.0, float("nan")]])), "non-finite"),
         ("quant clip", lambda: O.quantize_per_token(x, 4, False, 1.5), "clip_ratio"),
         ("wquant nan", lambda: O.quantize_per_channel(torch.full((2, 64), float("nan"))), "NaN"),
         ("wquant 3d", lambda: O.quantize_per_channel(torch.randn(2, 2, 64)), "2-D"),
@@ -337,7 +338,7 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(23))
+@pytest.mark.parametrize("case", range(24))
 def test_bad_input_raises_clear_error(case):
     name, fn, msg = _bad_cases()[case]
     with pytest.raises(O.OpInputError, match=msg):
@@ -345,7 +346,7 @@ def test_bad_input_raises_clear_error(case):
 
 
 def test_bad_case_count_matches():
-    assert len(_bad_cases()) == 23 and len(_opcheck_cases()) == 11
+    assert len(_bad_cases()) == 24 and len(_opcheck_cases()) == 11
 
 
 def test_reference_exact_int_accumulation_large_k():

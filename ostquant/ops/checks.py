@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .validate import (FLOAT_DTYPES, check_bits, check_nonempty, check_same_device,
-                       check_shape, check_tensor, fail)
+from .validate import (FLOAT_DTYPES, check_bits, check_finite, check_nonempty,
+                       check_same_device, check_shape, check_tensor, fail)
 
 #: K granularity (in int4 elements) of the int4 GEMMs. Every kernel path accepts multiples of
 #: this; LLaMA-family sizes (576, 1536, 4096, 11008, 14336, ...) all are.
@@ -30,10 +30,12 @@ def unpack_int4(packed):
 
 
 def _check_qargs(op, x, bits, clip_ratio):
-    check_tensor(op, "x" if op != "quantize_per_channel" else "w", x, dtypes=FLOAT_DTYPES,
-                 min_ndim=1)
-    check_nonempty(op, "x" if op != "quantize_per_channel" else "w", x)
+    name = "x" if op != "quantize_per_channel" else "w"
+    check_tensor(op, name, x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_nonempty(op, name, x)
     check_bits(op, bits)
+    if not x.is_cuda:  # free on the host; on the GPU NaN propagates into the scale instead
+        check_finite(op, name, x)
     if not (0.0 < clip_ratio <= 1.0):
         fail(op, f"clip_ratio must be in (0, 1], got {clip_ratio}")
 
@@ -46,8 +48,7 @@ def quantize_per_channel(w, bits, sym, clip_search, max_shrink, grid, norm):
     _check_qargs("quantize_per_channel", w, bits, 1.0)
     if w.dim() != 2:
         fail("quantize_per_channel", f"w must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
-        fail("quantize_per_channel", "w contains NaN or Inf")
+    check_finite("quantize_per_channel", "w", w)
     if clip_search and not (0.0 <= max_shrink < 1.0 and grid >= 1 and norm > 0):
         fail("quantize_per_channel", f"bad clip search settings max_shrink={max_shrink}, "
              f"grid={grid}, norm={norm} (need 0 <= max_shrink < 1, grid >= 1, norm > 0)")

@@ -70,15 +70,19 @@ def compute_qparams(x: torch.Tensor, bits: int, sym: bool, clip_ratio=1.0
     qmin, qmax = qrange(bits)
     if sym:
         absmax = x.abs().amax(dim=-1, keepdim=True) * clip_ratio
-        scale = absmax / qmax
+        # Divide by a tensor, never by a Python number: CUDA evaluates ``tensor / scalar`` as
+        # ``tensor * (1/scalar)``, which differs from true division in the last bit for about
+        # half the inputs and would make the reference (and the codes) depend on the device.
+        scale = absmax / torch.full_like(absmax, qmax)
         zero = torch.zeros_like(scale)
     else:
         hi = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
         lo = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
-        scale = (hi - lo) / (qmax - qmin)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = (hi - lo) / torch.full_like(hi, qmax - qmin)  # true division, as above
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         zero = torch.round(-lo / scale) + qmin
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # A zero range gets scale 1; NaN stays NaN so bad input is never turned into valid codes.
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     return scale, zero
 
 
@@ -225,7 +229,7 @@ def quantize_kv(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
     """
     scale, zero = compute_qparams(x, KV_BITS, sym=False)
     scale = scale.clamp(max=torch.finfo(torch.float16).max).half().float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # fp16 underflow
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # fp16 underflow
     # zero must be recomputed for the rounded scale to keep the range centred.
     lo = x.float().amin(dim=-1, keepdim=True).clamp(max=0)
     zero = torch.round(-lo / scale) + qrange(KV_BITS)[0]
