@@ -1,0 +1,1 @@
+"""Calibration: data, the KL-Top loss and the transform trainer."""
