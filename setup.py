@@ -15,6 +15,8 @@ Environment:
   ``OSTQUANT_HAS_CUTLASS=0`` (kernels that need it are left out).
 * ``MAX_JOBS`` — parallel compile jobs (ninja). ``OSTQUANT_NVCC_THREADS`` — ``nvcc --threads``
   per file (useful with several archs).
+* ``OSTQUANT_PERSISTENT_BUILD=0`` — compile in pip's temporary dir instead of
+  ``build/temp-ostquant-*`` (which makes repeated installs incremental).
 """
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ def _cuda_extension():
     try:
         cutlass_dirs = fc.find_cutlass_include_dirs()
     except fc.CutlassNotFound as e:
-        raise SystemExit(f"[ostquant setup] {e}")
+        raise SystemExit(f"[ostquant setup] {e}") from None
     if cutlass_dirs:
         _say(f"CUTLASS {fc.cutlass_version(cutlass_dirs[0]) or '?'} headers: {cutlass_dirs[0]}")
         has_cutlass = 1
@@ -162,8 +164,19 @@ def _cuda_extension():
         # CPython >= 3.10 and we need not link libtorch_python.
         py_limited_api=True,
     )
-    build_ext = BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build_ext}
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
+    persistent_temp = os.path.join(ROOT, "build", f"temp-ostquant-{tag}")
+
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        def finalize_options(self):
+            super().finalize_options()
+            # Object files go to the source tree's build/ rather than pip's throw-away temp
+            # dir, so a repeated `pip install -e .` only recompiles what changed (ninja also
+            # recompiles a file whose command line changed, e.g. other archs).
+            if os.environ.get("OSTQUANT_PERSISTENT_BUILD", "1") != "0":
+                self.build_temp = persistent_temp
+
+    return [ext], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _cuda_extension()

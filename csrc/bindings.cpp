@@ -1,0 +1,43 @@
+// The one place that registers ostquant's CUDA kernels with the PyTorch dispatcher.
+//
+// The op schemas are defined in Python (ostquant/ops/library.py, namespace "ostquant"), which
+// imports this extension after defining them; TORCH_LIBRARY_IMPL then attaches the CUDA
+// implementations, so torch.ops.ostquant.* dispatch here for CUDA tensors and to the reference
+// kernels otherwise. No pybind11: the module itself is empty apart from a few build facts,
+// built against the stable CPython ABI (py_limited_api).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "quant/ops.h"
+
+#ifndef OSTQUANT_HAS_CUTLASS
+#define OSTQUANT_HAS_CUTLASS 0
+#endif
+
+TORCH_LIBRARY_IMPL(ostquant, CUDA, m) {
+  m.impl("pack_int4", &ostquant::pack_int4_cuda);
+  m.impl("unpack_int4", &ostquant::unpack_int4_cuda);
+  m.impl("quantize_per_token", &ostquant::quantize_per_token_cuda);
+  m.impl("quantize_kv", &ostquant::quantize_kv_cuda);
+}
+
+extern "C" {
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",                                              // m_name
+      "ostquant CUDA kernels (registered as torch.ops.ostquant.* CUDA implementations)",
+      -1,                                                // m_size
+      nullptr,                                           // m_methods
+  };
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(m, "has_cutlass", OSTQUANT_HAS_CUTLASS) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
+
+}  // extern "C"
