@@ -29,7 +29,8 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kl_top_loss", "kl_loss", "cross_entropy_loss", "get_loss", "Loss", "LOSSES"]
+__all__ = ["kl_top_loss", "kl_top_from_topk", "teacher_topk", "kl_loss", "cross_entropy_loss",
+           "get_loss", "Loss", "LOSSES"]
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -123,6 +124,63 @@ def kl_top_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: i
     else:
         log_p = F.log_softmax(t, dim=-1).gather(-1, idx)
         log_q = F.log_softmax(s, dim=-1).gather(-1, idx)
+    return _masked_mean(_kl_rows(log_p, log_q), keep)
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int = 1000):
+    """The teacher's top-``k`` logits per position: ``(values, indices)``, each ``[..., k']``
+    with ``k' = min(k, V)``, computed without gradient. ``values`` keep the logits' dtype.
+
+    This is all :func:`kl_top_from_topk` needs, so a trainer can run the teacher once per
+    sample and keep ``k'`` values instead of the ``V`` logits.
+    """
+    fn = "teacher_topk"
+    _check_logits(fn, "teacher_logits", teacher_logits)
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"{fn}: k must be a positive integer, got {k!r}")
+    k = min(int(k), teacher_logits.shape[-1])
+    with torch.no_grad():
+        top = torch.topk(teacher_logits.detach(), k, dim=-1, sorted=False)
+    return top.values, top.indices
+
+
+def kl_top_from_topk(student_logits: torch.Tensor, teacher_topk_values: torch.Tensor,
+                     teacher_topk_indices: torch.Tensor, temperature: float = 1.0,
+                     attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL-Top from precomputed teacher top-k logits (see :func:`teacher_topk`).
+
+    Equals ``kl_top_loss(student_logits, teacher_logits, k, temperature, attention_mask)``
+    with ``renormalize=True`` (the default) when ``teacher_topk_values/indices`` are the
+    teacher's top-``k`` logits and their vocabulary indices (any order). ``values`` and
+    ``indices`` have shape ``[..., k]`` (the student's leading dims); indices may be any
+    integer dtype and must lie in ``[0, V)``.
+    """
+    fn = "kl_top_from_topk"
+    _check_logits(fn, "student_logits", student_logits)
+    _check_logits(fn, "teacher_topk_values", teacher_topk_values)
+    _check_temperature(fn, temperature)
+    idx = teacher_topk_indices
+    if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex() or \
+            idx.dtype == torch.bool:
+        raise ValueError(f"{fn}: teacher_topk_indices must be an integer tensor")
+    lead = tuple(student_logits.shape[:-1])
+    if tuple(teacher_topk_values.shape[:-1]) != lead or \
+            tuple(idx.shape) != tuple(teacher_topk_values.shape):
+        raise ValueError(f"{fn}: teacher_topk_values {tuple(teacher_topk_values.shape)} and "
+                         f"teacher_topk_indices {tuple(idx.shape)} must both have shape "
+                         f"{lead + ('k',)} (the student's leading dims + k)")
+    V = student_logits.shape[-1]
+    if teacher_topk_values.shape[-1] > V:
+        raise ValueError(f"{fn}: k={teacher_topk_values.shape[-1]} exceeds the vocabulary "
+                         f"size V={V}")
+    keep = _keep_mask(fn, attention_mask, student_logits.shape[:-1], student_logits.device)
+    dt = _compute_dtype(student_logits)
+    idx = idx.to(device=student_logits.device, dtype=torch.long)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
+        raise ValueError(f"{fn}: teacher_topk_indices must lie in [0, {V})")
+    t = teacher_topk_values.detach().to(device=student_logits.device, dtype=dt) / temperature
+    log_p = F.log_softmax(t, dim=-1)
+    log_q = F.log_softmax(student_logits.gather(-1, idx).to(dt) / temperature, dim=-1)
     return _masked_mean(_kl_rows(log_p, log_q), keep)
 
 
