@@ -7,6 +7,16 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def single_thread():
+    """Run a test with one intra-op thread: small linear-algebra calls (eigh, Cholesky) slow
+    down by 100x+ when two OpenMP threads compete on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

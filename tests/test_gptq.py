@@ -9,13 +9,8 @@ from ostquant.quant.gptq import GPTQ, gptq_quantize
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Small linear-algebra calls (eigh, Cholesky) slow down by 100x+ when two OpenMP threads
-    # compete for a loaded machine; these tests are tiny, so run them single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
     yield
-    torch.set_num_threads(n)
 
 
 N_OUT, K, ROWS = 64, 128, 512

@@ -10,13 +10,8 @@ from ostquant.ops import hadamard_transform
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Small linear-algebra calls (eigh, Cholesky) slow down by 100x+ when two OpenMP threads
-    # compete for a loaded machine; these tests are tiny, so run them single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
     yield
-    torch.set_num_threads(n)
 
 
 D = 32

@@ -12,11 +12,8 @@ from ostquant.calibrate.trainer import (CheckpointError, TrainConfig, Trainer,
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
     yield
-    torch.set_num_threads(n)
 
 
 D, V, N, S = 8, 40, 16, 6
