@@ -53,6 +53,17 @@ def _check_hadamard_error(lin, x):
     assert float(e_had) < 0.05 * float(y.pow(2).mean())
 
 
+def test_dtype_cast_keeps_float32_scales():
+    lin = nn.Linear(64, 32)
+    q = QuantLinear.from_linear(lin, abits=4)
+    scale = q.w_scale.clone()
+    q = q.to(torch.bfloat16)
+    assert q.w_scale.dtype == torch.float32 and torch.equal(q.w_scale, scale)
+    assert q.bias.dtype == torch.bfloat16 and q.qweight.dtype == torch.uint8
+    y = q(torch.randn(3, 64, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
 def test_fake_quant_ste_gradient_is_identity():
     x = torch.randn(4, 64, requires_grad=True)
     y = fake_quant(x, 4, sym=False)

@@ -107,6 +107,15 @@ class QuantLinear(nn.Module):
         self.w_scale.copy_(scale)
         self.w_sum.copy_(q.float().sum(dim=-1))
 
+    def _apply(self, fn, recurse=True):
+        # Device moves apply to every buffer, but dtype casts (model.half(), .to(bf16)) must not
+        # round the float32 scales the GEMMs expect: re-take them at full precision.
+        keep = {name: self._buffers[name] for name in ("w_scale", "w_sum")}
+        super()._apply(fn, recurse)
+        for name, t in keep.items():
+            self._buffers[name] = t.to(self._buffers[name].device)
+        return self
+
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the layer multiplies by (in the rotated basis if online_hadamard)."""
         return ops.unpack_int4(self.qweight).float() * self.w_scale[:, None]
