@@ -60,30 +60,44 @@ def qrange(bits: int) -> Tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-def compute_qparams(x: torch.Tensor, bits: int, sym: bool, clip_ratio=1.0
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per row of ``x`` (reduced over the last dim), float32, keepdim.
-
-    ``clip_ratio`` is a float or a float32 tensor broadcastable to ``x.shape[:-1] + (1,)``.
-    """
+def range_stats(x: torch.Tensor, sym: bool) -> Tuple[torch.Tensor, ...]:
+    """Per-row range of ``x`` (keepdim, float32) that :func:`qparams_from_stats` needs:
+    ``(absmax,)`` when ``sym``, else ``(max(x) clamped ≥ 0, min(x) clamped ≤ 0)``."""
     x = x.float()
+    if sym:
+        return (x.abs().amax(dim=-1, keepdim=True),)
+    return (x.amax(dim=-1, keepdim=True).clamp(min=0), x.amin(dim=-1, keepdim=True).clamp(max=0))
+
+
+def qparams_from_stats(stats: Tuple[torch.Tensor, ...], bits: int, sym: bool, clip_ratio=1.0
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point from :func:`range_stats` and a clip ratio (float or tensor)."""
     qmin, qmax = qrange(bits)
     if sym:
-        absmax = x.abs().amax(dim=-1, keepdim=True) * clip_ratio
+        absmax = stats[0] * clip_ratio
         # Divide by a tensor, never by a Python number: CUDA evaluates ``tensor / scalar`` as
         # ``tensor * (1/scalar)``, which differs from true division in the last bit for about
         # half the inputs and would make the reference (and the codes) depend on the device.
         scale = absmax / torch.full_like(absmax, qmax)
         zero = torch.zeros_like(scale)
     else:
-        hi = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
-        lo = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
+        hi = stats[0] * clip_ratio
+        lo = stats[1] * clip_ratio
         scale = (hi - lo) / torch.full_like(hi, qmax - qmin)  # true division, as above
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         zero = torch.round(-lo / scale) + qmin
     # A zero range gets scale 1; NaN stays NaN so bad input is never turned into valid codes.
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     return scale, zero
+
+
+def compute_qparams(x: torch.Tensor, bits: int, sym: bool, clip_ratio=1.0
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of ``x`` (reduced over the last dim), float32, keepdim.
+
+    ``clip_ratio`` is a float or a float32 tensor broadcastable to ``x.shape[:-1] + (1,)``.
+    """
+    return qparams_from_stats(range_stats(x, sym), bits, sym, clip_ratio)
 
 
 def quantize_with(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
@@ -117,13 +131,19 @@ def search_clip_ratio(w: torch.Tensor, bits: int, sym: bool, max_shrink: float =
     of shape ``w.shape[:-1] + (1,)``. Ties keep the larger ratio (less clipping).
     """
     w = w.float()
+    qmin, qmax = qrange(bits)
+    stats = range_stats(w, sym)  # the row ranges do not depend on the ratio: compute once
     best_err = torch.full(w.shape[:-1] + (1,), float("inf"), device=w.device)
     best_ratio = torch.ones_like(best_err)
+    buf = torch.empty_like(w)
     for i in range(int(max_shrink * grid) + 1):
         ratio = 1.0 - i / grid
-        scale, zero = compute_qparams(w, bits, sym, ratio)
-        err = (dequantize(quantize_with(w, scale, zero, bits), scale, zero) - w)
-        err = err.abs().pow(norm).sum(dim=-1, keepdim=True)
+        scale, zero = qparams_from_stats(stats, bits, sym, ratio)
+        # |dequantize(quantize_with(w)) - w|^norm, in place (same operations, no temporaries)
+        torch.div(w, scale, out=buf)
+        buf.round_().add_(zero).clamp_(qmin, qmax)
+        buf.sub_(zero).mul_(scale).sub_(w).abs_().pow_(norm)
+        err = buf.sum(dim=-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
