@@ -8,6 +8,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "hadamard/ops.h"
 #include "quant/ops.h"
 
 #ifndef OSTQUANT_HAS_CUTLASS
@@ -19,6 +20,7 @@ TORCH_LIBRARY_IMPL(ostquant, CUDA, m) {
   m.impl("unpack_int4", &ostquant::unpack_int4_cuda);
   m.impl("quantize_per_token", &ostquant::quantize_per_token_cuda);
   m.impl("quantize_kv", &ostquant::quantize_kv_cuda);
+  m.impl("hadamard_transform", &ostquant::hadamard_transform_cuda);
 }
 
 extern "C" {

@@ -1,0 +1,182 @@
+"""Shared benchmark helpers: the results file (bench/results/*.json, see RESULTS.md), timing.
+
+Every benchmark script:
+
+* runs ``--dry-run`` on any device (tiny sizes, correctness checks only, no timing claims, no
+  JSON written) so the CPU test suite can check it has not bit-rotted;
+* otherwise needs CUDA, times with :func:`time_ms` and writes its rows with
+  :func:`write_results` to ``bench/results/<bench>-<device>.json`` (or ``$OUT`` when set).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(ROOT, "bench", "results")
+
+# Bytes of the rotating input sets one timing cycles through: well above the L2 of the GPUs we
+# use (H100 50 MB, H200 60 MB), so every timed call reads its inputs from DRAM.
+ROTATE_BYTES = 256 << 20
+MAX_SETS = 64
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--dry-run", action="store_true",
+                    help="tiny sizes on any device (CPU too): check correctness and that the "
+                         "script runs; no timings reported, no JSON written")
+    ap.add_argument("--device-short", default=None,
+                    help="short device name for the results file (default: from the GPU name, "
+                         "e.g. h100, h200)")
+    ap.add_argument("--out-dir", default=None,
+                    help="where to write the JSON (default: $OUT if set, else bench/results)")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes (smoke run on a GPU)")
+    return ap
+
+
+def require_cuda(bench: str) -> None:
+    """Exit with a clear message when a timed run is asked for without CUDA."""
+    if not torch.cuda.is_available():
+        sys.exit(f"bench.{bench}: real timing needs a CUDA device (none visible); "
+                 f"use --dry-run to check the script on CPU")
+
+
+def device_name(device: Optional[torch.device] = None) -> str:
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def device_short(name: Optional[str] = None) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``h100``; ``NVIDIA H200`` -> ``h200``; cpu -> ``cpu``."""
+    name = (name or device_name()).lower()
+    for key in ("h100", "h200", "h800", "h20", "gh200", "a100", "a10", "l40s", "l4", "b200",
+                "rtx 4090", "rtx 3090"):
+        if key in name:
+            return key.replace(" ", "")
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-") or "unknown"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                             capture_output=True, timeout=10)
+        sha = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, text=True, capture_output=True, timeout=10).stdout
+        return sha + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def meta(bench: str, device: Optional[str] = None) -> Dict[str, str]:
+    """The ``meta`` block of a results file (RESULTS.md)."""
+    return {
+        "bench": bench,
+        "device": device or device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "date": _dt.date.today().isoformat(),
+        "commit": git_commit(),
+        "command": " ".join(["python -m bench." + bench] + [shlex.quote(a) for a in sys.argv[1:]]),
+    }
+
+
+def results_path(bench: str, device_short_name: str, out_dir: Optional[str] = None) -> str:
+    out_dir = out_dir or os.environ.get("OUT") or RESULTS_DIR
+    return os.path.join(out_dir, f"{bench}-{device_short_name}.json")
+
+
+def write_results(bench: str, device_short_name: str, rows: List[dict],
+                  out_dir: Optional[str] = None, device: Optional[str] = None) -> str:
+    """Write ``{"meta": ..., "rows": rows}`` to ``<out_dir>/<bench>-<device>.json``.
+
+    ``out_dir`` defaults to ``$OUT`` when set (a GPU session's output folder), else
+    bench/results. Replaces an older file for the same bench and device. Returns the path.
+    """
+    path = results_path(bench, device_short_name, out_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    doc = {"meta": meta(bench, device), "rows": rows}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def num_sets(bytes_per_set: int) -> int:
+    """How many distinct input sets to rotate through so they overflow L2."""
+    return max(2, min(MAX_SETS, -(-ROTATE_BYTES // max(1, bytes_per_set))))
+
+
+def time_ms(fn: Callable, arg_sets: Sequence[tuple], warmup_ms: float = 25.0,
+            rep_ms: float = 100.0) -> float:
+    """Median milliseconds of one call ``fn(*arg_sets[i])``, cycling through ``arg_sets``.
+
+    Uses ``triton.testing.do_bench`` (median mode; it also flushes L2 between calls) when
+    Triton is importable, else CUDA events around single calls after a warm-up. Rotating
+    through several input sets keeps a kernel from reading inputs the previous call left in L2.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("time_ms needs CUDA (use --dry-run on CPU)")
+    state = {"i": 0}
+
+    def call():
+        args = arg_sets[state["i"] % len(arg_sets)]
+        state["i"] += 1
+        return fn(*args)
+
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        return float(do_bench(call, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    # Fallback: CUDA events, one call per measurement, median.
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end), 1e-3)
+    n_warm = max(1, int(warmup_ms / est))
+    n_rep = max(5, min(10000, int(rep_ms / est)))
+    for _ in range(n_warm):
+        call()
+    times = []
+    for _ in range(n_rep):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        call()
+        e.record()
+        times.append((s, e))
+    torch.cuda.synchronize()
+    ms = sorted(s.elapsed_time(e) for s, e in times)
+    return float(ms[len(ms) // 2])
+
+
+def print_table(rows: List[dict], cols: Sequence[str]) -> None:
+    """Plain fixed-width table of ``cols`` of ``rows`` (floats with 4 significant digits)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    sys.stdout.flush()

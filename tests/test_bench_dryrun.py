@@ -1,0 +1,51 @@
+"""The benchmark scripts still run: ``--dry-run`` (tiny sizes, correctness only) on CPU."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import common
+
+
+@pytest.mark.parametrize("name", ["hadamard", "quant"])
+def test_bench_dry_run(name, capsys, tmp_path, monkeypatch):
+    import importlib
+    mod = importlib.import_module(f"bench.{name}")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert mod.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[dry-run]" in out and "ok" in out
+    assert list(tmp_path.iterdir()) == [], "dry run must not write results"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+@pytest.mark.parametrize("name", ["hadamard", "quant"])
+def test_bench_without_cuda_says_so(name):
+    import importlib
+    mod = importlib.import_module(f"bench.{name}")
+    with pytest.raises(SystemExit) as e:
+        mod.main([])
+    assert "needs a CUDA device" in str(e.value.code)
+
+
+def test_write_results_shape(tmp_path, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    rows = [{"n": 64, "batch": 1, "dtype": "bfloat16", "ours_ms": 0.01, "baseline": "dense",
+             "baseline_ms": 0.02, "speedup": 2.0}]
+    path = common.write_results("hadamard", "cpu", rows, out_dir=str(tmp_path))
+    assert path.endswith("hadamard-cpu.json")
+    doc = json.load(open(path))
+    assert set(doc) == {"meta", "rows"} and doc["rows"] == rows
+    assert set(doc["meta"]) >= {"bench", "device", "torch", "cuda", "date", "commit", "command"}
+    assert doc["meta"]["bench"] == "hadamard"
+    monkeypatch.setenv("OUT", str(tmp_path / "o"))
+    assert common.results_path("quant", "h100") == str(tmp_path / "o" / "quant-h100.json")
+
+
+def test_device_short():
+    assert common.device_short("NVIDIA H100 80GB HBM3") == "h100"
+    assert common.device_short("NVIDIA H200") == "h200"
+    assert common.device_short("cpu") == "cpu"
+    assert common.num_sets(1 << 30) == 2 and common.num_sets(1) == common.MAX_SETS
