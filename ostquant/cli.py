@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import logging
@@ -29,8 +30,8 @@ DEFAULT_METHODS = ("fp", "rtn")
 DEFAULT_MAX_WINDOWS = 12
 DEFAULT_SEQLEN = 512
 #: methods that are planned but not implemented yet
-PLANNED_METHODS = ("quarot", "spinquant", "ostquant")
-COMMANDS = ("table",)
+PLANNED_METHODS: tuple = ()
+COMMANDS = ("table", "quantize", "eval")
 
 
 class CLIError(Exception):
@@ -71,11 +72,54 @@ def _method_rtn(model, preset, args, shared):
     return out
 
 
+def _calib_settings(args):
+    from ostquant.calibrate.pipeline import CalibSettings
+
+    d = CalibSettings()
+    kw = {}
+    for name in ("steps", "nsamples", "seed", "lr_orth", "lr_scale", "loss"):
+        v = getattr(args, name, None)
+        if v is not None:
+            kw[name] = v
+    v = getattr(args, "calib_batch_size", None)
+    if v is not None:
+        kw["batch_size"] = v
+    v = getattr(args, "calib_seqlen", None)
+    if v is not None:
+        kw["seqlen"] = v
+    v = getattr(args, "calib_text", None) or getattr(args, "text", None)
+    if v is not None:
+        kw["data_source"] = v
+    for name in ("steps", "nsamples", "seqlen", "batch_size"):
+        if kw.get(name, 1) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
+    if getattr(args, "gptq", False):
+        kw["gptq"] = True
+    return dataclasses.replace(d, **kw)
+
+
+def _pipeline_method(method):
+    def run(model, preset, args, shared):
+        from ostquant.calibrate.pipeline import quantize_model
+
+        calib = _calib_settings(args)
+        calib = dataclasses.replace(calib, checkpoint_dir=None, resume=False)
+        out, _ = quantize_model(model, shared["tokenizer"], method, preset, calib,
+                                progress=args.progress)
+        return out
+    run.__name__ = f"_method_{method}"
+    run.__doc__ = f"{method} via :func:`ostquant.calibrate.pipeline.quantize_model`."
+    return run
+
+
 #: name -> fn(fresh model copy, preset name, args, shared) -> quantized model, where
 #: ``shared`` is a dict kept across the presets of one method (``fp`` ignores presets).
 #: A method may set ``shared["extra_seconds"]`` (work done once for an earlier preset and
 #: reused, added to this preset's calib_seconds) and ``shared["reused"]``.
-METHODS: Dict[str, Callable] = {"fp": _method_fp, "rtn": _method_rtn}
+METHODS: Dict[str, Callable] = {"fp": _method_fp, "rtn": _method_rtn,
+                                "quarot": _pipeline_method("quarot"),
+                                "spinquant": _pipeline_method("spinquant"),
+                                "ostquant": _pipeline_method("ostquant")}
 
 
 def _parse_list(s: str) -> List[str]:
@@ -190,6 +234,8 @@ def run_table(args, argv) -> dict:
 
     methods = _check_methods(_parse_list(args.methods))
     presets = _check_presets(_parse_list(args.presets))
+    if getattr(args, "gptq", False):
+        raise CLIError("--gptq is not implemented yet in the quantization pipeline")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
 
@@ -221,7 +267,7 @@ def run_table(args, argv) -> dict:
         else:
             jobs += [(m, p) for p in presets]
     rows = []
-    shared_state: Dict[str, dict] = {m: {} for m in methods}
+    shared_state: Dict[str, dict] = {m: {"tokenizer": tok} for m in methods}
     for method, preset in jobs:
         shared = shared_state[method]
         shared.pop("extra_seconds", None)
@@ -284,7 +330,121 @@ def _write_json(path: str, result: dict) -> None:
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------------------------- quantize
+
+
+def _eval_windows(tok, args, seqlen):
+    from ostquant.data import dataset_name, load_text, tokenize_windows
+
+    text = load_text(args.text, "eval")
+    windows = tokenize_windows(tok, text, seqlen, None)
+    if args.max_windows is not None:
+        windows = windows[: args.max_windows]
+    return windows, dataset_name(args.text, "eval")
+
+
+def run_quantize(args, argv) -> dict:
+    import torch
+
+    from ostquant.calibrate.pipeline import METHODS as PIPELINE_METHODS
+    from ostquant.calibrate.pipeline import quantize_model
+    from ostquant.models import get_adapter, load_model, model_display_name, resolve_device
+
+    if args.method not in PIPELINE_METHODS:
+        raise CLIError(f"unknown method {args.method!r} (available: "
+                       f"{', '.join(PIPELINE_METHODS)})")
+    preset = _check_presets([args.preset])[0]
+    calib = _calib_settings(args)
+    calib = dataclasses.replace(calib, resume=args.resume)
+    if calib.gptq:
+        raise CLIError("--gptq is not implemented yet in the quantization pipeline")
+    device = resolve_device(args.device)
+    torch.manual_seed(calib.seed)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=args.dtype, device=device)
+    source = args.model
+    if source not in (None, "default") and os.path.exists(source):
+        source = os.path.abspath(source)
+    print(f"model: {model_display_name(args.model)}  [{get_adapter(model).describe()}]")
+    print(f"method: {args.method}  preset: {preset}  device: {device}  out: {args.out}",
+          flush=True)
+    from ostquant.calibrate.trainer import CheckpointError
+
+    try:
+        model, info = quantize_model(model, tok, args.method, preset, calib, out_dir=args.out,
+                                     progress=args.progress, model_source=source)
+    except CheckpointError as e:
+        raise CLIError(f"{e} (or pass --no-resume)") from None
+    tim = info["timings"]
+    print(f"quantized in {tim['total_s']:.1f}s (" +
+          ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in tim.items() if k != "total_s") + ")")
+    tr = info.get("training")
+    if tr:
+        step = tr["mean_step_s"]
+        print(f"training: {tr['steps']}/{tr['total_steps']} steps, "
+              f"{'%.2f' % step if step is not None else '-'} s/step, loss "
+              f"{tr['initial_loss']:.4g} -> {tr['final_loss']:.4g}"
+              + (f" (resumed from step {tr['resumed_from']})" if tr.get("resumed_from") else ""))
+    print(f"wrote {args.out}")
+    if args.eval:
+        from ostquant.metrics import perplexity
+
+        windows, dataset = _eval_windows(tok, args, args.eval_seqlen)
+        t = time.perf_counter()
+        ppl = perplexity(model, windows, progress=args.progress, desc=f"{args.method} {preset}")
+        info["eval"] = {"ppl": ppl, "dataset": dataset, "windows": int(windows.shape[0]),
+                        "seqlen": args.eval_seqlen, "seconds": round(time.perf_counter() - t, 3)}
+        print(f"perplexity ({dataset}, {windows.shape[0]} x {args.eval_seqlen} tokens): "
+              f"{_fmt_ppl(ppl)}")
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    return info
+
+
+def run_eval(args, argv) -> dict:
+    from ostquant.calibrate.pipeline import QuantizedModelError, load_quantized
+    from ostquant.metrics import perplexity
+    from ostquant.models import resolve_device
+
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    try:
+        model, tok = load_quantized(args.dir, device=device)
+    except QuantizedModelError as e:
+        raise CLIError(str(e)) from None
+    info = model.ostquant_info
+    windows, dataset = _eval_windows(tok, args, args.seqlen)
+    print(f"{args.dir}: {info['method']} {info['preset']} of {info['model_source']} "
+          f"(loaded in {time.perf_counter() - t0:.1f}s)")
+    t = time.perf_counter()
+    ppl = perplexity(model, windows, batch_size=args.batch_size, progress=args.progress,
+                     desc=f"{info['method']} {info['preset']}")
+    print(f"perplexity ({dataset}, {windows.shape[0]} x {args.seqlen} tokens): {_fmt_ppl(ppl)}"
+          f"  [{time.perf_counter() - t:.1f}s]")
+    return {"ppl": ppl, "dataset": dataset, "windows": int(windows.shape[0])}
+
+
 # ---------------------------------------------------------------------------------- argparse
+
+
+def _add_calib_args(p: argparse.ArgumentParser, calib_seqlen_flag: str) -> None:
+    from ostquant.calibrate.pipeline import CalibSettings
+
+    d = CalibSettings()
+    g = p.add_argument_group("calibration (spinquant, ostquant)")
+    g.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
+    g.add_argument("--nsamples", type=int,
+                   help=f"calibration windows (default {d.nsamples})")
+    g.add_argument(calib_seqlen_flag, dest="calib_seqlen", type=int,
+                   help=f"tokens per calibration window (default {d.seqlen})")
+    g.add_argument("--lr-orth", type=float, help=f"rotation learning rate (default {d.lr_orth})")
+    g.add_argument("--lr-scale", type=float,
+                   help=f"scaling learning rate (default {d.lr_scale})")
+    g.add_argument("--loss", choices=["kl_top", "kl", "ce"],
+                   help="training loss (default: ce for spinquant, kl_top for ostquant)")
+    g.add_argument("--calib-text", help="calibration text source (default: --text)")
+    g.add_argument("--gptq", action="store_true", help="GPTQ weights (not implemented yet)")
+
+
 
 
 def _add_table_args(p: argparse.ArgumentParser) -> None:
@@ -301,8 +461,9 @@ def _add_table_args(p: argparse.ArgumentParser) -> None:
                    help="evaluate at most this many windows (0 = all)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma list from {', '.join(METHODS)} "
-                        f"(planned: {', '.join(PLANNED_METHODS)})")
+                   help=f"comma list from {', '.join(METHODS)} (quarot, spinquant and "
+                        f"ostquant run the calibration pipeline once per preset; see the "
+                        f"calibration options)")
     p.add_argument("--presets", default=",".join(DEFAULT_PRESETS),
                    help="comma list of bit settings for the quantization methods")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -324,6 +485,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     t = sub.add_parser("table", help="perplexity table: FP vs quantization methods x presets")
     _add_table_args(t)
+    _add_calib_args(t, "--calib-seqlen")
+    t.add_argument("--calib-batch-size", dest="calib_batch_size", type=int,
+                   help="calibration samples per step")
+
+    q = sub.add_parser("quantize", help="quantize a model and save it to a directory")
+    q.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M), a .gguf file, a model directory or a hub id")
+    q.add_argument("--preset", default="w4a4kv4", help="w4a16 | w4a4kv16 | w4a4kv4")
+    q.add_argument("--method", default="ostquant", help="rtn | quarot | spinquant | ostquant")
+    q.add_argument("--out", required=True, help="output directory")
+    _add_calib_args(q, "--seqlen")
+    q.add_argument("--batch-size", dest="calib_batch_size", type=int,
+                   help="calibration samples per step")
+    q.add_argument("--seed", type=int)
+    q.add_argument("--resume", dest="resume", action="store_true", default=True,
+                   help="continue from OUT/calib/ckpt.pt if present (default)")
+    q.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start calibration over")
+    q.add_argument("--eval", action="store_true", help="print the perplexity afterwards")
+    q.add_argument("--text", default="default", help="text for calibration and --eval")
+    q.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=DEFAULT_SEQLEN)
+    q.add_argument("--max-windows", type=int, default=DEFAULT_MAX_WINDOWS,
+                   help="--eval windows (0 = all)")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    q.add_argument("--no-progress", dest="progress", action="store_false")
+
+    e = sub.add_parser("eval", help="perplexity of a quantized model directory")
+    e.add_argument("dir", help="directory written by `ostquant quantize`")
+    e.add_argument("--text", default="default")
+    e.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN)
+    e.add_argument("--max-windows", type=int, default=DEFAULT_MAX_WINDOWS, help="0 = all")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
 
@@ -364,6 +560,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.max_windows is not None and args.max_windows <= 0:
                 args.max_windows = None
             run_table(args, argv)
+        elif args.command == "quantize":
+            if args.max_windows is not None and args.max_windows <= 0:
+                args.max_windows = None
+            run_quantize(args, argv)
+        elif args.command == "eval":
+            if args.max_windows is not None and args.max_windows <= 0:
+                args.max_windows = None
+            run_eval(args, argv)
         else:  # pragma: no cover - argparse guarantees a command
             parser.error(f"unknown command {args.command!r}")
     except CLIError as e:

@@ -53,8 +53,6 @@ def test_explicit_table_command_and_subsets(tiny_dir, capsys):
 
 
 def test_method_errors(tiny_dir, capsys):
-    assert cli.main(_args(tiny_dir, "--methods", "fp,ostquant")) == 2
-    assert "not implemented yet" in capsys.readouterr().err
     assert cli.main(_args(tiny_dir, "--methods", "magic")) == 2
     assert "unknown method" in capsys.readouterr().err
     assert cli.main(_args(tiny_dir, "--presets", "w3a3")) == 2

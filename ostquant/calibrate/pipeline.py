@@ -1,0 +1,437 @@
+"""End-to-end quantization: method + preset + calibration settings -> quantized model on disk.
+
+:func:`quantize_model` runs one of four methods on a floating-point model (in place):
+
+* ``rtn`` — round-to-nearest, no transforms (:func:`ostquant.baselines.apply_rtn`).
+* ``quarot`` — QuaRot-style fixed rotations, nothing learned: seeded random-Hadamard ``R_res``,
+  Hadamard ``R_ov`` per KV head, online Hadamard before down_proj, online Q/K Hadamard after
+  RoPE when the KV cache is quantized. No scalings. Fused and quantized.
+* ``spinquant`` — the same rotations (R_res, R_ov) as trainable Stiefel parameters, no
+  scalings, trained with the calibration trainer (loss ``"ce"`` by default, as SpinQuant).
+* ``ostquant`` — every pair of the paper on (rotations + scalings), WOMI-initialized
+  ``R_res``, KL-Top loss against the same model with quantization off.
+
+Training runs on the model wrapped by :func:`~ostquant.transforms.apply_training_transforms`
+with ``weight_clip="cached"`` (the per-row clipping search runs once, on the first forward;
+searching on every forward is ~40x slower on a CPU); the final quantization
+(:func:`~ostquant.transforms.quantize_fused`) does the full clipping search. The teacher is
+the *same* model with the training wrappers swapped back to the original (prepared) modules
+for the call (exactly the original function, without the per-forward transform math), so only
+one copy of the model is kept. For KL-Top the trainer runs the
+teacher once per calibration sample before training and keeps only its top-k logits.
+
+Output directory (``out_dir``):
+
+* ``config.json`` — format + version, model source, dtype, method, preset, the
+  :class:`~ostquant.quant.QuantConfig` and :class:`~ostquant.transforms.TransformConfig`
+  dicts, the online Hadamards, calibration settings, a training summary, timings, the
+  ostquant version;
+* ``model.safetensors`` — :func:`ostquant.nn.save_quantized_state` of the fused quantized
+  model (packed int4 QuantLinear weights + scales + every other weight);
+* ``calib/ckpt.pt`` — the trainer checkpoint (resume) for the trained methods.
+
+:func:`load_quantized` rebuilds the model from the recorded source and loads the checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "CalibSettings", "QuantizedModelError", "quantize_model", "save_quantized",
+           "load_quantized", "transform_config_for", "CONFIG_NAME", "WEIGHTS_NAME",
+           "FORMAT", "FORMAT_VERSION"]
+
+METHODS = ("rtn", "quarot", "spinquant", "ostquant")
+TRAINED_METHODS = ("spinquant", "ostquant")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "ostquant.quantized_model"
+FORMAT_VERSION = 1
+
+
+class QuantizedModelError(ValueError):
+    """A quantized-model directory is missing, corrupt, or does not match its model."""
+
+
+@dataclass
+class CalibSettings:
+    """Calibration settings of :func:`quantize_model` (only the trained methods use most).
+
+    CPU defaults, sized so the default ``ostquant`` run on SmolLM2-135M fits in well under
+    30 min on 2 CPU cores: 64 samples x 256 tokens, batch 2, 100 steps (the paper: 150 steps
+    of 8 x 2048 on a GPU). Measured on a 2-core CPU shared with another job: teacher top-k
+    cache ~0.7 s/sample (~45 s), first step ~55 s (includes the one-time weight clipping
+    search of ``weight_clip="cached"``), then ~8.5 s/step, fuse ~5 s, final quantization
+    (clipping search) ~40 s: about 150 s + 99 x 8.5 s = ~16 min in all. ``loss=None`` picks
+    the method's
+    default (``"ce"`` for spinquant as in SpinQuant, ``"kl_top"`` for ostquant).
+    ``checkpoint_dir=None`` uses ``out_dir/calib`` when an ``out_dir`` is given.
+    ``gptq=True`` is not implemented yet (raises NotImplementedError).
+    """
+
+    steps: int = 100
+    nsamples: int = 64
+    seqlen: int = 256
+    batch_size: int = 2
+    lr_orth: float = 2e-2
+    lr_scale: float = 2e-3
+    seed: int = 0
+    checkpoint_dir: Optional[str] = None
+    loss: Optional[str] = None
+    gptq: bool = False
+    data_source: str = "default"
+    resume: bool = True
+    weight_clip: str = "cached"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------ configs
+def transform_config_for(method: str, quant_config, seed: int = 0):
+    """The :class:`~ostquant.transforms.TransformConfig` a transform method uses (None: rtn)."""
+    from ostquant.transforms import TransformConfig
+
+    qk = quant_config.kvbits < 16
+    if method == "rtn":
+        return None
+    if method in ("quarot", "spinquant"):
+        return TransformConfig.only("r_res", "r_ov", "down_hadamard",
+                                    *(("qk_hadamard",) if qk else ()),
+                                    r_res_init="random_hadamard", r_ov_init="hadamard", seed=seed)
+    if method == "ostquant":
+        return TransformConfig(qk_hadamard=qk, r_res_init="womi", r_ov_init="identity", seed=seed)
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _quant_config(preset):
+    from ostquant.quant import QuantConfig, get_preset
+
+    return preset if isinstance(preset, QuantConfig) else get_preset(str(preset))
+
+
+def _model_source(model) -> Optional[str]:
+    src = getattr(model, "ostquant_source", None)
+    if src:
+        return str(src)
+    p = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(p) if p else None
+
+
+# ------------------------------------------------------------------------------ teacher
+@contextmanager
+def _quant_off(model: nn.Module):
+    """Temporarily run a model under training transforms with every fake quantizer off
+    (weights, activations, KV), keeping the cached clipping ratios and the Q/K Hadamard."""
+    from ostquant.models.attention import HOOK_ATTR, attention_modules
+    from ostquant.quant import QuantConfig
+    from ostquant.transforms.model import training_modules
+
+    off = QuantConfig()
+    mods = training_modules(model)
+    saved = [m.quant for m in mods]
+    attns = attention_modules(model)
+    hooks = [getattr(a, HOOK_ATTR, None) for a in attns]
+    try:
+        for m in mods:
+            m.quant = off
+        for a, h in zip(attns, hooks):
+            if h is not None:
+                setattr(a, HOOK_ATTR, dataclasses.replace(h, kv_bits=16))
+        yield model
+    finally:
+        for m, q in zip(mods, saved):
+            m.quant = q
+        for a, h in zip(attns, hooks):
+            if h is not None:
+                setattr(a, HOOK_ATTR, h)
+
+
+@contextmanager
+def _plain_model(model: nn.Module):
+    """Temporarily put the original (prepared, frozen) modules back in place of the training
+    wrappers and bypass the attention hook: the original model's function without the
+    per-forward transform math (about half the cost of a forward through the wrappers).
+    The wrappers (with their cached clipping ratios) are put back afterwards."""
+    from ostquant.models.attention import HOOK_ATTR, attention_modules
+    from ostquant.transforms.model import _WRAPPERS, _set
+
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, _WRAPPERS)]
+    attns = attention_modules(model)
+    hooks = [getattr(a, HOOK_ATTR, None) for a in attns]
+    try:
+        for name, mod in found:
+            _set(model, name, mod.base)
+        for a, h in zip(attns, hooks):
+            if h is not None:
+                setattr(a, HOOK_ATTR, dataclasses.replace(h, kv_bits=16, q_k_hadamard=False))
+        yield model
+    finally:
+        for name, mod in found:
+            _set(model, name, mod)
+        for a, h in zip(attns, hooks):
+            if h is not None:
+                setattr(a, HOOK_ATTR, h)
+
+
+# ------------------------------------------------------------------------------ main
+def quantize_model(model: nn.Module, tokenizer, method: str, preset,
+                   calib: Optional[CalibSettings] = None, out_dir: Optional[str] = None,
+                   progress: bool = True, model_source: Optional[str] = None,
+                   calib_data: Optional[torch.Tensor] = None) -> Tuple[nn.Module, dict]:
+    """Quantize ``model`` (in place) with ``method`` at ``preset``; returns ``(model, info)``.
+
+    ``info`` holds the configs, timings and (trained methods) the trainer summary; it is what
+    ``config.json`` records. With ``out_dir`` the result is saved there (:func:`save_quantized`;
+    ``model_source`` — how to rebuild the architecture, e.g. the path given to
+    :func:`ostquant.models.load_model` — defaults to the model's ``_name_or_path``).
+    ``calib_data``: LongTensor [n, seqlen] used instead of building the calibration set.
+    """
+    from ostquant.models.adapters import get_adapter
+    from ostquant.transforms.fuse import _untie
+
+    calib = calib or CalibSettings()
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if calib.gptq:
+        raise NotImplementedError(
+            "CalibSettings.gptq=True: GPTQ weights in the pipeline are not implemented yet "
+            "(ostquant.quant.gptq exists, but collecting each linear's calibration inputs is "
+            "not wired in); use gptq=False (round-to-nearest with clipping search)")
+    cfg = _quant_config(preset)
+    adapter = get_adapter(model)
+    t_all = time.perf_counter()
+    timings = {}
+    tcfg = transform_config_for(method, cfg, calib.seed)
+    train_summary = None
+
+    if method == "rtn":
+        from ostquant.baselines import apply_rtn
+
+        _untie(model, adapter)  # lm_head stored on its own (same function)
+        t = time.perf_counter()
+        apply_rtn(model, cfg, progress=progress)
+        timings["quantize_s"] = time.perf_counter() - t
+    else:
+        from ostquant.transforms import (OSTParams, fuse_transforms, prepare_model,
+                                         quantize_fused)
+
+        t = time.perf_counter()
+        prepare_model(model)
+        params = OSTParams(model, tcfg).to(next(model.parameters()).device)
+        timings["init_s"] = time.perf_counter() - t
+        if method in TRAINED_METHODS:
+            train_summary = _train(model, tokenizer, method, cfg, params, calib, out_dir,
+                                   progress, calib_data)
+            timings["train_s"] = train_summary["wall_time"] or train_summary["total_time"]
+        t = time.perf_counter()
+        fuse_transforms(model, params, tcfg)
+        timings["fuse_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        quantize_fused(model, cfg, progress=progress)
+        timings["quantize_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_all
+
+    from ostquant import __version__
+    from ostquant.transforms import online_hadamards
+
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ostquant_version": __version__,
+        "model_source": model_source or _model_source(model),
+        "model_type": getattr(model.config, "model_type", None),
+        "dtype": _dtype_name(model),
+        "method": method,
+        "preset": cfg.name,
+        "quant_config": cfg.to_dict(),
+        "transform_config": None if tcfg is None else tcfg.to_dict(),
+        "online_hadamards": online_hadamards(model),
+        "calibration": calib.to_dict() if method in TRAINED_METHODS else None,
+        "training": None if train_summary is None else _brief_summary(train_summary),
+        "timings": {k: round(float(v), 3) for k, v in timings.items()},
+    }
+    model.ostquant_info = info
+    if out_dir is not None:
+        save_quantized(model, out_dir, info)
+    return model, info
+
+
+def _dtype_name(model) -> str:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).replace("torch.", "")
+    for b in model.buffers():
+        if b.is_floating_point():
+            return str(b.dtype).replace("torch.", "")
+    return "float32"
+
+
+def _brief_summary(s: dict) -> dict:
+    times = s.get("step_times") or []
+    return {
+        "steps": s["steps"], "total_steps": s["total_steps"],
+        "initial_loss": s["initial_loss"], "final_loss": s["final_loss"],
+        "losses": [round(float(x), 6) for x in s["losses"]],
+        "mean_step_s": (sum(times) / len(times)) if times else None,
+        "total_step_s": float(sum(times)),
+        "wall_s": s.get("wall_time"),
+        "resumed_from": s.get("resumed_from"),
+        "max_orthogonality_error": s.get("max_orthogonality_error"),
+        "num_orthogonal": s.get("num_orthogonal"), "num_scaling": s.get("num_scaling"),
+    }
+
+
+def _train(model, tokenizer, method, cfg, params, calib: CalibSettings, out_dir, progress,
+           calib_data) -> dict:
+    from ostquant.calibrate.trainer import TrainConfig, Trainer
+    from ostquant.transforms import apply_training_transforms
+
+    loss = calib.loss or ("ce" if method == "spinquant" else "kl_top")
+    ckpt_dir = calib.checkpoint_dir
+    if ckpt_dir is None and out_dir is not None:
+        ckpt_dir = os.path.join(out_dir, "calib")
+    if ckpt_dir is not None:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    vocab = model.config.vocab_size
+    tc = TrainConfig(steps=calib.steps, lr_orth=calib.lr_orth, lr_scale=calib.lr_scale,
+                     batch_size=calib.batch_size, nsamples=calib.nsamples, seqlen=calib.seqlen,
+                     loss=loss, topk=min(1000, vocab), seed=calib.seed,
+                     checkpoint_dir=ckpt_dir, progress=progress,
+                     checkpoint_every=max(1, min(25, calib.steps)))
+    if calib_data is None:
+        from ostquant.data import calibration_batches
+        calib_data = calibration_batches(tokenizer, calib.data_source, calib.nsamples,
+                                         calib.seqlen, calib.seed)
+    apply_training_transforms(model, params, cfg, weight_clip=calib.weight_clip)
+    model.eval()
+
+    def student(ids):
+        return model(input_ids=ids, use_cache=False).logits
+
+    def teacher(ids):
+        with _plain_model(model):
+            return model(input_ids=ids, use_cache=False).logits
+
+    trainer = Trainer(params, student, None if loss == "ce" else teacher, calib_data, tc)
+    summary = trainer.train(resume=calib.resume)
+    losses = summary["losses"]
+    if losses and not all(math.isfinite(x) for x in losses):  # pragma: no cover - trainer stops
+        raise RuntimeError("calibration produced a non-finite loss")
+    log.info("%s: %d steps, loss %.4g -> %.4g", method, summary["steps"],
+             summary["initial_loss"] or float("nan"), summary["final_loss"] or float("nan"))
+    return summary
+
+
+# ------------------------------------------------------------------------------ save / load
+def save_quantized(model: nn.Module, out_dir: str, info: Optional[dict] = None) -> None:
+    """Write ``config.json`` and ``model.safetensors`` of a quantized model to ``out_dir``."""
+    from ostquant.nn import save_quantized_state
+
+    info = info if info is not None else getattr(model, "ostquant_info", None)
+    if info is None:
+        raise ValueError("no info to save: pass the info returned by quantize_model")
+    if not info.get("model_source"):
+        raise ValueError("the model's source is unknown (pass model_source= to quantize_model) "
+                         "— load_quantized needs it to rebuild the architecture")
+    os.makedirs(out_dir, exist_ok=True)
+    save_quantized_state(model, os.path.join(out_dir, WEIGHTS_NAME))
+    path = os.path.join(out_dir, CONFIG_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_config(out_dir: str) -> dict:
+    """``config.json`` of a quantized-model directory, checked."""
+    if not os.path.isdir(out_dir):
+        raise QuantizedModelError(f"{out_dir!r} is not a directory")
+    path = os.path.join(out_dir, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise QuantizedModelError(f"{path!r} is missing: {out_dir!r} is not an ostquant "
+                                  f"quantized-model directory")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QuantizedModelError(f"{path!r} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+        raise QuantizedModelError(f"{path!r} is not an ostquant quantized-model config "
+                                  f"(format {got!r}, expected {FORMAT!r})")
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise QuantizedModelError(f"{path!r} has format version {cfg.get('format_version')!r}; "
+                                  f"this ostquant reads version {FORMAT_VERSION}")
+    for key in ("model_source", "method", "quant_config", "online_hadamards"):
+        if key not in cfg or (key == "model_source" and not cfg[key]):
+            raise QuantizedModelError(f"{path!r} lacks {key!r}")
+    if cfg["method"] not in METHODS:
+        raise QuantizedModelError(f"{path!r}: unknown method {cfg['method']!r}")
+    return cfg
+
+
+def load_quantized(out_dir: str, device="cpu", model_source: Optional[str] = None):
+    """Rebuild a quantized model saved by :func:`quantize_model`: ``(model, tokenizer)``.
+
+    Loads the original architecture from the recorded source (or ``model_source``), unties
+    and folds it (:func:`~ostquant.transforms.prepare_model`) so names and shapes match, loads
+    ``model.safetensors`` (QuantLinear layers rebuilt from the stored layout, including the
+    down_proj online Hadamard), then re-installs the online-Hadamard record and the attention
+    hook (KV fake quantization, Q/K Hadamard). Raises :class:`QuantizedModelError` on a
+    missing, corrupt or mismatched directory.
+    """
+    from ostquant.models import load_model
+    from ostquant.models.attention import AttentionHookConfig, install_attention_hook
+    from ostquant.nn.serialization import CheckpointError, load_quantized_state
+    from ostquant.quant import QuantConfig
+    from ostquant.transforms import prepare_model
+    from ostquant.transforms.fuse import ONLINE_HADAMARD_ATTR, ONLINE_SPEC_ATTR
+
+    cfg = read_config(out_dir)
+    weights = os.path.join(out_dir, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise QuantizedModelError(f"{weights!r} is missing")
+    try:
+        qcfg = QuantConfig(**cfg["quant_config"])
+    except TypeError as e:
+        raise QuantizedModelError(f"{out_dir}/{CONFIG_NAME}: bad quant_config: {e}") from e
+    model, tok = load_model(model_source or cfg["model_source"], dtype=cfg.get("dtype", "float32"),
+                            device=device)
+    prepare_model(model)
+    try:
+        load_quantized_state(model, weights)
+    except CheckpointError as e:
+        raise QuantizedModelError(f"{out_dir}: {e}") from e
+    spec = {"down_proj": bool(cfg["online_hadamards"].get("down_proj")),
+            "q_k": bool(cfg["online_hadamards"].get("q_k"))}
+    setattr(model, ONLINE_SPEC_ATTR, spec)
+    from ostquant.models.adapters import get_adapter
+    adapter = get_adapter(model)
+    for layer in adapter.layers(model):
+        down = adapter.proj(layer, "down_proj")
+        setattr(down, ONLINE_HADAMARD_ATTR, spec["down_proj"])
+        if spec["down_proj"] and not getattr(down, "online_hadamard", False):
+            raise QuantizedModelError(f"{out_dir}: config records a down_proj online Hadamard "
+                                      f"but the checkpoint's down_proj layers lack it")
+    hook = AttentionHookConfig(kv_bits=qcfg.kvbits, kv_sym=qcfg.kv_sym,
+                               kv_clip_ratio=qcfg.kv_clip_ratio, q_k_hadamard=spec["q_k"])
+    if hook.active:
+        install_attention_hook(model, hook)
+    model.ostquant_quant_config = qcfg
+    model.ostquant_info = cfg
+    model.eval()
+    return model, tok

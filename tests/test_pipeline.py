@@ -1,0 +1,216 @@
+"""End-to-end pipeline: quantize_model (rtn/quarot/spinquant/ostquant), the saved directory,
+load_quantized, and the `quantize`/`eval` CLI commands — on a tiny random llama."""
+import json
+import os
+
+import pytest
+import torch
+
+from ostquant import cli
+from ostquant.calibrate.pipeline import (CalibSettings, QuantizedModelError, load_quantized,
+                                         quantize_model)
+from ostquant.models import load_model
+from tiny_models import save_tiny_checkpoint
+
+CALIB = CalibSettings(steps=2, nsamples=4, seqlen=32, batch_size=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and much faster on a loaded 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tinypipe")
+    save_tiny_checkpoint(d / "model")
+    text = d / "text.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog."
+                                for i in range(40)))
+    return d
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _data():
+    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_dir, ids):
+    """Every method at w4a4kv4, saved; in-memory logits kept for comparison."""
+    out = {}
+    for method in ("rtn", "quarot", "spinquant", "ostquant"):
+        model, tok = load_model(str(tiny_dir / "model"))
+        d = tiny_dir / f"q_{method}"
+        qm, info = quantize_model(model, tok, method, "w4a4kv4", CALIB, out_dir=str(d),
+                                  progress=False, calib_data=_data())
+        out[method] = (d, _logits(qm, ids), info)
+    return out
+
+
+@pytest.mark.parametrize("method", ["rtn", "quarot", "spinquant", "ostquant"])
+def test_method_runs_saves_and_reloads_exactly(saved, ids, method):
+    d, logits, info = saved[method]
+    assert torch.isfinite(logits).all()
+    assert (d / "config.json").is_file() and (d / "model.safetensors").is_file()
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["method"] == method and cfg["preset"] == "w4a4kv4"
+    assert cfg["quant_config"]["kvbits"] == 4 and "ostquant_version" in cfg
+    if method in ("spinquant", "ostquant"):
+        assert cfg["training"]["steps"] == 2 and cfg["training"]["mean_step_s"] > 0
+        assert (d / "calib" / "ckpt.pt").is_file()
+    if method != "rtn":
+        assert cfg["online_hadamards"] == {"down_proj": True, "q_k": True}
+    model, tok = load_quantized(str(d))
+    assert torch.equal(_logits(model, ids), logits)
+
+
+def test_transform_configs(saved):
+    t = saved["quarot"][2]["transform_config"]
+    assert t["r_res"] and t["r_ov"] and not t["s_res"] and not t["s_qk"]
+    assert t["r_res_init"] == "random_hadamard" and t["r_ov_init"] == "hadamard"
+    assert saved["spinquant"][2]["calibration"]["loss"] is None  # method default: ce
+    o = saved["ostquant"][2]["transform_config"]
+    assert all(o[k] for k in ("r_res", "s_res", "r_ov", "s_ov", "s_qk", "s_up_down"))
+    assert o["r_res_init"] == "womi"
+
+
+def test_quarot_without_quantization_is_exact(tiny_dir, ids):
+    model, tok = load_model(str(tiny_dir / "model"))
+    ref = _logits(model, ids)
+    qm, info = quantize_model(model, tok, "quarot", "w16a16kv16", CALIB, progress=False)
+    assert info["transform_config"]["r_res"]
+    torch.testing.assert_close(_logits(qm, ids), ref, atol=2e-4, rtol=1e-4)
+
+
+def test_teacher_is_original_model(tiny_dir, ids):
+    """The quant-off teacher used in training equals the original model (one model copy)."""
+    from ostquant.calibrate.pipeline import _plain_model, _quant_off, transform_config_for
+    from ostquant.quant import get_preset
+    from ostquant.transforms import OSTParams, apply_training_transforms, prepare_model
+
+    model, _ = load_model(str(tiny_dir / "model"))
+    ref = _logits(model, ids)
+    cfg = get_preset("w4a4kv4")
+    prepare_model(model)
+    params = OSTParams(model, transform_config_for("ostquant", cfg)).randomize_(seed=3,
+                                                                                scale_std=0.1)
+    apply_training_transforms(model, params, cfg, weight_clip="cached")
+    q1 = _logits(model, ids)
+    with _quant_off(model):
+        t = _logits(model, ids)
+    torch.testing.assert_close(t, ref, atol=2e-4, rtol=1e-4)
+    assert torch.equal(_logits(model, ids), q1)  # quantizers restored afterwards
+    with _plain_model(model):
+        t2 = _logits(model, ids)
+    torch.testing.assert_close(t2, ref, atol=2e-4, rtol=1e-4)
+    assert torch.equal(_logits(model, ids), q1)  # wrappers restored afterwards
+    assert not torch.allclose(q1, ref, atol=1e-3)
+
+
+def test_resume_finished_calibration(tiny_dir, saved):
+    d, _, info = saved["ostquant"]
+    model, tok = load_model(str(tiny_dir / "model"))
+    _, info2 = quantize_model(model, tok, "ostquant", "w4a4kv4", CALIB, out_dir=str(d),
+                              progress=False, calib_data=_data())
+    assert info2["training"]["resumed_from"] == 2
+    assert info2["training"]["losses"] == info["training"]["losses"]
+
+
+def test_gptq_flag_not_implemented(tiny_dir):
+    model, tok = load_model(str(tiny_dir / "model"))
+    with pytest.raises(NotImplementedError, match="GPTQ"):
+        quantize_model(model, tok, "rtn", "w4a16", CalibSettings(gptq=True), progress=False)
+
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupt_directories(saved, tmp_path):
+    src = saved["rtn"][0]
+    with pytest.raises(QuantizedModelError, match="not a directory"):
+        load_quantized(str(tmp_path / "nope"))
+    d = _copy(src, tmp_path / "a")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(QuantizedModelError, match="not valid JSON"):
+        load_quantized(str(d))
+    d = _copy(src, tmp_path / "b")
+    (d / "config.json").unlink()
+    with pytest.raises(QuantizedModelError, match="config.json.*missing"):
+        load_quantized(str(d))
+    d = _copy(src, tmp_path / "c")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(QuantizedModelError, match="model.safetensors.*missing"):
+        load_quantized(str(d))
+    d = _copy(src, tmp_path / "d")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["format_version"] = 99
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantizedModelError, match="version"):
+        load_quantized(str(d))
+    d = _copy(src, tmp_path / "e")
+    (d / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(QuantizedModelError, match="safetensors"):
+        load_quantized(str(d))
+
+
+def test_checkpoint_of_another_model(saved, tmp_path):
+    from tiny_models import byte_tokenizer, tiny_model
+
+    other = tmp_path / "other"
+    tiny_model("llama", vocab_size=256, intermediate_size=192).save_pretrained(other)
+    byte_tokenizer().save_pretrained(other)
+    d = _copy(saved["quarot"][0], tmp_path / "q")
+    with pytest.raises(QuantizedModelError, match="does not match|is 64->|->"):
+        load_quantized(str(d), model_source=str(other))
+
+
+def test_cli_quantize_and_eval(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "cli_out"
+    argv = ["quantize", "--model", str(tiny_dir / "model"), "--preset", "w4a4kv16",
+            "--method", "ostquant", "--out", str(out), "--steps", "2", "--nsamples", "4",
+            "--seqlen", "32", "--batch-size", "2", "--text", str(tiny_dir / "text.txt"),
+            "--eval", "--eval-seqlen", "32", "--max-windows", "2", "--no-progress"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "s/step" in text and "perplexity" in text
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_source"] == os.path.abspath(str(tiny_dir / "model"))
+    assert cfg["online_hadamards"] == {"down_proj": True, "q_k": False}
+    assert cli.main(["eval", str(out), "--text", str(tiny_dir / "text.txt"), "--seqlen", "32",
+                     "--max-windows", "2", "--no-progress"]) == 0
+    text2 = capsys.readouterr().out
+    ppl1 = text.split("perplexity")[1].split(":")[-1].split()[0]
+    ppl2 = text2.split("perplexity")[1].split(":")[-1].split()[0]
+    assert ppl1 == ppl2
+    assert cli.main(["eval", str(tmp_path / "missing"), "--no-progress"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert cli.main(argv[:-1] + ["--gptq", "--no-progress"]) == 2
+    assert "not implemented" in capsys.readouterr().err
+    assert cli.main(["quantize", "--model", str(tiny_dir / "model"), "--method", "magic",
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "unknown method" in capsys.readouterr().err
+
+
+def test_cli_table_with_quarot(tiny_dir, capsys):
+    argv = ["table", "--model", str(tiny_dir / "model"), "--text", str(tiny_dir / "text.txt"),
+            "--seqlen", "32", "--max-windows", "2", "--no-progress", "--methods", "quarot",
+            "--presets", "w4a4kv4"]
+    assert cli.main(argv) == 0
+    assert "quarot" in capsys.readouterr().out
