@@ -202,7 +202,7 @@ def w4a16_gemm(x, w_packed, w_scale, bias):
 # ----------------------------------------------------------------------------------------
 
 
-def _fwht_pow2(x: torch.Tensor) -> torch.Tensor:
+def fwht_pow2(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised Sylvester Walsh–Hadamard transform along the last dim (length 2^k)."""
     n = x.shape[-1]
     lead = x.shape[:-1]
@@ -225,12 +225,12 @@ def hadamard_transform(x: torch.Tensor, scale: float) -> torch.Tensor:
     y = x.float()
     if K > 1:
         y = y.reshape(*x.shape[:-1], K, m)
-        y = _fwht_pow2(y)
+        y = fwht_pow2(y)
         hk = hadamard_matrix(K).to(device=x.device, dtype=torch.float32)
         y = torch.matmul(hk, y)  # [K,K] @ [..., K, m]: mixes the K axis
         y = y.reshape(*x.shape[:-1], n)
     else:
-        y = _fwht_pow2(y)
+        y = fwht_pow2(y)
     return (y * scale).to(x.dtype)
 
 

@@ -32,6 +32,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ostquant.ops.reference import fwht_pow2
+
 from .hadamard_matrices import hadamard_factor, hadamard_matrix
 
 _DENSE_POW2_MAX = 1024
@@ -51,18 +53,6 @@ def _cached(k: int, dtype, device) -> torch.Tensor:
     return h
 
 
-def _fwht(y: torch.Tensor) -> torch.Tensor:
-    """Unnormalized Sylvester transform of the last dim (power of two), butterfly form."""
-    m = y.shape[-1]
-    h = m // 2
-    while h >= 1:
-        y = y.reshape(*y.shape[:-1], m // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + b, a - b), dim=-2).reshape(*y.shape[:-3], m)
-        h //= 2
-    return y
-
-
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     """``had(x) = x·Ĥᵀ`` over the last dim, in ``x``'s dtype, differentiable, any device.
 
@@ -77,7 +67,7 @@ def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     if m <= _DENSE_POW2_MAX:
         y = torch.matmul(y, _cached(m, dt, x.device))  # Sylvester H_m is symmetric
     else:
-        y = _fwht(y)
+        y = fwht_pow2(y)
     if k > 1:
         y = torch.matmul(_cached(k, dt, x.device), y)
     return (y.reshape(x.shape) * (n ** -0.5)).to(x.dtype)
