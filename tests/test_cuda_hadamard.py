@@ -36,7 +36,7 @@ def _exact(x: torch.Tensor, scale: float) -> torch.Tensor:
         h = hadamard_matrix(n).to(device=x.device, dtype=torch.float64)
         return scale * (xd @ h.T)
     K, m = hadamard_factor(n)
-    y = ref._fwht_pow2(xd.reshape(*x.shape[:-1], K, m))
+    y = ref.fwht_pow2(xd.reshape(*x.shape[:-1], K, m))
     if K > 1:
         y = torch.matmul(hadamard_matrix(K).to(device=x.device, dtype=torch.float64), y)
     return scale * y.reshape(x.shape)
@@ -145,7 +145,7 @@ def test_hadamard_involution_fp32():
     # kron(H_K, H_m) is not symmetric for Paley K, but H Hᵀ = n I: transform then multiply by Hᵀ.
     y = O.hadamard_transform(x, s)
     h28 = hadamard_matrix(28).to(device="cuda", dtype=torch.float32)
-    z = ref._fwht_pow2(y.reshape(64, 28, 512))
+    z = ref.fwht_pow2(y.reshape(64, 28, 512))
     z = torch.matmul(h28.T, z).reshape(64, -1) * s
     assert (z - x).abs().max().item() < 1e-4
 
