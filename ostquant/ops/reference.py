@@ -247,12 +247,12 @@ def quantize_kv(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
     The scale is rounded to fp16 *before* the codes are computed, so dequantizing with the
     stored fp16 scale reproduces exactly what the codes were computed against.
     """
-    scale, zero = compute_qparams(x, KV_BITS, sym=False)
+    stats = range_stats(x, sym=False)  # (max clamped >= 0, min clamped <= 0)
+    scale, _ = qparams_from_stats(stats, KV_BITS, sym=False)
     scale = scale.clamp(max=torch.finfo(torch.float16).max).half().float()
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # fp16 underflow
-    # zero must be recomputed for the rounded scale to keep the range centred.
-    lo = x.float().amin(dim=-1, keepdim=True).clamp(max=0)
-    zero = torch.round(-lo / scale) + qrange(KV_BITS)[0]
+    # The zero point is computed for the rounded scale, to keep the range centred.
+    zero = torch.round(-stats[1] / scale) + qrange(KV_BITS)[0]
     zero = zero.clamp(*qrange(KV_BITS))
     q = quantize_with(x, scale, zero, KV_BITS).to(torch.int8)
     return pack_int4(q), scale.squeeze(-1).half(), zero.squeeze(-1).half()
