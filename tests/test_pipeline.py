@@ -98,9 +98,10 @@ def test_quarot_without_quantization_is_exact(tiny_dir, ids):
 
 def test_teacher_is_original_model(tiny_dir, ids):
     """The quant-off teacher used in training equals the original model (one model copy)."""
-    from ostquant.calibrate.pipeline import _plain_model, _quant_off, transform_config_for
+    from ostquant.calibrate.pipeline import _plain_model, transform_config_for
     from ostquant.quant import get_preset
-    from ostquant.transforms import OSTParams, apply_training_transforms, prepare_model
+    from ostquant.transforms import (OSTParams, apply_training_transforms, prepare_model,
+                                     set_training_quant)
 
     model, _ = load_model(str(tiny_dir / "model"))
     ref = _logits(model, ids)
@@ -110,8 +111,9 @@ def test_teacher_is_original_model(tiny_dir, ids):
                                                                                 scale_std=0.1)
     apply_training_transforms(model, params, cfg, weight_clip="cached")
     q1 = _logits(model, ids)
-    with _quant_off(model):
-        t = _logits(model, ids)
+    set_training_quant(model, None)
+    t = _logits(model, ids)
+    set_training_quant(model, cfg)
     torch.testing.assert_close(t, ref, atol=2e-4, rtol=1e-4)
     assert torch.equal(_logits(model, ids), q1)  # quantizers restored afterwards
     with _plain_model(model):

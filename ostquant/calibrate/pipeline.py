@@ -132,34 +132,6 @@ def _model_source(model) -> Optional[str]:
 
 # ------------------------------------------------------------------------------ teacher
 @contextmanager
-def _quant_off(model: nn.Module):
-    """Temporarily run a model under training transforms with every fake quantizer off
-    (weights, activations, KV), keeping the cached clipping ratios and the Q/K Hadamard."""
-    from ostquant.models.attention import HOOK_ATTR, attention_modules
-    from ostquant.quant import QuantConfig
-    from ostquant.transforms.model import training_modules
-
-    off = QuantConfig()
-    mods = training_modules(model)
-    saved = [m.quant for m in mods]
-    attns = attention_modules(model)
-    hooks = [getattr(a, HOOK_ATTR, None) for a in attns]
-    try:
-        for m in mods:
-            m.quant = off
-        for a, h in zip(attns, hooks):
-            if h is not None:
-                setattr(a, HOOK_ATTR, dataclasses.replace(h, kv_bits=16))
-        yield model
-    finally:
-        for m, q in zip(mods, saved):
-            m.quant = q
-        for a, h in zip(attns, hooks):
-            if h is not None:
-                setattr(a, HOOK_ATTR, h)
-
-
-@contextmanager
 def _plain_model(model: nn.Module):
     """Temporarily put the original (prepared, frozen) modules back in place of the training
     wrappers and bypass the attention hook: the original model's function without the
