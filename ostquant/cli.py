@@ -104,8 +104,9 @@ def _pipeline_method(method):
 
         calib = _calib_settings(args)
         calib = dataclasses.replace(calib, checkpoint_dir=None, resume=False)
-        out, _ = quantize_model(model, shared["tokenizer"], method, preset, calib,
-                                progress=args.progress)
+        out, info = quantize_model(model, shared["tokenizer"], method, preset, calib,
+                                   progress=args.progress)
+        shared["info"] = info
         return out
     run.__name__ = f"_method_{method}"
     run.__doc__ = f"{method} via :func:`ostquant.calibrate.pipeline.quantize_model`."
@@ -270,8 +271,8 @@ def run_table(args, argv) -> dict:
     shared_state: Dict[str, dict] = {m: {"tokenizer": tok} for m in methods}
     for method, preset in jobs:
         shared = shared_state[method]
-        shared.pop("extra_seconds", None)
-        shared.pop("reused", None)
+        for k in ("extra_seconds", "reused", "info"):
+            shared.pop(k, None)
         t = time.perf_counter()
         if method == "fp":
             qmodel = model
@@ -292,7 +293,11 @@ def run_table(args, argv) -> dict:
                "tokens": int(n_tokens), "dtype": args.dtype}
         if shared.get("reused"):
             row["reused_weights"] = True
+        row.update(_row_calibration(shared.get("info")))
         rows.append(row)
+        if args.json:  # after every row: a long table interrupted keeps what it measured
+            _write_json(args.json, {"meta": {**_meta(device, argv), "partial": True},
+                                    "rows": rows})
         log.info("%s %s: ppl %s (quant %.1fs, eval %.1fs)", method, preset, _fmt_ppl(ppl),
                  calib_s, eval_s)
         del qmodel
@@ -306,6 +311,27 @@ def run_table(args, argv) -> dict:
         _write_json(args.json, result)
         print(f"wrote {args.json}")
     return result
+
+
+def _row_calibration(info: Optional[dict]) -> dict:
+    """Calibration fields of a table row from :func:`quantize_model`'s info (trained methods:
+    settings, steps, seconds per step, first/last loss; transform methods: timings)."""
+    if not info:
+        return {}
+    out = {"timings": info.get("timings")}
+    if info.get("calibration"):
+        c = info["calibration"]
+        out["calibration"] = {k: c[k] for k in ("steps", "nsamples", "seqlen", "batch_size",
+                                                "lr_orth", "lr_scale", "loss", "seed",
+                                                "weight_clip", "gptq") if k in c}
+    tr = info.get("training")
+    if tr:
+        out["train_steps"] = tr["steps"]
+        for k in ("mean_step_s", "median_step_s", "first_step_s"):
+            out[k] = None if tr.get(k) is None else round(tr[k], 3)
+        out["initial_loss"] = tr["initial_loss"]
+        out["final_loss"] = tr["final_loss"]
+    return out
 
 
 def _json_safe(rows):

@@ -46,6 +46,21 @@ def test_table_and_json(tiny_dir, tmp_path, capsys):
     assert rows[2].get("reused_weights") and rows[3].get("reused_weights")
 
 
+def test_table_trained_method_rows_carry_calibration(tiny_dir, tmp_path, capsys):
+    out_json = tmp_path / "acc.json"
+    assert cli.main(["table", *_args(tiny_dir, "--methods", "quarot,ostquant", "--presets",
+                                     "w4a4kv4", "--steps", "2", "--nsamples", "2",
+                                     "--calib-seqlen", "16", "--json", str(out_json))]) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["quarot", "ostquant"]
+    quarot, ost = rows
+    assert "train_steps" not in quarot and quarot["timings"]["total_s"] > 0
+    assert ost["train_steps"] == 2 and ost["calibration"]["steps"] == 2
+    assert ost["calibration"]["loss"] is None or ost["calibration"]["loss"] == "kl_top"
+    assert ost["median_step_s"] > 0 and ost["first_step_s"] > 0
+    assert ost["initial_loss"] > 0
+
+
 def test_explicit_table_command_and_subsets(tiny_dir, capsys):
     assert cli.main(["table", *_args(tiny_dir, "--methods", "rtn", "--presets", "w4a4")]) == 0
     out = capsys.readouterr().out

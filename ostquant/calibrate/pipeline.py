@@ -258,6 +258,9 @@ def _brief_summary(s: dict) -> dict:
         "initial_loss": s["initial_loss"], "final_loss": s["final_loss"],
         "losses": [round(float(x), 6) for x in s["losses"]],
         "mean_step_s": (sum(times) / len(times)) if times else None,
+        # the first step includes the one-time weight clipping search (weight_clip="cached")
+        "median_step_s": float(sorted(times)[len(times) // 2]) if times else None,
+        "first_step_s": float(times[0]) if times else None,
         "total_step_s": float(sum(times)),
         "wall_s": s.get("wall_time"),
         "resumed_from": s.get("resumed_from"),
