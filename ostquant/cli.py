@@ -52,6 +52,8 @@ def _method_rtn(model, preset, args, shared):
     from ostquant.baselines import apply_rtn
     from ostquant.quant import get_preset
 
+    if getattr(args, "gptq", False):  # GPTQ'd weights depend on nothing shared: the pipeline
+        return _pipeline_method("rtn")(model, preset, args, shared)
     cfg = get_preset(preset)
     src = shared.get("weights_model")
     reuse = src is not None and cfg.wbits < 16 and (
@@ -235,8 +237,6 @@ def run_table(args, argv) -> dict:
 
     methods = _check_methods(_parse_list(args.methods))
     presets = _check_presets(_parse_list(args.presets))
-    if getattr(args, "gptq", False):
-        raise CLIError("--gptq is not implemented yet in the quantization pipeline")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
 
@@ -324,6 +324,8 @@ def _row_calibration(info: Optional[dict]) -> dict:
         out["calibration"] = {k: c[k] for k in ("steps", "nsamples", "seqlen", "batch_size",
                                                 "lr_orth", "lr_scale", "loss", "seed",
                                                 "weight_clip", "gptq") if k in c}
+    if info.get("qsur"):
+        out["qsur_mean"] = info["qsur"]["mean"]
     tr = info.get("training")
     if tr:
         out["train_steps"] = tr["steps"]
@@ -382,8 +384,6 @@ def run_quantize(args, argv) -> dict:
     preset = _check_presets([args.preset])[0]
     calib = _calib_settings(args)
     calib = dataclasses.replace(calib, resume=args.resume)
-    if calib.gptq:
-        raise CLIError("--gptq is not implemented yet in the quantization pipeline")
     device = resolve_device(args.device)
     torch.manual_seed(calib.seed)
     t0 = time.perf_counter()
@@ -411,6 +411,10 @@ def run_quantize(args, argv) -> dict:
               f"{'%.2f' % step if step is not None else '-'} s/step, loss "
               f"{tr['initial_loss']:.4g} -> {tr['final_loss']:.4g}"
               + (f" (resumed from step {tr['resumed_from']})" if tr.get("resumed_from") else ""))
+    if info.get("qsur"):
+        from ostquant.calibrate.qsur_report import format_qsur_table
+        print(f"QSUR of the quantized inputs ({info['qsur']['measure']}):")
+        print(format_qsur_table(info["qsur"]))
     print(f"wrote {args.out}")
     if args.eval:
         from ostquant.metrics import perplexity
@@ -468,7 +472,9 @@ def _add_calib_args(p: argparse.ArgumentParser, calib_seqlen_flag: str) -> None:
     g.add_argument("--loss", choices=["kl_top", "kl", "ce"],
                    help="training loss (default: ce for spinquant, kl_top for ostquant)")
     g.add_argument("--calib-text", help="calibration text source (default: --text)")
-    g.add_argument("--gptq", action="store_true", help="GPTQ weights (not implemented yet)")
+    g.add_argument("--gptq", action="store_true",
+                   help="quantize the weights with GPTQ (after fusing the transforms) instead "
+                        "of round-to-nearest")
 
 
 

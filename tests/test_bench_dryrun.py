@@ -20,6 +20,20 @@ def test_bench_dry_run(name, capsys, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [], "dry run must not write results"
 
 
+def test_ablation_dry_run(capsys, tmp_path, monkeypatch, single_thread):
+    """Every ablation row (fp, rtn, the eight cumulative pairs, CE) runs on a tiny model."""
+    from bench import ablation
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert ablation.main(["--dry-run", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for label in ablation.LABELS:
+        assert f"{label}: ppl" in out
+    assert "all rows ran" in out
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--rows", "fp,bogus"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 @pytest.mark.parametrize("name", ["hadamard", "quant"])
 def test_bench_without_cuda_says_so(name):

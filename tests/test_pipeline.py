@@ -132,10 +132,65 @@ def test_resume_finished_calibration(tiny_dir, saved):
     assert info2["training"]["losses"] == info["training"]["losses"]
 
 
-def test_gptq_flag_not_implemented(tiny_dir):
+def _decoder_output_error(model, fp_logits, data):
+    with torch.no_grad():
+        return float((model(input_ids=data).logits - fp_logits).pow(2).mean())
+
+
+@pytest.mark.parametrize("method", ["rtn", "quarot"])
+def test_gptq_beats_round_to_nearest(tiny_dir, method):
+    """GPTQ'd weights (same grid) track the FP model more closely on the calibration data
+    than round-to-nearest, for a plain model and for a fused one (online down Hadamard)."""
+    from ostquant.nn import QuantLinear
+
+    data = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(5))
+    fp, _ = load_model(str(tiny_dir / "model"))
+    with torch.no_grad():
+        ref = fp(input_ids=data).logits
+    errs, models = {}, {}
+    for gptq in (False, True):
+        model, tok = load_model(str(tiny_dir / "model"))
+        calib = CalibSettings(nsamples=8, seqlen=32, gptq=gptq)
+        qm, info = quantize_model(model, tok, method, "w4a16", calib, progress=False,
+                                  calib_data=data)
+        errs[gptq], models[gptq] = _decoder_output_error(qm, ref, data), qm
+        assert ("gptq_s" in info["timings"]) == gptq
+    assert errs[True] < errs[False], errs
+    a = dict(models[False].named_modules())
+    downs = 0
+    for name, m in models[True].named_modules():
+        if isinstance(m, QuantLinear):
+            r = a[name]
+            assert isinstance(r, QuantLinear) and r.online_hadamard == m.online_hadamard
+            torch.testing.assert_close(m.w_scale, r.w_scale)  # same grid, other codes
+            downs += m.online_hadamard
+    assert downs == (0 if method == "rtn" else 2)
+    assert not torch.equal(next(m.qweight for m in models[True].modules()
+                                if isinstance(m, QuantLinear)),
+                           next(m.qweight for m in models[False].modules()
+                                if isinstance(m, QuantLinear)))
+
+
+def test_gptq_saved_and_loaded(tiny_dir, tmp_path, ids):
     model, tok = load_model(str(tiny_dir / "model"))
-    with pytest.raises(NotImplementedError, match="GPTQ"):
-        quantize_model(model, tok, "rtn", "w4a16", CalibSettings(gptq=True), progress=False)
+    calib = CalibSettings(nsamples=4, seqlen=32, gptq=True)
+    qm, info = quantize_model(model, tok, "quarot", "w4a4kv4", calib, out_dir=str(tmp_path / "g"),
+                              progress=False, calib_data=_data())
+    assert info["calibration"]["gptq"] is True
+    loaded, _ = load_quantized(str(tmp_path / "g"))
+    torch.testing.assert_close(_logits(loaded, ids), _logits(qm, ids))
+
+
+def test_gptq_bad_input(tiny_dir):
+    from ostquant.calibrate.gptq_pass import apply_gptq
+
+    model, tok = load_model(str(tiny_dir / "model"))
+    with pytest.raises(ValueError, match="needs quantized weights"):
+        quantize_model(model, tok, "rtn", "w16a16kv16", CalibSettings(gptq=True), progress=False)
+    with pytest.raises(ValueError, match="LongTensor"):
+        apply_gptq(model, "w4a16", torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="LongTensor"):
+        apply_gptq(model, "w4a16", torch.zeros(0, 8, dtype=torch.long))
 
 
 def _copy(src, dst):
@@ -203,8 +258,6 @@ def test_cli_quantize_and_eval(tiny_dir, tmp_path, capsys):
     assert ppl1 == ppl2
     assert cli.main(["eval", str(tmp_path / "missing"), "--no-progress"]) == 2
     assert "not a directory" in capsys.readouterr().err
-    assert cli.main(argv[:-1] + ["--gptq", "--no-progress"]) == 2
-    assert "not implemented" in capsys.readouterr().err
     assert cli.main(["quantize", "--model", str(tiny_dir / "model"), "--method", "magic",
                      "--out", str(tmp_path / "x")]) == 2
     assert "unknown method" in capsys.readouterr().err
@@ -216,3 +269,46 @@ def test_cli_table_with_quarot(tiny_dir, capsys):
             "--presets", "w4a4kv4"]
     assert cli.main(argv) == 0
     assert "quarot" in capsys.readouterr().out
+
+
+def test_qsur_summary(saved):
+    """Per-layer QSUR of the attention/FFN inputs, before and after the transforms: rotations
+    spread the tiny model's channel variances, so the mean QSUR goes up; rtn changes nothing."""
+    for method in ("rtn", "quarot", "ostquant"):
+        q = saved[method][2]["qsur"]
+        assert len(q["layers"]) == 2
+        for r in q["layers"]:
+            for k in ("attn_before", "attn_after", "ffn_before", "ffn_after"):
+                assert 0 < r[k] <= 1 + 1e-9
+        if method == "rtn":
+            assert q["mean"]["attn_after"] == q["mean"]["attn_before"]
+        else:
+            assert q["mean"]["attn_after"] != q["mean"]["attn_before"]
+
+
+def test_layer_input_qsur_matches_direct_computation(tiny_dir):
+    """The hook-based per-layer QSUR equals QSUR of the inputs captured directly."""
+    from ostquant.calibrate.qsur_report import layer_input_qsur
+    from ostquant.metrics.qsur import log_qsur
+
+    model, _ = load_model(str(tiny_dir / "model"))
+    data = _data()
+    got = layer_input_qsur(model, data)
+    seen = []
+    h = model.model.layers[1].mlp.gate_proj.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for row in data:
+            model(input_ids=row[None])
+    h.remove()
+    assert got[1]["ffn_log"] == pytest.approx(log_qsur(torch.cat(seen)), rel=1e-9, abs=1e-9)
+    with pytest.raises(ValueError, match="calib_data"):
+        layer_input_qsur(model, torch.zeros(0, 4, dtype=torch.long))
+
+
+def test_qsur_with_too_few_tokens_is_skipped_not_fatal(tiny_dir):
+    from ostquant.calibrate.qsur_report import layer_input_qsur
+
+    model, _ = load_model(str(tiny_dir / "model"))
+    rec = layer_input_qsur(model, _data()[:1, :16])  # 16 tokens < d + 1 = 65
+    assert all(r["attn_rel"] is None and r["ffn_log"] is None for r in rec)

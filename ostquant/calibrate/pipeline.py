@@ -78,7 +78,12 @@ class CalibSettings:
     the method's
     default (``"ce"`` for spinquant as in SpinQuant, ``"kl_top"`` for ostquant).
     ``checkpoint_dir=None`` uses ``out_dir/calib`` when an ``out_dir`` is given.
-    ``gptq=True`` is not implemented yet (raises NotImplementedError).
+    ``qsur_samples``: calibration samples for the per-layer QSUR summary (attention and FFN
+    inputs before and after the transforms, :mod:`~ostquant.calibrate.qsur_report`; ~10 s on
+    the default model); 0 skips it.
+    ``gptq=True`` quantizes the weights with GPTQ (:func:`~ostquant.calibrate.gptq_pass.apply_gptq`,
+    on the same calibration samples) after the transforms are fused, instead of
+    round-to-nearest; it adds about a minute on the default model on a CPU.
     """
 
     steps: int = 100
@@ -94,6 +99,7 @@ class CalibSettings:
     data_source: str = "default"
     resume: bool = True
     weight_clip: str = "cached"
+    qsur_samples: int = 8
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,7 +168,8 @@ def _plain_model(model: nn.Module):
 def quantize_model(model: nn.Module, tokenizer, method: str, preset,
                    calib: Optional[CalibSettings] = None, out_dir: Optional[str] = None,
                    progress: bool = True, model_source: Optional[str] = None,
-                   calib_data: Optional[torch.Tensor] = None) -> Tuple[nn.Module, dict]:
+                   calib_data: Optional[torch.Tensor] = None,
+                   transform_config=None) -> Tuple[nn.Module, dict]:
     """Quantize ``model`` (in place) with ``method`` at ``preset``; returns ``(model, info)``.
 
     ``info`` holds the configs, timings and (trained methods) the trainer summary; it is what
@@ -170,6 +177,8 @@ def quantize_model(model: nn.Module, tokenizer, method: str, preset,
     ``model_source`` — how to rebuild the architecture, e.g. the path given to
     :func:`ostquant.models.load_model` — defaults to the model's ``_name_or_path``).
     ``calib_data``: LongTensor [n, seqlen] used instead of building the calibration set.
+    ``transform_config``: a :class:`~ostquant.transforms.TransformConfig` used instead of the
+    method's own (for ablations: e.g. ``ostquant`` with some pairs switched off).
     """
     from ostquant.models.adapters import get_adapter
     from ostquant.transforms.fuse import _untie
@@ -177,24 +186,37 @@ def quantize_model(model: nn.Module, tokenizer, method: str, preset,
     calib = calib or CalibSettings()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if calib.gptq:
-        raise NotImplementedError(
-            "CalibSettings.gptq=True: GPTQ weights in the pipeline are not implemented yet "
-            "(ostquant.quant.gptq exists, but collecting each linear's calibration inputs is "
-            "not wired in); use gptq=False (round-to-nearest with clipping search)")
     cfg = _quant_config(preset)
+    if calib.gptq and cfg.wbits >= 16:
+        raise ValueError(f"CalibSettings.gptq=True needs quantized weights; {cfg.name} keeps "
+                         f"them in floating point")
     adapter = get_adapter(model)
     t_all = time.perf_counter()
     timings = {}
-    tcfg = transform_config_for(method, cfg, calib.seed)
+    tcfg = transform_config if transform_config is not None else \
+        transform_config_for(method, cfg, calib.seed)
+    if transform_config is not None and method == "rtn":
+        raise ValueError("transform_config is for the transform methods, not rtn")
     train_summary = None
+    if calib_data is None and (method in TRAINED_METHODS or calib.gptq or calib.qsur_samples):
+        from ostquant.data import calibration_batches
+        calib_data = calibration_batches(tokenizer, calib.data_source, calib.nsamples,
+                                         calib.seqlen, calib.seed)
+    qsur_before = qsur_after = None
+    if calib.qsur_samples:
+        from ostquant.calibrate.qsur_report import layer_input_qsur
+        t = time.perf_counter()
+        qsur_before = layer_input_qsur(model, calib_data[:calib.qsur_samples])
+        timings["qsur_s"] = time.perf_counter() - t
 
     if method == "rtn":
         from ostquant.baselines import apply_rtn
 
         _untie(model, adapter)  # lm_head stored on its own (same function)
+        if calib.gptq:
+            _gptq(model, tokenizer, cfg, calib, progress, calib_data, timings)
         t = time.perf_counter()
-        apply_rtn(model, cfg, progress=progress)
+        apply_rtn(model, cfg, progress=progress)  # (GPTQ'd layers are already QuantLinear)
         timings["quantize_s"] = time.perf_counter() - t
     else:
         from ostquant.transforms import (OSTParams, fuse_transforms, prepare_model,
@@ -211,8 +233,14 @@ def quantize_model(model: nn.Module, tokenizer, method: str, preset,
         t = time.perf_counter()
         fuse_transforms(model, params, tcfg)
         timings["fuse_s"] = time.perf_counter() - t
+        if calib.qsur_samples:
+            t = time.perf_counter()
+            qsur_after = layer_input_qsur(model, calib_data[:calib.qsur_samples])
+            timings["qsur_s"] += time.perf_counter() - t
+        if calib.gptq:
+            _gptq(model, tokenizer, cfg, calib, progress, calib_data, timings)
         t = time.perf_counter()
-        quantize_fused(model, cfg, progress=progress)
+        quantize_fused(model, cfg, progress=progress)  # (GPTQ'd layers are already QuantLinear)
         timings["quantize_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
@@ -231,10 +259,15 @@ def quantize_model(model: nn.Module, tokenizer, method: str, preset,
         "quant_config": cfg.to_dict(),
         "transform_config": None if tcfg is None else tcfg.to_dict(),
         "online_hadamards": online_hadamards(model),
-        "calibration": calib.to_dict() if method in TRAINED_METHODS else None,
+        "calibration": calib.to_dict() if method in TRAINED_METHODS or calib.gptq else None,
         "training": None if train_summary is None else _brief_summary(train_summary),
         "timings": {k: round(float(v), 3) for k, v in timings.items()},
+        "qsur": None,
     }
+    if qsur_before is not None:
+        from ostquant.calibrate.qsur_report import compare_qsur
+        # rtn has no transforms: "after" is the same model
+        info["qsur"] = compare_qsur(qsur_before, qsur_before if method == "rtn" else qsur_after)
     model.ostquant_info = info
     if out_dir is not None:
         save_quantized(model, out_dir, info)
@@ -269,6 +302,15 @@ def _brief_summary(s: dict) -> dict:
     }
 
 
+def _gptq(model, tokenizer, cfg, calib: CalibSettings, progress, calib_data, timings) -> None:
+    """GPTQ the decoder projections (after fusion) on the calibration set."""
+    from ostquant.calibrate.gptq_pass import apply_gptq
+
+    t = time.perf_counter()
+    apply_gptq(model, cfg, calib_data, progress=progress)
+    timings["gptq_s"] = time.perf_counter() - t
+
+
 def _train(model, tokenizer, method, cfg, params, calib: CalibSettings, out_dir, progress,
            calib_data) -> dict:
     from ostquant.calibrate.trainer import TrainConfig, Trainer
@@ -286,10 +328,6 @@ def _train(model, tokenizer, method, cfg, params, calib: CalibSettings, out_dir,
                      loss=loss, topk=min(1000, vocab), seed=calib.seed,
                      checkpoint_dir=ckpt_dir, progress=progress,
                      checkpoint_every=max(1, min(25, calib.steps)))
-    if calib_data is None:
-        from ostquant.data import calibration_batches
-        calib_data = calibration_batches(tokenizer, calib.data_source, calib.nsamples,
-                                         calib.seqlen, calib.seed)
     apply_training_transforms(model, params, cfg, weight_clip=calib.weight_clip)
     model.eval()
 
