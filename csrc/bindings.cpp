@@ -8,6 +8,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "gemm/ops.h"
 #include "hadamard/ops.h"
 #include "quant/ops.h"
 
@@ -21,6 +22,8 @@ TORCH_LIBRARY_IMPL(ostquant, CUDA, m) {
   m.impl("quantize_per_token", &ostquant::quantize_per_token_cuda);
   m.impl("quantize_kv", &ostquant::quantize_kv_cuda);
   m.impl("hadamard_transform", &ostquant::hadamard_transform_cuda);
+  m.impl("int4_gemm", &ostquant::int4_gemm_cuda);
+  m.impl("w4a16_gemm", &ostquant::w4a16_gemm_cuda);
 }
 
 extern "C" {
