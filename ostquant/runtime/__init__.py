@@ -1,0 +1,28 @@
+"""The quantized LLaMA-family runtime: model, KV cache, generation, memory report.
+
+* :class:`QuantizedCausalLM` — built from a quantized directory
+  (:meth:`~QuantizedCausalLM.from_quantized`), from a Hugging Face model (as quantized by
+  ostquant, or RTN on the fly: :meth:`~QuantizedCausalLM.from_hf`) or with random weights at a
+  named shape (:meth:`~QuantizedCausalLM.random`); runs on the ``ostquant`` ops.
+* :class:`KVCache` — int4 (packed codes + fp16 scale/zero) or float, preallocated.
+* :func:`generate` / :func:`stream` — prefill + decode, greedy or sampled, batched prompts of
+  different lengths, streaming.
+* :func:`memory_report` — weights, KV cache, activations (measured on CUDA).
+
+Example (CPU)::
+
+    from ostquant.runtime import QuantizedCausalLM
+    model = QuantizedCausalLM.from_quantized("smollm2-ost")
+    out = model.generate(["def fibonacci(n):"], max_new_tokens=20)
+    print(out.texts[0])
+"""
+from .generate import GenerationResult, SamplingConfig, Step, generate, sample_next, stream
+from .kv_cache import CacheFullError, KVCache
+from .memory import MemoryReport, estimate_activation_bytes, memory_report
+from .model import QuantizedCausalLM, RuntimeSpec
+from .shapes import NAMED_SHAPES, shape_config
+
+__all__ = ["QuantizedCausalLM", "RuntimeSpec", "KVCache", "CacheFullError", "generate",
+           "stream", "sample_next", "SamplingConfig", "Step", "GenerationResult",
+           "MemoryReport", "memory_report", "estimate_activation_bytes", "NAMED_SHAPES",
+           "shape_config"]

@@ -1,0 +1,291 @@
+"""Text generation on a :class:`~ostquant.runtime.QuantizedCausalLM`: prefill, then decode.
+
+* :func:`generate` — batched prompts of different lengths (strings with a tokenizer, or token
+  id lists), greedy or sampled (temperature, top-k, top-p, seeded), stopping at EOS or after
+  ``max_new_tokens``; an optional ``callback`` sees every step (streaming).
+* :func:`stream` — the same as an iterator of :class:`Step` objects.
+
+The prompts are right-padded into one prefill forward (each sequence's real tokens never
+attend to padding; the padding written to the cache is overwritten by the next step), then one
+token per sequence per decode step. Sequences that finished keep running until all have (their
+tokens are ignored), so the batch shape stays fixed.
+
+TODO: capture the decode step in a CUDA graph (the cache is preallocated and the step's shapes
+are fixed, but the reference ops and the host-side length bookkeeping would have to become
+graph-safe first).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from .kv_cache import KVCache
+
+__all__ = ["SamplingConfig", "Step", "GenerationResult", "generate", "stream", "sample_next",
+           "encode_prompts"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is picked. ``do_sample=False``: greedy (argmax, first index on ties).
+    Otherwise: ``logits / temperature``, keep the ``top_k`` best (0 = all), keep the smallest
+    set whose probability reaches ``top_p`` (1.0 = all), sample with a ``torch.Generator``
+    seeded with ``seed`` (None = nondeterministic)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if self.do_sample:
+            if not self.temperature > 0:
+                raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            if self.top_k < 0:
+                raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            if not 0.0 < self.top_p <= 1.0:
+                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token per row of ``logits`` [B, vocab] -> LongTensor [B]."""
+    if not cfg.do_sample:
+        return logits.argmax(dim=-1)
+    x = logits.float() / cfg.temperature
+    if cfg.top_k and cfg.top_k < x.shape[-1]:
+        kth = torch.topk(x, cfg.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        # drop a token when the tokens before it already reach top_p (the best one stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= cfg.top_p
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
+    probs = torch.softmax(x, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Step:
+    """One generated token per sequence: ``tokens[b]`` is None for a sequence that had already
+    finished; ``finished[b]`` says whether sequence ``b`` is done after this step."""
+
+    index: int
+    tokens: List[Optional[int]]
+    finished: List[bool]
+
+
+@dataclass
+class GenerationResult:
+    """What :func:`generate` returns.
+
+    ``tokens[b]``: the new token ids of prompt ``b`` (EOS included when it stopped there);
+    ``texts[b]``: their decoded text (when a tokenizer is known); ``finish_reasons[b]``:
+    ``"eos"`` or ``"length"``; timings in seconds (CUDA synchronised)."""
+
+    tokens: List[List[int]]
+    prompt_tokens: List[List[int]]
+    finish_reasons: List[str]
+    texts: Optional[List[str]] = None
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Generated tokens (all sequences) per second of decode, the first token (from the
+        prefill) excluded."""
+        n = sum(max(0, len(t) - 1) for t in self.tokens)
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+def encode_prompts(prompts, tokenizer=None, add_special_tokens: bool = True
+                   ) -> List[List[int]]:
+    """Token id lists from a batch of prompts (strings need a tokenizer)."""
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and
+                                    isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            prompts = prompts[None]
+        prompts = prompts.tolist()
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("generate: the prompt batch is empty")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError("generate: string prompts need a tokenizer (the model has "
+                                 "none; pass tokenizer= or token ids)")
+            ids = list(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"])
+        elif isinstance(p, torch.Tensor):
+            ids = [int(t) for t in p.reshape(-1).tolist()]
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"generate: prompt {i} is empty")
+        out.append(ids)
+    return out
+
+
+def _eos_set(eos) -> set:
+    if eos is None:
+        return set()
+    if isinstance(eos, int):
+        return {eos}
+    return {int(e) for e in eos}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           seed: Optional[int] = None, eos_token_id: Union[None, int, Sequence[int]] = None,
+           stop_at_eos: bool = True, cache: Optional[KVCache] = None,
+           max_cache_len: Optional[int] = None, tokenizer=None,
+           add_special_tokens: bool = True, pad_token_id: int = 0,
+           _timing: Optional[dict] = None) -> Iterator[Step]:
+    """Generate step by step: yields one :class:`Step` per generated position.
+
+    Arguments as :func:`generate`. The first step comes from the prefill's logits, every
+    later one from a decode forward of one token per sequence.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    cfg = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    ids = encode_prompts(prompts, tok, add_special_tokens)
+    vocab = model.spec.vocab_size
+    for i, p in enumerate(ids):
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab}): "
+                             f"{bad[:5]}")
+    B = len(ids)
+    lens = [len(p) for p in ids]
+    need = max(lens) + max_new_tokens - 1  # the last token is sampled, never fed
+    if cache is None:
+        cap = max_cache_len if max_cache_len is not None else need
+        if max(lens) > cap:
+            raise ValueError(f"generate: a prompt of {max(lens)} tokens is longer than the "
+                             f"KV cache ({cap} tokens)")
+        cache = model.new_cache(B, cap)
+    else:
+        if cache.batch_size != B:
+            raise ValueError(f"generate: the cache holds {cache.batch_size} sequences, "
+                             f"{B} prompts given")
+        cache.reset()
+    if max(lens) > cache.max_len:
+        raise ValueError(f"generate: a prompt of {max(lens)} tokens is longer than the KV "
+                         f"cache ({cache.max_len} tokens)")
+    if need > cache.max_len:
+        raise ValueError(f"generate: prompt ({max(lens)} tokens) + max_new_tokens "
+                         f"({max_new_tokens}) needs {need} cache slots, the cache has "
+                         f"{cache.max_len}")
+    eos = _eos_set(model.eos_token_id if eos_token_id is None else eos_token_id)
+    if not stop_at_eos:
+        eos = set()
+    dev = model.device
+    gen = None
+    if cfg.do_sample:
+        gen = torch.Generator(device=dev)
+        if seed is not None:
+            gen.manual_seed(int(seed))
+        else:
+            gen.seed()
+    timing = _timing if _timing is not None else {}
+    batch = torch.full((B, max(lens)), pad_token_id, dtype=torch.long)
+    for b, p in enumerate(ids):
+        batch[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+    _sync(dev)
+    t0 = time.perf_counter()
+    logits = model(batch.to(dev), cache, input_lengths=lens, logits="last")
+    nxt = sample_next(logits, cfg, gen)
+    nxt_host = nxt.tolist()
+    timing["prefill_seconds"] = time.perf_counter() - t0
+    finished = [False] * B
+    timing["decode_seconds"] = 0.0
+    timing["decode_steps"] = 0
+    for step in range(max_new_tokens):
+        out: List[Optional[int]] = []
+        for b in range(B):
+            if finished[b]:
+                out.append(None)
+                continue
+            out.append(nxt_host[b])
+            if nxt_host[b] in eos:
+                finished[b] = True
+        last = step == max_new_tokens - 1 or all(finished)
+        yield Step(step, out, list(finished))
+        if last:
+            break
+        feed = torch.tensor([pad_token_id if t is None else t for t in out], dtype=torch.long)
+        t0 = time.perf_counter()
+        logits = model(feed[:, None].to(dev), cache, logits="last")
+        nxt_host = sample_next(logits, cfg, gen).tolist()  # (synchronises)
+        timing["decode_seconds"] += time.perf_counter() - t0
+        timing["decode_steps"] += 1
+
+
+def generate(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             seed: Optional[int] = None, eos_token_id: Union[None, int, Sequence[int]] = None,
+             stop_at_eos: bool = True, callback: Optional[Callable[[Step], None]] = None,
+             cache: Optional[KVCache] = None, max_cache_len: Optional[int] = None,
+             tokenizer=None, add_special_tokens: bool = True,
+             pad_token_id: int = 0) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` tokens for each prompt.
+
+    Args:
+        model: a :class:`~ostquant.runtime.QuantizedCausalLM`.
+        prompts: a string or list of token ids (one prompt), or a list of them (a batch; the
+            lengths may differ), or a 2-D LongTensor. Strings need ``tokenizer`` or the
+            model's own (``add_special_tokens`` as in transformers).
+        max_new_tokens: tokens generated per prompt at most.
+        do_sample, temperature, top_k, top_p, seed: see :class:`SamplingConfig` (greedy by
+            default; with a ``seed`` sampling is reproducible).
+        eos_token_id: stop a sequence after it generates one of these (default: the model's);
+            ``stop_at_eos=False`` never stops early.
+        callback: called with every :class:`Step` as it is produced (streaming).
+        cache: a :class:`~ostquant.runtime.KVCache` to reuse (reset first); otherwise one is
+            allocated with ``max_cache_len`` slots (default: exactly what is needed).
+        pad_token_id: id used for right padding and for finished sequences (never attended).
+
+    Raises ``ValueError`` on an empty batch, an empty prompt, token ids outside the
+    vocabulary, or prompts (plus ``max_new_tokens``) that do not fit the cache.
+    """
+    timing: dict = {}
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    prompt_ids = encode_prompts(prompts, tok, add_special_tokens)
+    outs: List[List[int]] = [[] for _ in prompt_ids]
+    reasons = ["length"] * len(prompt_ids)
+    for st in stream(model, prompt_ids, max_new_tokens, do_sample=do_sample,
+                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                     eos_token_id=eos_token_id, stop_at_eos=stop_at_eos, cache=cache,
+                     max_cache_len=max_cache_len, tokenizer=tok, pad_token_id=pad_token_id,
+                     _timing=timing):
+        for b, t in enumerate(st.tokens):
+            if t is not None:
+                outs[b].append(t)
+                if st.finished[b]:
+                    reasons[b] = "eos"
+        if callback is not None:
+            callback(st)
+    texts = None
+    if tok is not None:
+        texts = [tok.decode(t, skip_special_tokens=True) for t in outs]
+    return GenerationResult(tokens=outs, prompt_tokens=prompt_ids, finish_reasons=reasons,
+                            texts=texts, prefill_seconds=timing.get("prefill_seconds", 0.0),
+                            decode_seconds=timing.get("decode_seconds", 0.0),
+                            decode_steps=timing.get("decode_steps", 0))

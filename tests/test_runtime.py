@@ -1,0 +1,352 @@
+"""The quantized runtime (ostquant.runtime) on CPU, against the fake-quantized HF model.
+
+Tiny random LLaMA / Qwen2 / Mistral models with head_dim 64 (the int4 KV ops need 64 or
+128), quantized by the real pipeline (2 calibration steps for the trained method), saved,
+and loaded both ways: ``load_quantized`` (the HF fake-quant accuracy reference) and
+``QuantizedCausalLM.from_quantized`` (the runtime).
+
+What is exact and what is not (float32, CPU):
+
+* prefill logits are **bit-identical** to the HF model at W4A4 (every step is the same
+  operation in the same order: the fused QKV / gate-up int4 GEMMs are exact integer sums with
+  the same epilogue, the runtime's fresh-prefill attention is the same SDPA call on the same
+  dequantized int4 K/V that the fake quantizer produces — ``quantize_kv`` rounds the scale to
+  fp16 *before* computing the codes and ``fake_quant_kv`` uses that very function). At W4A16
+  the fused QKV is one float32 matmul instead of three: equal up to float32 summation order.
+* decode steps attend through ``ops.int4_kv_attention`` (float32 math in a different order
+  than SDPA): equal to the prefill to ~1e-7; such a difference could in principle move an
+  activation across a rounding boundary of the next per-token int4 quantizer (a visible but
+  legitimate jump); with these seeds it does not, and the tolerance is kept tight.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ostquant.calibrate.pipeline import CalibSettings, load_quantized, quantize_model
+from ostquant.models import UnsupportedModelError, load_model
+from ostquant.runtime import (CacheFullError, KVCache, QuantizedCausalLM, generate,
+                              shape_config)
+from tiny_models import byte_tokenizer, tiny_model
+
+HD64 = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=64, vocab_size=256)
+CALIB = CalibSettings(steps=2, nsamples=4, seqlen=32, batch_size=2, qsur_samples=0)
+CASES = [("llama", "quarot", "w4a4kv4"), ("llama", "ostquant", "w4a4kv4"),
+         ("llama", "ostquant", "w4a16kv16"), ("llama", "quarot", "w4a4kv16"),
+         ("qwen2", "rtn", "w4a4kv4"), ("mistral", "spinquant", "w4a4kv4")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    out = {}
+    for fam in ("llama", "qwen2", "mistral"):
+        d = root / fam
+        m = tiny_model(fam, seed=1, **HD64)
+        m.save_pretrained(d)
+        byte_tokenizer().save_pretrained(d)
+        out[fam] = str(d)
+    out["root"] = root
+    return out
+
+
+@pytest.fixture(scope="module")
+def quantized(model_dirs):
+    """case -> quantized directory (built on first use)."""
+    cache = {}
+
+    def get(fam, method, preset):
+        key = (fam, method, preset)
+        if key not in cache:
+            model, tok = load_model(model_dirs[fam])
+            data = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))
+            d = model_dirs["root"] / f"q_{fam}_{method}_{preset}"
+            quantize_model(model, tok, method, preset, CALIB, out_dir=str(d), progress=False,
+                           calib_data=data)
+            cache[key] = str(d)
+        return cache[key]
+    return get
+
+
+def _ids(n, seed=1, batch=1):
+    return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_logits(hf, ids):
+    with torch.no_grad():
+        return hf(input_ids=ids).logits
+
+
+# ----------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize("fam,method,preset", CASES)
+def test_prefill_equals_fake_quant_hf(quantized, fam, method, preset):
+    d = quantized(fam, method, preset)
+    hf, _ = load_quantized(d)
+    rt = QuantizedCausalLM.from_quantized(d)
+    assert rt.spec.preset == preset
+    assert rt.spec.kv_bits == (4 if preset.endswith("kv4") else 16)
+    if method != "rtn":
+        assert rt.spec.down_hadamard and rt.spec.q_k_hadamard == preset.endswith("kv4")
+    ids = _ids(40)
+    want = _hf_logits(hf, ids)
+    got = rt(ids, rt.new_cache(1, 48))
+    assert got.shape == want.shape
+    if rt.spec.abits == 4:
+        assert torch.equal(got, want), (got - want).abs().max()
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["w4a4kv4", "w4a16kv16"])
+def test_decode_steps_equal_prefill(quantized, preset):
+    rt = QuantizedCausalLM.from_quantized(quantized("llama", "ostquant", preset))
+    ids = _ids(36, seed=3)
+    full = rt(ids, rt.new_cache(1, 40))
+    # prefill 8, then one token at a time (decode attention over the cache)
+    cache = rt.new_cache(1, 40)
+    steps = [rt(ids[:, :8], cache)] + [rt(ids[:, i:i + 1], cache) for i in range(8, 36)]
+    assert cache.lengths == [36]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+    # chunked prefill: the second chunk's queries attend through the cache (Sq > 1)
+    cache = rt.new_cache(1, 40)
+    chunks = torch.cat([rt(ids[:, :11], cache), rt(ids[:, 11:], cache)], 1)
+    torch.testing.assert_close(chunks, full, rtol=0, atol=1e-5)
+
+
+def test_greedy_generate_equals_hf_greedy_loop(quantized):
+    d = quantized("llama", "quarot", "w4a4kv4")
+    hf, tok = load_quantized(d)
+    rt = QuantizedCausalLM.from_quantized(d)
+    prompt = "def add(a, b):"
+    ids = tok(prompt)["input_ids"]
+    seq = torch.tensor([ids])
+    want = []
+    for _ in range(10):
+        nxt = int(_hf_logits(hf, seq)[0, -1].argmax())
+        want.append(nxt)
+        seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+    res = rt.generate(prompt, max_new_tokens=10, stop_at_eos=False)
+    assert res.tokens == [want]
+    assert res.prompt_tokens == [ids]
+    assert res.texts == [tok.decode(want, skip_special_tokens=True)]
+    assert res.finish_reasons == ["length"] and res.decode_steps == 9
+
+
+def test_batched_prompts_equal_one_by_one(quantized):
+    rt = QuantizedCausalLM.from_quantized(quantized("llama", "ostquant", "w4a4kv4"))
+    prompts = [_ids(n, seed=n)[0].tolist() for n in (3, 17, 9)]
+    batched = rt.generate(prompts, max_new_tokens=8, stop_at_eos=False)
+    for p, toks in zip(prompts, batched.tokens):
+        single = rt.generate([p], max_new_tokens=8, stop_at_eos=False)
+        assert single.tokens == [toks]
+    # padded batch prefill logits at each sequence's last token equal the single ones
+    lens = [len(p) for p in prompts]
+    pad = torch.zeros(3, max(lens), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        pad[b, :len(p)] = torch.tensor(p)
+    cache = rt.new_cache(3, 20)
+    last = rt(pad, cache, input_lengths=lens, logits="last")
+    assert cache.lengths == lens
+    for b, p in enumerate(prompts):
+        one = rt(torch.tensor([p]), rt.new_cache(1, 20), logits="last")
+        torch.testing.assert_close(last[b:b + 1], one, rtol=0, atol=1e-5)
+
+
+def test_from_hf_rtn_on_the_fly_and_float(model_dirs):
+    from ostquant.baselines import apply_rtn
+
+    hf, tok = load_model(model_dirs["qwen2"])
+    ids = _ids(24, seed=5)
+    # float: the runtime reproduces the HF model
+    rt_fp = QuantizedCausalLM.from_hf(hf, tokenizer=tok)
+    assert rt_fp.spec.preset == "w16a16kv16"
+    assert torch.equal(rt_fp(ids, rt_fp.new_cache(1, 24)), _hf_logits(hf, ids))
+    # RTN on the fly (in place on a copy) == apply_rtn on another copy, through HF
+    ref = apply_rtn(copy.deepcopy(hf), "w4a4kv4")
+    rt = QuantizedCausalLM.from_hf(copy.deepcopy(hf), preset="w4a4kv4", tokenizer=tok)
+    assert rt.spec.preset == "w4a4kv4" and not rt.spec.q_k_hadamard
+    assert torch.equal(rt(ids, rt.new_cache(1, 24)), _hf_logits(ref, ids))
+    with pytest.raises(ValueError, match="already quantized"):
+        QuantizedCausalLM.from_hf(ref, preset="w4a4kv4")
+
+
+def test_unfused_projections_give_the_same_logits(quantized):
+    d = quantized("llama", "quarot", "w4a4kv4")
+    fused = QuantizedCausalLM.from_quantized(d)
+    plain = QuantizedCausalLM.from_quantized(d, fuse=False)
+    ids = _ids(12, seed=7)
+    assert torch.equal(fused(ids, fused.new_cache(1, 12)), plain(ids, plain.new_cache(1, 12)))
+
+
+# ----------------------------------------------------------------------------- generation
+def test_sampling_reproducible_with_seed(quantized):
+    rt = QuantizedCausalLM.from_quantized(quantized("llama", "quarot", "w4a4kv4"))
+    prompts = ["ab", "hello world"]
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=40, top_p=0.95,
+              stop_at_eos=False)
+    a = rt.generate(prompts, seed=123, **kw)
+    b = rt.generate(prompts, seed=123, **kw)
+    c = rt.generate(prompts, seed=124, **kw)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+    greedy = rt.generate(prompts, max_new_tokens=6, stop_at_eos=False)
+    top1 = rt.generate(prompts, max_new_tokens=6, do_sample=True, top_k=1, seed=0,
+                       stop_at_eos=False)
+    assert top1.tokens == greedy.tokens
+    with pytest.raises(ValueError, match="temperature"):
+        rt.generate(prompts, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        rt.generate(prompts, do_sample=True, top_p=0.0)
+
+
+def test_sample_next_filters():
+    from ostquant.runtime import SamplingConfig, sample_next
+
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0, 1.0]]).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    got = sample_next(logits, SamplingConfig(True, top_k=2), g)
+    assert set(got.tolist()) == {1, 2}
+    got = sample_next(logits, SamplingConfig(True, top_p=0.3), g)
+    assert set(got.tolist()) == {1}  # the best token alone reaches 30%
+    assert sample_next(logits, SamplingConfig()).tolist() == [1] * 200
+
+
+def test_streaming_and_eos(quantized):
+    rt = QuantizedCausalLM.from_quantized(quantized("llama", "quarot", "w4a4kv4"))
+    prompts = [[5, 6, 7], [40, 41, 42, 43, 44]]
+    ref = rt.generate(prompts, max_new_tokens=6, stop_at_eos=False)
+    seen = []
+    res = rt.generate(prompts, max_new_tokens=6, stop_at_eos=False, callback=seen.append)
+    assert [s.index for s in seen] == list(range(6))
+    assert [[s.tokens[b] for s in seen] for b in range(2)] == res.tokens == ref.tokens
+    assert [[s.tokens[b] for s in rt.stream(prompts, 6, stop_at_eos=False)]
+            for b in range(2)] == ref.tokens
+    # stop sequence 0 at its j-th token (first occurrence, absent from sequence 1): it gets
+    # None afterwards while sequence 1 goes on
+    t0, t1 = ref.tokens
+    js = [j for j in range(1, 5) if t0[j] not in t0[:j] and t0[j] not in t1]
+    if not js:
+        pytest.skip("no token of sequence 0 usable as an eos id")
+    j = js[0]
+    res = rt.generate(prompts, max_new_tokens=6, eos_token_id=t0[j])
+    assert res.tokens[0] == t0[:j + 1] and res.finish_reasons[0] == "eos"
+    assert res.tokens[1] == t1 and res.finish_reasons[1] == "length"
+    steps = list(rt.stream(prompts, 6, eos_token_id=t0[j]))
+    assert steps[j].finished[0] and steps[j + 1].tokens[0] is None
+
+
+def test_bad_input_raises_clearly(quantized, model_dirs):
+    rt = QuantizedCausalLM.from_quantized(quantized("llama", "quarot", "w4a4kv4"))
+    with pytest.raises(ValueError, match="prompt batch is empty"):
+        rt.generate([], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        rt.generate([[1, 2], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="longer than the KV cache"):
+        rt.generate([list(range(10))], max_new_tokens=2, max_cache_len=8)
+    with pytest.raises(ValueError, match="needs 11 cache slots"):
+        rt.generate([list(range(10))], max_new_tokens=2, cache=rt.new_cache(1, 10))
+    with pytest.raises(ValueError, match="outside"):
+        rt.generate([[1, 999]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        rt.generate([[1]], max_new_tokens=0)
+    nt = QuantizedCausalLM.random("tiny", "w4a4kv4", dtype=torch.float32)
+    with pytest.raises(ValueError, match="tokenizer"):
+        nt.generate("text", max_new_tokens=2)
+    cache = rt.new_cache(1, 4)
+    rt(torch.tensor([[1, 2, 3]]), cache)
+    with pytest.raises(CacheFullError, match="capacity of 4"):
+        rt(torch.tensor([[1, 2]]), cache)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        rt(torch.tensor([[1]]), KVCache(2, 1, 4, 1, 64, kv_bits=16))
+    with pytest.raises(ValueError, match="input_lengths"):
+        rt(torch.tensor([[1, 2]]), rt.new_cache(1, 4), input_lengths=[3])
+    # unsupported architectures and shapes
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="not supported"):
+        QuantizedCausalLM.from_hf(gpt2)
+    small_heads = tiny_model("llama")  # head_dim 16: no int4 KV cache
+    with pytest.raises(UnsupportedModelError, match="head_dim 64 or 128"):
+        QuantizedCausalLM.from_hf(small_heads, preset="w4a4kv4")
+    from ostquant.models import enable_kv_fake_quant
+    sym = enable_kv_fake_quant(tiny_model("llama", **HD64), 4, sym=True)
+    with pytest.raises(NotImplementedError, match="asymmetric int4"):
+        QuantizedCausalLM.from_hf(sym)
+    with pytest.raises(ValueError, match="unknown model shape"):
+        QuantizedCausalLM.random("llama-9b")
+
+
+# ----------------------------------------------------------------------------- shapes, memory
+def test_named_shapes_and_random_models():
+    c = shape_config("llama-3-8b", num_layers=2)
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+            c.num_key_value_heads, c.vocab_size) == (4096, 14336, 2, 32, 8, 128256)
+    assert c.rope_parameters["rope_theta"] == 500000.0
+    c = shape_config("llama-30b")
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers,
+            c.num_attention_heads) == (6656, 17920, 60, 52)
+    for preset in ("w4a4kv4", "w4a16kv16", "w16a16kv16"):
+        m = QuantizedCausalLM.random("tiny", preset, num_layers=1, dtype=torch.float32)
+        assert m.spec.num_layers == 1 and m.spec.preset == preset
+        out = m(torch.tensor([[1, 2, 3]]), m.new_cache(1, 4))
+        assert out.shape == (1, 3, 256) and torch.isfinite(out).all()
+
+
+def test_memory_report():
+    q = QuantizedCausalLM.random("tiny", "w4a4kv4", dtype=torch.float32)
+    f = QuantizedCausalLM.random("tiny", "w16a16kv16", dtype=torch.float32)
+    s = q.spec
+    cache = q.new_cache(2, 32)
+    r = q.memory_report(cache)
+    # packed int4 (K/2 bytes per row) + fp32 scale and row sum per output channel
+    rows = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim + s.hidden_size + \
+        2 * s.intermediate_size + s.hidden_size
+    k_bytes = ((s.num_heads + 2 * s.num_kv_heads) * s.head_dim * s.hidden_size // 2 +
+               s.hidden_size * s.num_heads * s.head_dim // 2 +
+               2 * s.intermediate_size * s.hidden_size // 2 +
+               s.hidden_size * s.intermediate_size // 2)
+    assert r.quantized_weights == s.num_layers * (k_bytes + 8 * rows)
+    assert r.embedding == r.lm_head == 256 * 128 * 4
+    assert r.kv_cache == cache.nbytes == KVCache.bytes_for(2, 2, 32, 1, 64, 4)
+    assert r.kv_cache == 2 * 2 * 32 * 1 * 2 * (32 + 4) + 8
+    rf = f.memory_report(batch_size=2, context=32)
+    assert rf.kv_cache == KVCache.bytes_for(2, 2, 32, 1, 64, 16, torch.float32)
+    assert rf.quantized_weights > 6 * r.quantized_weights  # fp32 vs int4 + scales
+    assert r.activations > 0 and r.total == r.weights + r.kv_cache + r.activations
+    assert not r.measured and r.peak is None
+    assert "KV cache" in r.format() and set(r.to_dict()) >= {"weights", "total", "kv_cache"}
+
+
+def test_float_kv_cache_masks_padding_and_decodes():
+    """The float cache (KV16) through the masked-SDPA decode path matches a full prefill."""
+    m = QuantizedCausalLM.random("tiny", "w16a16kv16", dtype=torch.float32, seed=3)
+    ids = _ids(20, seed=9, batch=2)
+    full = m(ids, m.new_cache(2, 24))
+    cache = m.new_cache(2, 24)
+    parts = [m(ids[:, :5], cache)] + [m(ids[:, i:i + 1], cache) for i in range(5, 20)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-5)
+    # different lengths in one batch: sequence 0 has 3 real tokens of 5
+    cache = m.new_cache(2, 24)
+    m(ids[:, :5], cache, input_lengths=[3, 5])
+    nxt = m(ids[:, 5:6], cache, logits="last")
+    single = m(torch.cat([ids[:1, :3], ids[:1, 5:6]], 1), m.new_cache(1, 24), logits="last")
+    torch.testing.assert_close(nxt[:1], single, rtol=0, atol=1e-5)
+
+
+def test_generate_function_and_cache_reuse(quantized):
+    rt = QuantizedCausalLM.from_quantized(quantized("llama", "quarot", "w4a4kv4"))
+    cache = rt.new_cache(2, 32)
+    a = generate(rt, [[1, 2, 3], [4, 5]], 5, cache=cache, stop_at_eos=False)
+    b = generate(rt, [[1, 2, 3], [4, 5]], 5, cache=cache, stop_at_eos=False)  # reset inside
+    assert a.tokens == b.tokens and cache.lengths == [7, 6]
+    assert a.prefill_seconds > 0 and a.decode_tokens_per_second > 0
