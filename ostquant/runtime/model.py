@@ -32,7 +32,7 @@ from ostquant.nn import QuantLinear
 from .kv_cache import KVCache
 from .layers import DecoderLayer, RMSNorm, Rotary, check_projection, fuse_linears
 
-__all__ = ["RuntimeSpec", "QuantizedCausalLM"]
+__all__ = ["RuntimeSpec", "QuantizedCausalLM", "random_layers"]
 
 #: RoPE types whose frequencies change with the sequence length (not supported).
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
@@ -360,61 +360,74 @@ class QuantizedCausalLM(nn.Module):
         online Hadamards in (down_proj input when the weights are int4, Q/K when the KV cache
         is int4) so their cost is measured. ``num_layers`` builds fewer layers than the shape.
         """
-        from ostquant.quant import QuantConfig, get_preset
-
-        from .shapes import shape_config
-
-        cfg = shape_config(shape, num_layers)
-        qc = preset if isinstance(preset, QuantConfig) else get_preset(str(preset))
-        if qc.wbits not in (4, 16) or qc.abits not in (4, 16) or qc.kvbits not in (4, 16):
-            raise NotImplementedError(f"{qc.name}: the runtime supports 4 or 16 bits")
-        if qc.wbits == 16 and qc.abits < 16:
-            raise NotImplementedError(f"{qc.name}: activation quantization needs int4 weights")
+        spec, layers, rotary, gen = random_layers(shape, preset, num_layers, dtype, device,
+                                                  seed, online_hadamard)
+        H, V = spec.hidden_size, spec.vocab_size
         device = torch.device(device)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        H, Fi = cfg.hidden_size, cfg.intermediate_size
-        nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        hd = getattr(cfg, "head_dim", None) or H // nh
-        down_had = online_hadamard and qc.wbits == 4
-        qk_had = online_hadamard and qc.kvbits == 4
-
-        def linear(n_in, n_out, had=False):
-            if qc.wbits == 16:
-                lin = nn.Linear(n_in, n_out, bias=False, device="meta", dtype=dtype)
-                w = torch.empty(n_out, n_in, device=device, dtype=dtype)
-                lin.weight = nn.Parameter(w.normal_(0.0, 0.02, generator=gen), requires_grad=False)
-                return lin
-            lin = QuantLinear(n_in, n_out, False, 4, qc.abits, qc.act_sym, qc.act_clip_ratio,
-                              had, dtype=dtype, device="meta")
-            lin.qweight = torch.randint(0, 256, (n_out, n_in // 2), generator=gen, device=device,
-                                        dtype=torch.uint8)
-            # uniform codes in [-8, 7] have std ~4.6: scale ~0.02/4.6 per channel
-            lin.w_scale = (torch.rand(n_out, generator=gen, device=device) + 0.5) * 0.0043
-            from ostquant import ops
-            lin.w_sum = ops.unpack_int4(lin.qweight).float().sum(-1)
-            return lin
 
         def normal(*shape_):
             return torch.empty(*shape_, device=device, dtype=dtype).normal_(0.0, 0.02,
                                                                             generator=gen)
 
-        ones = lambda: torch.ones(H, device=device, dtype=dtype)  # noqa: E731
-        layers = []
-        for i in range(cfg.num_hidden_layers):
-            layers.append(DecoderLayer(
-                i, nh, nkv, hd, Fi, RMSNorm(ones(), cfg.rms_norm_eps),
-                linear(H, (nh + 2 * nkv) * hd), linear(nh * hd, H), RMSNorm(ones(),
-                                                                           cfg.rms_norm_eps),
-                linear(H, 2 * Fi), linear(Fi, H, had=down_had), q_k_hadamard=qk_had))
-        spec = RuntimeSpec(
-            model_type="llama", hidden_size=H, intermediate_size=Fi,
-            num_layers=cfg.num_hidden_layers, num_heads=nh, num_kv_heads=nkv, head_dim=hd,
-            vocab_size=cfg.vocab_size, rms_norm_eps=cfg.rms_norm_eps, wbits=qc.wbits,
-            abits=qc.abits if qc.wbits == 4 else 16, kv_bits=qc.kvbits,
-            q_k_hadamard=qk_had, down_hadamard=down_had, name=shape)
-        rotary = _rotary_for_config(cfg).to(device)
-        return cls(spec, normal(cfg.vocab_size, H), layers,
-                   RMSNorm(ones(), cfg.rms_norm_eps), normal(cfg.vocab_size, H), rotary)
+        norm = RMSNorm(torch.ones(H, device=device, dtype=dtype), spec.rms_norm_eps)
+        return cls(spec, normal(V, H), layers, norm, normal(V, H), rotary)
+
+
+def random_layers(shape: str = "tiny", preset="w4a4kv4", num_layers: Optional[int] = None,
+                  dtype: torch.dtype = torch.bfloat16, device="cpu", seed: int = 0,
+                  online_hadamard: bool = True):
+    """The decoder layers of :meth:`QuantizedCausalLM.random` alone (e.g. one layer for the
+    prefill benchmark): ``(spec, layers, rotary, generator)``."""
+    from ostquant import ops
+    from ostquant.quant import QuantConfig, get_preset
+
+    from .shapes import shape_config
+
+    cfg = shape_config(shape, num_layers)
+    qc = preset if isinstance(preset, QuantConfig) else get_preset(str(preset))
+    if qc.wbits not in (4, 16) or qc.abits not in (4, 16) or qc.kvbits not in (4, 16):
+        raise NotImplementedError(f"{qc.name}: the runtime supports 4 or 16 bits")
+    if qc.wbits == 16 and qc.abits < 16:
+        raise NotImplementedError(f"{qc.name}: activation quantization needs int4 weights")
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    H, Fi = cfg.hidden_size, cfg.intermediate_size
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or H // nh
+    down_had = online_hadamard and qc.wbits == 4
+    qk_had = online_hadamard and qc.kvbits == 4
+
+    def linear(n_in, n_out, had=False):
+        if qc.wbits == 16:
+            lin = nn.Linear(n_in, n_out, bias=False, device="meta", dtype=dtype)
+            w = torch.empty(n_out, n_in, device=device, dtype=dtype)
+            lin.weight = nn.Parameter(w.normal_(0.0, 0.02, generator=gen), requires_grad=False)
+            return lin
+        lin = QuantLinear(n_in, n_out, False, 4, qc.abits, qc.act_sym, qc.act_clip_ratio,
+                          had, dtype=dtype, device="meta")
+        lin.qweight = torch.randint(0, 256, (n_out, n_in // 2), generator=gen, device=device,
+                                    dtype=torch.uint8)
+        # uniform codes in [-8, 7] have std ~4.6: scale ~0.02/4.6 per channel
+        lin.w_scale = (torch.rand(n_out, generator=gen, device=device) + 0.5) * 0.0043
+        lin.w_sum = ops.unpack_int4(lin.qweight).float().sum(-1)
+        return lin
+
+    def norm():
+        return RMSNorm(torch.ones(H, device=device, dtype=dtype), cfg.rms_norm_eps)
+
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        layers.append(DecoderLayer(
+            i, nh, nkv, hd, Fi, norm(), linear(H, (nh + 2 * nkv) * hd), linear(nh * hd, H),
+            norm(), linear(H, 2 * Fi), linear(Fi, H, had=down_had), q_k_hadamard=qk_had))
+    spec = RuntimeSpec(
+        model_type="llama", hidden_size=H, intermediate_size=Fi,
+        num_layers=cfg.num_hidden_layers, num_heads=nh, num_kv_heads=nkv, head_dim=hd,
+        vocab_size=cfg.vocab_size, rms_norm_eps=cfg.rms_norm_eps, wbits=qc.wbits,
+        abits=qc.abits if qc.wbits == 4 else 16, kv_bits=qc.kvbits,
+        q_k_hadamard=qk_had, down_hadamard=down_had, name=shape)
+    rotary = _rotary_for_config(cfg).to(device)
+    return spec, layers, rotary, gen
 
 
 def _eps(norm: nn.Module, adapter) -> float:
