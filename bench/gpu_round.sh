@@ -99,7 +99,7 @@ fi
 
 # 4. benchmarks
 if [ "$BENCH" = 1 ]; then
-  for b in hadamard quant gemm; do
+  for b in hadamard quant gemm prefill decode; do
     say "bench.$b $QUICK"
     $PY -m bench.$b $QUICK 2>&1 | tee "$LOG_DIR/bench-$b.log" | tail -60
     [ "${PIPESTATUS[0]}" = 0 ] || { echo "BENCH $b FAILED"; status=1; }
@@ -128,6 +128,16 @@ for path in sorted(glob.glob(os.path.join(out, "*.json"))):
                 print(f"  {r['op']:>5} {r['model']:>11} {r['layer']:>13} M={r['M']:>5}: "
                       f"ours {r['ours_ms']:.4f} ms ({r['ours_tops']:.0f} TOPS), bf16 "
                       f"{r['baseline_ms']:.4f} ms, speedup {r['speedup']:.2f}x")
+    elif m["bench"] == "prefill":
+        for r in rows:
+            print(f"  {r['model']:>11} seq={r['seqlen']:>5}: ours {r['ours_ms']} ms, bf16 "
+                  f"{r['baseline_ms']} ms, speedup {r['speedup']}, memory saving "
+                  f"{r['memory_saving']}")
+    elif m["bench"] == "decode":
+        for r in rows:
+            print(f"  {r['model']:>11} layers={r['layers']}/{r['full_layers']} "
+                  f"batch={r['batch']:>2}: ours {r['ours_tok_s']} tok/s, bf16 "
+                  f"{r['baseline_tok_s']} tok/s, speedup {r['speedup']}")
     elif m["bench"] == "quant":
         for r in rows:
             print(f"  {r['op']:>18} M={r['M']:>6} K={r['K']:>5}: {r['gbps']:.0f} GB/s = "
