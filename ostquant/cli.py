@@ -33,7 +33,9 @@ DEFAULT_MAX_WINDOWS = 12
 DEFAULT_SEQLEN = 512
 #: methods that are planned but not implemented yet
 PLANNED_METHODS: tuple = ()
-COMMANDS = ("table", "quantize", "eval")
+COMMANDS = ("table", "quantize", "eval", "generate", "bench")
+#: benchmarks `ostquant bench NAME` runs (bench/NAME.py of the source checkout)
+BENCHES = ("prefill", "decode", "gemm", "hadamard", "quant")
 
 
 class CLIError(Exception):
@@ -455,6 +457,88 @@ def run_eval(args, argv) -> dict:
     return {"ppl": ppl, "dataset": dataset, "windows": int(windows.shape[0])}
 
 
+# ---------------------------------------------------------------------------------- generate
+
+
+def run_generate(args, argv) -> dict:
+    """Generate text with the quantized runtime (:mod:`ostquant.runtime`)."""
+    import torch
+
+    from ostquant.models import load_model, resolve_device
+    from ostquant.runtime import QuantizedCausalLM
+
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    if args.preset:
+        preset = _check_presets([args.preset])[0]
+        model, tok = load_model(args.source, device=device)
+        rt = QuantizedCausalLM.from_hf(model, preset=preset, tokenizer=tok)
+        what = f"{args.source} (RTN {preset} on the fly)"
+    else:
+        from ostquant.calibrate.pipeline import QuantizedModelError
+
+        try:
+            rt = QuantizedCausalLM.from_quantized(args.source, device=device)
+        except QuantizedModelError as e:
+            raise CLIError(f"{e} (to quantize a float model on the fly with RTN, pass "
+                           f"--preset)") from None
+        what = f"{args.source}: {rt.info['method']} {rt.info['preset']}"
+    if args.dtype:
+        rt = rt.to({"float32": torch.float32, "bfloat16": torch.bfloat16,
+                    "float16": torch.float16}[args.dtype])
+    print(f"{what}, loaded in {time.perf_counter() - t0:.1f}s on {device}", file=sys.stderr)
+    prompts = args.prompt or ["def fibonacci(n):"]
+    tok = rt.tokenizer
+    callback = None
+    if args.stream and len(prompts) == 1:
+        print(prompts[0], end="", flush=True)
+        done: List[int] = []
+        shown = [""]
+
+        def callback(step):
+            t = step.tokens[0]
+            if t is None:
+                return
+            done.append(t)
+            text = tok.decode(done, skip_special_tokens=True) if tok is not None else ""
+            print(text[len(shown[0]):], end="", flush=True)
+            shown[0] = text
+    try:
+        res = rt.generate(prompts, args.max_new_tokens, do_sample=args.sample,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, callback=callback)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if callback is not None:
+        print()
+    else:
+        for p, text in zip(prompts, res.texts or [str(t) for t in res.tokens]):
+            print(f"{p}{text}")
+            print("-" * 40)
+    print(f"prefill {res.prefill_seconds:.2f}s, decode {res.decode_steps} steps in "
+          f"{res.decode_seconds:.2f}s ({res.decode_tokens_per_second:.2f} tokens/s)",
+          file=sys.stderr)
+    return {"tokens": res.tokens, "texts": res.texts}
+
+
+def run_bench(args) -> int:
+    """``ostquant bench NAME [args]``: run ``bench/NAME.py`` of the source checkout."""
+    import importlib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "bench", f"{args.name}.py")):
+        raise CLIError(f"the benchmarks live in the bench/ folder of the ostquant source "
+                       f"checkout, not found next to {os.path.dirname(__file__)}; run it from "
+                       f"a clone (python -m bench.{args.name})")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    mod = importlib.import_module(f"bench.{args.name}")
+    rest = list(args.args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    return int(mod.main(rest) or 0)
+
+
 # ---------------------------------------------------------------------------------- argparse
 
 
@@ -554,6 +638,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--device", default="auto")
     e.add_argument("--no-progress", dest="progress", action="store_false")
+
+    g = sub.add_parser("generate", help="generate text with the quantized runtime")
+    g.add_argument("source", help="a directory written by `ostquant quantize`, or with --preset "
+                                  "any model (default, .gguf, directory, hub id) quantized "
+                                  "on the fly with RTN")
+    g.add_argument("--prompt", action="append",
+                   help="prompt text (repeat for a batch; default: a short code prompt)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--preset", help="quantize SOURCE with RTN at this preset first")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stream", action="store_true", help="print tokens as they come (1 prompt)")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="activation dtype (default: the checkpoint's)")
+
+    b = sub.add_parser("bench", help="run a benchmark of the source checkout's bench/ "
+                                     "(prefill, decode, gemm, hadamard, quant)")
+    b.add_argument("name", choices=BENCHES)
+    b.add_argument("args", nargs=argparse.REMAINDER,
+                   help="the benchmark's own options (e.g. --dry-run, --quick)")
     return parser
 
 
@@ -602,6 +710,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.max_windows is not None and args.max_windows <= 0:
                 args.max_windows = None
             run_eval(args, argv)
+        elif args.command == "generate":
+            run_generate(args, argv)
+        elif args.command == "bench":
+            return run_bench(args)
         else:  # pragma: no cover - argparse guarantees a command
             parser.error(f"unknown command {args.command!r}")
     except CLIError as e:
