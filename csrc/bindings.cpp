@@ -12,6 +12,7 @@
 #include <string>
 
 #include "attention/ops.h"
+#include "gemm/ops.h"
 #include "hadamard/ops.h"
 #include "quant/ops.h"
 
@@ -25,6 +26,8 @@ TORCH_LIBRARY_IMPL(ostquant, CUDA, m) {
   m.impl("quantize_per_token", &ostquant::quantize_per_token_cuda);
   m.impl("quantize_kv", &ostquant::quantize_kv_cuda);
   m.impl("hadamard_transform", &ostquant::hadamard_transform_cuda);
+  m.impl("int4_gemm", &ostquant::int4_gemm_cuda);
+  m.impl("w4a16_gemm", &ostquant::w4a16_gemm_cuda);
   m.impl("kv_cache_append", &ostquant::kv_cache_append_cuda);
   m.impl("kv_cache_append_fused", &ostquant::kv_cache_append_fused_cuda);
   m.impl("paged_kv_cache_append", &ostquant::paged_kv_cache_append_cuda);

@@ -23,10 +23,12 @@ from typing import Callable, Dict, List, Optional
 log = logging.getLogger("ostquant")
 
 DEFAULT_PRESETS = ("w4a16kv16", "w4a4kv16", "w4a4kv4")
-DEFAULT_METHODS = ("fp", "rtn")
-#: default held-out windows: 12 x 512 tokens. The default table (FP + RTN at 3 presets on
-#: SmolLM2-135M) then takes ~3 min on 2 idle CPU cores: ~60 s of weight clipping search
-#: (once, shared by the presets) plus ~1.3 s (FP) to ~3.3 s (W4A4 reference kernels) per window.
+#: the main job: FP, RTN, the QuaRot-style baseline and OSTQuant (default calibration) at the
+#: three presets. On SmolLM2-135M and 2 CPU cores that is about an hour, almost all of it the
+#: three OSTQuant calibrations (~15-20 min each); ``--methods fp,rtn`` takes ~3 min.
+DEFAULT_METHODS = ("fp", "rtn", "quarot", "ostquant")
+#: default held-out windows: 12 x 512 tokens: ~1.3 s (FP) to ~3.3 s (W4A4 reference kernels)
+#: per window on 2 CPU cores.
 DEFAULT_MAX_WINDOWS = 12
 DEFAULT_SEQLEN = 512
 #: methods that are planned but not implemented yet

@@ -24,7 +24,8 @@ def _args(tiny_dir, *extra):
 
 def test_table_and_json(tiny_dir, tmp_path, capsys):
     out_json = tmp_path / "res" / "accuracy-cpu.json"
-    assert cli.main(_args(tiny_dir, "--json", str(out_json))) == 0
+    assert cli.main(_args(tiny_dir, "--json", str(out_json), "--steps", "2", "--nsamples", "4",
+                          "--calib-seqlen", "16")) == 0
     out = capsys.readouterr().out
     assert "method" in out and "ppl" in out
     for preset in ("w16a16kv16", "w4a16kv16", "w4a4kv16", "w4a4kv4"):
@@ -35,8 +36,10 @@ def test_table_and_json(tiny_dir, tmp_path, capsys):
     assert {"bench", "device", "torch", "cuda", "date", "commit", "command"} <= set(data["meta"])
     assert data["meta"]["bench"] == "accuracy"
     rows = data["rows"]
-    assert [(r["method"], r["preset"]) for r in rows] == [
-        ("fp", "w16a16kv16"), ("rtn", "w4a16kv16"), ("rtn", "w4a4kv16"), ("rtn", "w4a4kv4")]
+    presets = ["w4a16kv16", "w4a4kv16", "w4a4kv4"]
+    assert [(r["method"], r["preset"]) for r in rows] == [("fp", "w16a16kv16")] + [
+        (m, p) for m in ("rtn", "quarot", "ostquant") for p in presets]
+    assert [r.get("train_steps") for r in rows if r["method"] == "ostquant"] == [2, 2, 2]
     for r in rows:
         assert {"model", "method", "preset", "dataset", "ppl", "calib_seconds"} <= set(r)
         assert r["ppl"] > 1 and r["dataset"] == "text.txt:eval" and r["tokens"] == 64

@@ -1,0 +1,378 @@
+"""CUDA int4 GEMM kernels (csrc/gemm/) against the reference kernels (the specification).
+
+* ``int4_gemm`` (W4A4): the integer sums are exact on every path and the kernels' epilogue
+  repeats the reference's float32 operations one by one (no FMA contraction), so the output
+  must be **bit-identical** to ``reference.int4_gemm``.
+* ``w4a16_gemm``: float32 accumulation in a different order than the reference (and the
+  weight scale applied after the sum instead of before), so outputs are compared with a
+  tolerance: two ulps of the output dtype plus 2^-16 of Σ|x|·|w| for the float32 rounding.
+
+Both ops dispatch by M: M <= 16 runs the small-M tensor-core kernels (with split-K across CTAs
+when N is small), M > 16 the portable large-M path (unpack + at::_int_mm / at::mm + epilogue);
+the M sweep covers both sides of the boundary. Before each call the CUDA caching allocator is
+filled with 0xFF bytes (NaN in fp16/bf16/fp32, -1 in int32 workspaces), so an output element
+(or split-K partial) a kernel forgets to write fails the comparison. Tests marked ``cuda`` skip
+cleanly without a GPU or without the compiled extension.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ostquant.ops as O
+from ostquant.ops import reference as ref
+
+M_SWEEP = [1, 3, 7, 16, 17, 64, 333]
+# (N, K): K at the minimum granularity (32) and K % 128 != 0 tails, odd N, N below one CTA tile.
+SMALL_NK = [(37, 32), (1, 32), (255, 96), (129, 160), (1001, 416)]
+# LLaMA-2-7B / LLaMA-3-8B / LLaMA-2-13B projections (N = out_features, K = in_features).
+MODEL_NK = {
+    "7b-qkvo": (4096, 4096), "7b-up": (11008, 4096), "7b-down": (4096, 11008),
+    "8b-kv": (1024, 4096), "8b-up": (14336, 4096), "8b-down": (4096, 14336),
+    "13b-qkvo": (5120, 5120), "13b-down": (5120, 13824),
+}
+MODEL_M = [1, 7, 16, 17, 333]
+FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# Relative rounding of one output value (one ulp at the value's binade bottom).
+EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23}
+
+
+def _name(d):
+    return str(d).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _poison_cuda_cache():
+    """Fill free memory of the CUDA caching allocator (large and small pools) with 0xFF bytes:
+    NaN for fp16/bf16/fp32 outputs, -1 for int32 workspaces. A kernel that leaves part of its
+    output (or of a split-K partial) unwritten then returns NaN / wrong sums."""
+    big = torch.empty(1 << 27, dtype=torch.uint8, device="cuda").fill_(0xFF)
+    small = [torch.empty(1 << 19, dtype=torch.uint8, device="cuda").fill_(0xFF)
+             for _ in range(16)]
+    torch.cuda.synchronize()
+    del big, small
+
+
+def _w4a4_inputs(M, N, K, sym, bias_dtype, with_wsum, seed=0, device="cuda"):
+    g = torch.Generator().manual_seed(seed * 7919 + M * 31 + N * 7 + K)
+    qx = torch.randint(-8, 8, (M, K), generator=g, dtype=torch.int8)
+    qw = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
+    # scales over several orders of magnitude, like real per-token / per-channel scales
+    x_scale = torch.rand(M, generator=g) * torch.exp(2 * torch.randn(M, generator=g)) + 1e-3
+    w_scale = (torch.rand(N, generator=g) + 0.05) * 1e-2
+    x_zero = None if sym else torch.randint(-8, 8, (M,), generator=g).float()
+    w_sum = qw.float().sum(-1) if (with_wsum and not sym) else None
+    bias = None if bias_dtype is None else (torch.randn(N, generator=g) * 3).to(bias_dtype)
+    args = [ref.pack_int4(qx), x_scale, x_zero, ref.pack_int4(qw), w_scale, w_sum, bias]
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _assert_equal(got, want, what):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.device == want.device, what
+    g, w = got.float(), want.float()
+    assert not torch.isnan(g).any(), f"{what}: {int(torch.isnan(g).sum())} NaN (unwritten?) outputs"
+    if not torch.equal(got, want):
+        bad = (g != w).nonzero()
+        i = tuple(bad[0].tolist())
+        raise AssertionError(f"{what}: {bad.shape[0]} of {got.numel()} values differ, first at "
+                             f"{i}: got {g[i].item()!r}, want {w[i].item()!r}")
+
+
+def _check_int4_gemm(M, N, K, sym, bias_dtype, out_dtype, with_wsum=True, seed=0):
+    args = _w4a4_inputs(M, N, K, sym, bias_dtype, with_wsum, seed)
+    want = ref.int4_gemm(*args, out_dtype)  # on CUDA: float64 sums (exact), float32 epilogue
+    _poison_cuda_cache()
+    got = O.int4_gemm(*args, out_dtype=out_dtype)
+    what = (f"int4_gemm M={M} N={N} K={K} {'sym' if sym else 'asym'} bias={bias_dtype} "
+            f"out={_name(out_dtype)} w_sum={'given' if with_wsum else 'None'}")
+    _assert_equal(got, want, what)
+
+
+def _w4a16_inputs(M, N, K, dtype, bias_dtype, seed=0, device="cuda"):
+    g = torch.Generator().manual_seed(seed * 104729 + M * 31 + N * 7 + K)
+    x = (torch.randn(M, K, generator=g) * torch.exp(torch.randn(M, 1, generator=g))).to(dtype)
+    qw = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
+    w_scale = (torch.rand(N, generator=g) + 0.05) * 1e-2
+    bias = None if bias_dtype is None else torch.randn(N, generator=g).to(bias_dtype)
+    args = [x, ref.pack_int4(qw), w_scale, bias]
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args], qw
+
+
+def _check_w4a16(M, N, K, dtype, bias_dtype, seed=0):
+    (x, wp, ws, b), qw = _w4a16_inputs(M, N, K, dtype, bias_dtype, seed)
+    want = ref.w4a16_gemm(x, wp, ws, b)
+    absdot = x.double().abs() @ (qw.to(x.device).double().abs() * ws.double()[:, None]).T
+    _poison_cuda_cache()
+    got = O.w4a16_gemm(x, wp, ws, b)
+    what = f"w4a16_gemm M={M} N={N} K={K} {_name(dtype)} bias={bias_dtype}"
+    assert got.shape == want.shape and got.dtype == want.dtype == dtype, what
+    g, w = got.double(), want.double()
+    assert not torch.isnan(g).any(), f"{what}: {int(torch.isnan(g).sum())} NaN (unwritten?) outputs"
+    tol = 2 * EPS[dtype] * w.abs() + 2.0 ** -16 * absdot + 1e-30
+    bad = (g - w).abs() > tol
+    if bad.any():
+        i = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(f"{what}: {int(bad.sum())} of {got.numel()} values off; first at {i}: "
+                             f"got {g[i].item()!r}, want {w[i].item()!r}, tol {tol[i].item():.3g}")
+
+
+# --------------------------------------------------------------------------- registration
+
+@pytest.mark.cuda
+def test_gemm_cuda_kernels_registered():
+    assert {"int4_gemm", "w4a16_gemm"} <= set(O.cuda_ops())
+    for name in ("int4_gemm", "w4a16_gemm"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ostquant::{name}", "CUDA")
+
+
+# --------------------------------------------------------------------------- int4_gemm (W4A4)
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("NK", SMALL_NK, ids=lambda s: f"N{s[0]}-K{s[1]}")
+@pytest.mark.parametrize("M", M_SWEEP)
+def test_int4_gemm_small_shapes(M, NK):
+    N, K = NK
+    for sym in (True, False):
+        for bias_dtype, out_dtype in ((None, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                      (torch.float32, torch.float16), (torch.float16,
+                                                                       torch.float32)):
+            _check_int4_gemm(M, N, K, sym, bias_dtype, out_dtype)
+    _check_int4_gemm(M, N, K, False, None, torch.float16, with_wsum=False)  # w_sum computed
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", list(MODEL_NK), ids=str)
+@pytest.mark.parametrize("M", MODEL_M)
+def test_int4_gemm_model_shapes(M, shape):
+    N, K = MODEL_NK[shape]
+    _check_int4_gemm(M, N, K, False, torch.bfloat16, torch.bfloat16)
+    _check_int4_gemm(M, N, K, True, None, torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 16, 17, 64])
+def test_int4_gemm_matches_cpu_reference(M):
+    """The CUDA reference used above equals the CPU reference (float32 sums, exact here)."""
+    args = _w4a4_inputs(M, 301, 608, False, torch.float16, True, device="cpu")
+    want = ref.int4_gemm(*args, torch.bfloat16)
+    got = O.int4_gemm(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args],
+                      out_dtype=torch.bfloat16)
+    _assert_equal(got.cpu(), want, f"int4_gemm M={M} vs cpu reference")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 5, 40])
+def test_int4_gemm_end_to_end_quantized(M):
+    """Codes from quantize_per_token / quantize_per_channel on the GPU, as QuantLinear uses them."""
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1536, 4096, device="cuda")
+    qx, sx, zx = O.quantize_per_token(x, 4, False, 1.0)
+    qw, sw, _ = O.quantize_per_channel(w, 4, True)
+    args = (O.pack_int4(qx), sx, zx, O.pack_int4(qw), sw, qw.float().sum(-1), None)
+    _assert_equal(O.int4_gemm(*args, out_dtype=torch.bfloat16),
+                  ref.int4_gemm(*args, torch.bfloat16), f"end-to-end M={M}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [2, 16, 30])
+def test_int4_gemm_k_zero(M):
+    args = _w4a4_inputs(M, 19, 0, False, torch.float32, True)
+    _assert_equal(O.int4_gemm(*args, out_dtype=torch.float32), ref.int4_gemm(*args, torch.float32),
+                  f"K=0 M={M}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [4, 33])
+def test_int4_gemm_views(M):
+    """Non-contiguous and misaligned (not 16-byte aligned) inputs are copied, not misread."""
+    N, K = 77, 256
+    xp, sx, zx, wp, sw, wsum, b = _w4a4_inputs(M, N, K, False, torch.bfloat16, True)
+    want = ref.int4_gemm(xp, sx, zx, wp, sw, wsum, b, torch.float16)
+    xbuf = torch.empty(M * K // 2 + 1, dtype=torch.uint8, device="cuda")
+    x_mis = xbuf[1:].view(M, K // 2)
+    x_mis.copy_(xp)
+    w_t = wp.t().contiguous().t()  # same values, column-major strides
+    sx_s = torch.stack([sx, sx]).t()[:, 0]  # stride 2
+    _assert_equal(O.int4_gemm(x_mis, sx_s, zx, w_t, sw, wsum, b, out_dtype=torch.float16), want,
+                  f"views M={M}")
+
+
+@pytest.mark.cuda
+def test_int4_gemm_side_stream():
+    args = _w4a4_inputs(8, 4096, 4096, False, None, True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = O.int4_gemm(*args, out_dtype=torch.bfloat16)
+    s.synchronize()
+    _assert_equal(got, ref.int4_gemm(*args, torch.bfloat16), "side stream")
+
+
+# --------------------------------------------------------------------------- w4a16_gemm
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("NK", SMALL_NK, ids=lambda s: f"N{s[0]}-K{s[1]}")
+@pytest.mark.parametrize("M", M_SWEEP)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_name)
+def test_w4a16_gemm_small_shapes(M, NK, dtype):
+    N, K = NK
+    _check_w4a16(M, N, K, dtype, None)
+    _check_w4a16(M, N, K, dtype, dtype)
+    _check_w4a16(M, N, K, dtype, torch.float32 if dtype != torch.float32 else torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", list(MODEL_NK), ids=str)
+@pytest.mark.parametrize("M", MODEL_M)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_name)
+def test_w4a16_gemm_model_shapes(M, shape, dtype):
+    N, K = MODEL_NK[shape]
+    _check_w4a16(M, N, K, dtype, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 16, 17])
+def test_w4a16_gemm_k_zero_and_n_zero(M):
+    (x, wp, ws, b), _ = _w4a16_inputs(M, 21, 0, torch.bfloat16, torch.bfloat16)
+    _assert_equal(O.w4a16_gemm(x, wp, ws, b), ref.w4a16_gemm(x, wp, ws, b), f"K=0 M={M}")
+    (x, wp, ws, b), _ = _w4a16_inputs(M, 0, 64, torch.float16, None)
+    got = O.w4a16_gemm(x, wp, ws, b)
+    assert got.shape == (M, 0) and got.dtype == torch.float16
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [3, 40])
+def test_w4a16_gemm_views(M):
+    N, K = 45, 192
+    (x, wp, ws, b), qw = _w4a16_inputs(M, N, K, torch.bfloat16, torch.float16)
+    want = ref.w4a16_gemm(x, wp, ws, b)
+    xbuf = torch.empty(M * K + 1, dtype=x.dtype, device="cuda")
+    x_mis = xbuf[1:].view(M, K)  # 2-byte aligned only
+    x_mis.copy_(x)
+    x_t = x.t().contiguous().t()
+    for xv in (x_mis, x_t):
+        got = O.w4a16_gemm(xv, wp, ws, b)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 * EPS[x.dtype], atol=1e-3)
+
+
+# --------------------------------------------------------------------------- opcheck
+
+def _opcheck_cases():
+    w4a4 = _w4a4_inputs(5, 40, 96, False, torch.bfloat16, True, device="cpu")
+    w4a4_big = _w4a4_inputs(20, 64, 128, True, None, False, device="cpu")
+    (x, wp, ws, b), _ = _w4a16_inputs(3, 40, 160, torch.float16, torch.float16, device="cpu")
+    (xb, wpb, wsb, bb), _ = _w4a16_inputs(24, 16, 64, torch.bfloat16, None, device="cpu")
+    return [
+        ("int4_gemm", (*w4a4, torch.bfloat16)),
+        ("int4_gemm", (*w4a4_big, torch.float32)),
+        ("w4a16_gemm", (x, wp, ws, b)),
+        ("w4a16_gemm", (xb, wpb, wsb, bb)),
+    ]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", range(4))
+def test_gemm_opcheck_cuda(case):
+    name, args = _opcheck_cases()[case]
+    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(getattr(torch.ops.ostquant, name).default, args)
+
+
+# --------------------------------------------------------------------------- bad input
+
+def _w4a4_args(M=4, N=6, K=64, **over):
+    args = dict(x_packed=torch.zeros(M, K // 2, dtype=torch.uint8), x_scale=torch.ones(M),
+                x_zero=torch.zeros(M), w_packed=torch.zeros(N, K // 2, dtype=torch.uint8),
+                w_scale=torch.ones(N), w_sum=None, bias=None, out_dtype=torch.bfloat16)
+    args.update(over)
+    return tuple(args.values())
+
+
+def _w4a16_args(M=4, N=6, K=64, **over):
+    args = dict(x=torch.randn(M, K), w_packed=torch.zeros(N, K // 2, dtype=torch.uint8),
+                w_scale=torch.ones(N), bias=None)
+    args.update(over)
+    return tuple(args.values())
+
+
+BAD_INPUTS = [
+    ("int4_gemm", lambda: _w4a4_args(x_packed=torch.zeros(4, 32, dtype=torch.int8)),
+     "x_packed must have dtype in (uint8), got int8"),
+    ("int4_gemm", lambda: _w4a4_args(x_packed=torch.zeros(4, 2, 32, dtype=torch.uint8)),
+     "x_packed must be 2-D, got shape (4, 2, 32)"),
+    ("int4_gemm", lambda: _w4a4_args(w_packed=torch.zeros(6, 32)), "w_packed must have dtype in"),
+    ("int4_gemm", lambda: _w4a4_args(M=0), "x_packed has M = 0 rows (empty batch)"),
+    ("int4_gemm", lambda: _w4a4_args(N=0), "w_packed has N = 0 rows"),
+    ("int4_gemm", lambda: _w4a4_args(w_packed=torch.zeros(6, 16, dtype=torch.uint8)),
+     "K mismatch: x_packed holds K = 64, w_packed holds K = 32"),
+    ("int4_gemm", lambda: _w4a4_args(K=48), "K = 48 is not a multiple of 32"),
+    ("int4_gemm", lambda: _w4a4_args(x_scale=torch.ones(4, dtype=torch.float16)),
+     "x_scale must have dtype in (float32), got float16"),
+    ("int4_gemm", lambda: _w4a4_args(x_scale=torch.ones(4, 1)),
+     "x_scale must have shape (4,), got (4, 1)"),
+    ("int4_gemm", lambda: _w4a4_args(w_scale=torch.ones(5)), "w_scale must have shape (6,), got (5,)"),
+    ("int4_gemm", lambda: _w4a4_args(x_zero=torch.zeros(4, dtype=torch.int32)),
+     "x_zero must have dtype in (float32)"),
+    ("int4_gemm", lambda: _w4a4_args(w_sum=torch.zeros(7)), "w_sum must have shape (6,)"),
+    ("int4_gemm", lambda: _w4a4_args(bias=torch.zeros(6, dtype=torch.int64)),
+     "bias must have dtype in (float16, bfloat16, float32), got int64"),
+    ("int4_gemm", lambda: _w4a4_args(bias=torch.zeros(3)), "bias must have shape (6,), got (3,)"),
+    ("int4_gemm", lambda: _w4a4_args(out_dtype=torch.int8),
+     "out_dtype must be float16, bfloat16 or float32, got torch.int8"),
+    ("w4a16_gemm", lambda: _w4a16_args(x=torch.zeros(4, 64, dtype=torch.int32)),
+     "x must have dtype in (float16, bfloat16, float32), got int32"),
+    ("w4a16_gemm", lambda: _w4a16_args(x=torch.randn(2, 2, 64)), "x must be 2-D"),
+    ("w4a16_gemm", lambda: _w4a16_args(w_packed=torch.zeros(6, 32, dtype=torch.int8)),
+     "w_packed must have dtype in (uint8)"),
+    ("w4a16_gemm", lambda: _w4a16_args(M=0), "x has M = 0 rows (empty batch)"),
+    ("w4a16_gemm", lambda: _w4a16_args(x=torch.randn(4, 96)),
+     "K mismatch: x has K = 96, w_packed holds K = 64"),
+    ("w4a16_gemm", lambda: _w4a16_args(K=80), "K = 80 is not a multiple of 32"),
+    ("w4a16_gemm", lambda: _w4a16_args(w_scale=torch.ones(6, dtype=torch.float64)),
+     "w_scale must have dtype in (float32)"),
+    ("w4a16_gemm", lambda: _w4a16_args(bias=torch.zeros(7)), "bias must have shape (6,)"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda c: f"{c[0]}-{c[2][:30]}")
+def test_gemm_bad_input_raises_value_error(case):
+    name, make_args, msg = case
+    op = getattr(torch.ops.ostquant, name)
+    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in make_args())
+    with pytest.raises(ValueError) as cuda_err:
+        op(*args)
+    assert f"ostquant.{name}: " in str(cuda_err.value)
+    assert msg in str(cuda_err.value)
+    # The CUDA kernel's checks say the same as the Python checks of the reference path.
+    with pytest.raises(ValueError) as cpu_err:
+        op(*make_args())
+    assert str(cuda_err.value) == str(cpu_err.value)
+
+
+@pytest.mark.cuda
+def test_gemm_mixed_devices_raise():
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _w4a4_args()]
+    args[1] = args[1].cpu()  # x_scale on the CPU
+    with pytest.raises(ValueError, match="all tensors must be on one device, got x_packed on "
+                                         "cuda:0, x_scale on cpu, x_zero on cuda:0"):
+        torch.ops.ostquant.int4_gemm(*args)
+    x, wp, ws, _ = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _w4a16_args()]
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        torch.ops.ostquant.w4a16_gemm(x, wp, ws.cpu(), None)
+
+
+# --------------------------------------------------------------------------- CPU: the spec
+
+def test_reference_gemm_inputs_are_exact_on_cpu():
+    """The W4A4 comparison above is exact only if the reference's integer sum is: float32 sums
+    of int4 products are exact below 2^24 (K ≤ 2^18); our largest test K is 14336."""
+    assert max(k for _, k in MODEL_NK.values()) * 64 < 2 ** 24
+    args = _w4a4_inputs(3, 5, 64, False, None, True, device="cpu")
+    qx, qw = ref.unpack_int4(args[0]).double(), ref.unpack_int4(args[3]).double()
+    acc = (qx @ qw.T - args[2].double()[:, None] * qw.sum(-1)[None, :])
+    want = (acc * args[1].double()[:, None] * args[4].double()[None, :]).float()
+    torch.testing.assert_close(ref.int4_gemm(*args, torch.float32), want, rtol=1e-6, atol=0)
