@@ -9,7 +9,8 @@ For each shape (LLaMA-2-7B, LLaMA-3-8B, LLaMA-2-13B, LLaMA-30B) and sequence len
 (:func:`ostquant.runtime.model.random_layers`) runs a prefill from an empty KV cache:
 
 * ``ours``: the runtime layer at ``--preset`` (default W4A4KV4): RMSNorm, fused QKV int4 GEMM
-  (per-token int4 activations), RoPE, online Q/K Hadamard, int4 KV append, causal SDPA over
+  (per-token int4 activations), RoPE + online Hadamard on Q, fused RoPE + Hadamard + int4
+  append of K/V (``kv_cache_append_fused``), causal SDPA over
   the dequantized new K/V, o_proj, fused gate|up, SiLU·mul, online Hadamard + down_proj;
 * ``baseline``: the same layer code in bf16 (``nn.Linear`` projections, bf16 KV cache, the
   same SDPA), timed in the same run.
@@ -192,7 +193,8 @@ def main(argv=None) -> int:
         print("[dry-run] prefill: ok (no timings, no JSON)")
         return 0
     common.require_cuda(BENCH)
-    missing = {"int4_gemm", "quantize_per_token", "hadamard_transform", "kv_cache_append"} - \
+    missing = {"int4_gemm", "quantize_per_token", "hadamard_transform",
+               "kv_cache_append_fused"} - \
         set(O.cuda_ops())
     if missing:
         print(f"warning: no CUDA kernel for {sorted(missing)}: those run the reference",

@@ -8,6 +8,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <exception>
+#include <string>
+
+#include "attention/ops.h"
 #include "gemm/ops.h"
 #include "hadamard/ops.h"
 #include "quant/ops.h"
@@ -24,9 +28,35 @@ TORCH_LIBRARY_IMPL(ostquant, CUDA, m) {
   m.impl("hadamard_transform", &ostquant::hadamard_transform_cuda);
   m.impl("int4_gemm", &ostquant::int4_gemm_cuda);
   m.impl("w4a16_gemm", &ostquant::w4a16_gemm_cuda);
+  m.impl("kv_cache_append", &ostquant::kv_cache_append_cuda);
+  m.impl("kv_cache_append_fused", &ostquant::kv_cache_append_fused_cuda);
+  m.impl("paged_kv_cache_append", &ostquant::paged_kv_cache_append_cuda);
+  m.impl("int4_kv_attention", &ostquant::int4_kv_attention_cuda);
+  m.impl("paged_int4_kv_attention", &ostquant::paged_int4_kv_attention_cuda);
 }
 
 extern "C" {
+
+// _C.kv_status() -> str | None: read and clear the KV kernels' device-side error word
+// (csrc/attention/kv_status.h); ostquant.ops.kv_check_errors() raises with the message.
+static PyObject* ostq_kv_status(PyObject* /*self*/, PyObject* /*args*/) {
+  std::string msg;
+  try {
+    msg = ostquant::kv_status_message();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  if (msg.empty()) Py_RETURN_NONE;
+  msg = "ostquant.kv_check_errors: " + msg;
+  return PyUnicode_FromStringAndSize(msg.data(), static_cast<Py_ssize_t>(msg.size()));
+}
+
+static PyMethodDef ostq_methods[] = {
+    {"kv_status", ostq_kv_status, METH_NOARGS,
+     "Read and clear the CUDA KV kernels' device-side error word (None if no error)."},
+    {nullptr, nullptr, 0, nullptr},
+};
 
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
@@ -34,7 +64,7 @@ PyMODINIT_FUNC PyInit__C(void) {
       "_C",                                              // m_name
       "ostquant CUDA kernels (registered as torch.ops.ostquant.* CUDA implementations)",
       -1,                                                // m_size
-      nullptr,                                           // m_methods
+      ostq_methods,                                      // m_methods
   };
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;

@@ -187,6 +187,13 @@ def test_unfused_projections_give_the_same_logits(quantized):
     plain = QuantizedCausalLM.from_quantized(d, fuse=False)
     ids = _ids(12, seed=7)
     assert torch.equal(fused(ids, fused.new_cache(1, 12)), plain(ids, plain.new_cache(1, 12)))
+    # K's RoPE + Hadamard fused into the int4 append (default) or applied first: same numbers
+    for lay in plain.layers:
+        lay.fused_kv_append = False
+    c1, c2 = fused.new_cache(1, 13), plain.new_cache(1, 13)
+    assert torch.equal(fused(ids, c1), plain(ids, c2))
+    assert torch.equal(fused(ids[:, :1], c1), plain(ids[:, :1], c2))  # a decode step
+    assert all(torch.equal(a, b) for a, b in zip(c1.layers[0], c2.layers[0]))
 
 
 # ----------------------------------------------------------------------------- generation

@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import library as _library  # noqa: F401  (registers schemas + reference kernels)
-from .checks import GEMM_K_ALIGN, KV_HEAD_DIMS
+from .checks import GEMM_K_ALIGN, KV_HEAD_DIMS, KV_MIN_PAGE_SIZE
 from .validate import OpInputError
 
 _ext = None
@@ -159,9 +159,69 @@ def int4_kv_attention(q, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero, seq
                                                 v_zero, seqlens, sm_scale, causal)
 
 
+def kv_cache_append_fused(k, v, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero,
+                          cache_seqlens, cos: Optional[torch.Tensor] = None,
+                          sin: Optional[torch.Tensor] = None, k_hadamard: bool = False) -> None:
+    """:func:`kv_cache_append` with RoPE and the online Hadamard applied to K first, in one pass.
+
+    ``cos``/``sin`` [B, S, D] in k's dtype (transformers' rotate_half RoPE over all of
+    head_dim; both None: no RoPE); ``k_hadamard``: the orthonormal Hadamard over head_dim
+    (OSTQuant's online Hadamard on K). See ``reference.rope_hadamard_k`` for the exact rounding.
+    """
+    torch.ops.ostquant.kv_cache_append_fused(k, v, k_cache, k_scale, k_zero, v_cache, v_scale,
+                                             v_zero, cache_seqlens, cos, sin, k_hadamard)
+
+
+def paged_kv_cache_append(k, v, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero, block_table,
+                          cache_seqlens, cos: Optional[torch.Tensor] = None,
+                          sin: Optional[torch.Tensor] = None, k_hadamard: bool = False) -> None:
+    """Quantize ``k``/``v`` [B, S, Hkv, D] into a paged int4 KV cache in place.
+
+    Pools: codes uint8 [num_pages, P, Hkv, D/2], scale/zero float16 [num_pages, P, Hkv]
+    (P a power of two >= 16); ``block_table`` int32 [B, max_pages]: token ``t`` of sequence
+    ``b`` lives in page ``block_table[b, t // P]``, slot ``t % P``. Token ``s`` of the new ones
+    goes to position ``cache_seqlens[b] + s`` (``cache_seqlens`` is not modified; the caller
+    allocates pages). Optional fused RoPE / Hadamard on K as in :func:`kv_cache_append_fused`.
+    """
+    torch.ops.ostquant.paged_kv_cache_append(k, v, k_pool, k_scale, k_zero, v_pool, v_scale,
+                                             v_zero, block_table, cache_seqlens, cos, sin,
+                                             k_hadamard)
+
+
+def paged_int4_kv_attention(q, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero, block_table,
+                            seqlens, sm_scale: Optional[float] = None, causal: bool = True,
+                            max_seqlen: int = -1) -> torch.Tensor:
+    """:func:`int4_kv_attention` over a paged cache (layout as in :func:`paged_kv_cache_append`).
+
+    ``max_seqlen`` (optional) is an upper bound of ``seqlens`` known on the host; the CUDA
+    kernel uses it only to split the work (results are correct for any value).
+    """
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    return torch.ops.ostquant.paged_int4_kv_attention(q, k_pool, k_scale, k_zero, v_pool,
+                                                      v_scale, v_zero, block_table, seqlens,
+                                                      sm_scale, causal, max_seqlen)
+
+
+def kv_check_errors() -> None:
+    """Raise :class:`OpInputError` if a CUDA KV-cache kernel flagged bad lengths on the device.
+
+    The CUDA KV kernels check capacity / lengths / pages on the GPU (no host sync per call):
+    an overflowing append writes nothing for that sequence, attention with bad lengths returns
+    NaN for it, and the next CUDA KV call raises. Call this after ``torch.cuda.synchronize()``
+    to surface such an error at a point of your choosing. No-op without the extension.
+    """
+    if _ext is None or not hasattr(_ext, "kv_status"):
+        return
+    msg = _ext.kv_status()
+    if msg:
+        raise OpInputError(msg)
+
+
 __all__ = [
-    "GEMM_K_ALIGN", "KV_HEAD_DIMS", "OpInputError", "cuda_ops", "extension_loaded",
+    "GEMM_K_ALIGN", "KV_HEAD_DIMS", "KV_MIN_PAGE_SIZE", "OpInputError", "cuda_ops", "extension_loaded",
     "extension_error", "pack_int4", "unpack_int4", "quantize_per_token", "quantize_per_channel",
     "int4_gemm", "w4a16_gemm", "hadamard_transform", "quantize_kv", "kv_cache_append",
-    "int4_kv_attention",
+    "int4_kv_attention", "kv_cache_append_fused", "paged_kv_cache_append",
+    "paged_int4_kv_attention", "kv_check_errors",
 ]

@@ -17,6 +17,9 @@ GEMM_K_ALIGN = 32
 #: head_dim values the int4 KV-cache ops accept.
 KV_HEAD_DIMS = (64, 128)
 HEAD_DIM_ALIGN = 2
+#: Paged KV cache: tokens per page must be a power of two and at least this (the attention
+#: kernels walk the cache in steps of 16 tokens that never cross a page).
+KV_MIN_PAGE_SIZE = 16
 
 
 def pack_int4(q):
@@ -182,5 +185,97 @@ def int4_kv_attention(q, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero, seq
     if bool((lens < sq).any()) or bool((lens > smax).any()):
         fail(op, f"seqlens must lie in [Sq={sq}, Smax={smax}] (queries are the last Sq cached "
              f"tokens), got {lens.tolist()}")
+    if not sm_scale > 0:
+        fail(op, f"sm_scale must be positive, got {sm_scale}")
+
+
+# ---------------------------------------------------------------- fused / paged KV cache
+# Value checks that need the lengths or the block table (cache full, page not allocated,
+# seqlens out of range) live in the reference kernels, which read them on the host; the CUDA
+# kernels do them on the device without a host synchronisation (docs/ops.md).
+
+
+def _check_rope_hadamard(op, k, cos, sin, k_hadamard):
+    if (cos is None) != (sin is None):
+        fail(op, "cos and sin must be given together (RoPE on K) or both be None")
+    if cos is not None:
+        for nm, t in (("cos", cos), ("sin", sin)):
+            check_tensor(op, nm, t, dtypes=(k.dtype,), ndim=3)
+            check_shape(op, nm, t, k.shape[:2] + k.shape[3:])
+        check_same_device(op, k=k, cos=cos, sin=sin)
+
+
+def kv_cache_append_fused(k, v, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero,
+                          cache_seqlens, cos, sin, k_hadamard):
+    kv_cache_append(k, v, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero, cache_seqlens)
+    _check_rope_hadamard("kv_cache_append_fused", k, cos, sin, k_hadamard)
+
+
+def _check_pool(op, name, pool, scale, zero, hkv, d, page_size=None):
+    check_tensor(op, name, pool, dtypes=(torch.uint8,), ndim=4)
+    num_pages, p = pool.shape[0], pool.shape[1]
+    if page_size is None:
+        if p < KV_MIN_PAGE_SIZE or p & (p - 1):
+            fail(op, f"page size (dim 1 of {name}) must be a power of two >= "
+                 f"{KV_MIN_PAGE_SIZE}, got {p}")
+        page_size = p
+    check_shape(op, name, pool, (num_pages, page_size, hkv, d // 2))
+    if num_pages == 0:
+        fail(op, f"{name} has no pages")
+    for nm, t in ((f"{name[0]}_scale", scale), (f"{name[0]}_zero", zero)):
+        check_tensor(op, nm, t, dtypes=(torch.float16,))
+        check_shape(op, nm, t, (num_pages, page_size, hkv))
+    return page_size
+
+
+def _check_block_table(op, block_table, b):
+    check_tensor(op, "block_table", block_table, dtypes=(torch.int32,), ndim=2)
+    if block_table.shape[0] != b or block_table.shape[1] == 0:
+        fail(op, f"block_table must have shape ({b}, max_pages) with max_pages >= 1, got "
+             f"{tuple(block_table.shape)}")
+
+
+def paged_kv_cache_append(k, v, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero, block_table,
+                          cache_seqlens, cos, sin, k_hadamard):
+    op = "paged_kv_cache_append"
+    check_tensor(op, "k", k, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor(op, "v", v, dtypes=(k.dtype,), ndim=4)
+    check_shape(op, "v", v, k.shape)
+    b, s, hkv, d = k.shape
+    if b == 0 or s == 0:
+        fail(op, f"k is empty (shape {tuple(k.shape)})")
+    _check_head_dim(op, d)
+    check_tensor(op, "k_pool", k_pool, ndim=4)
+    p = _check_pool(op, "k_pool", k_pool, k_scale, k_zero, hkv, d)
+    check_shape(op, "v_pool", v_pool, k_pool.shape)
+    _check_pool(op, "v_pool", v_pool, v_scale, v_zero, hkv, d, p)
+    _check_block_table(op, block_table, b)
+    check_tensor(op, "cache_seqlens", cache_seqlens, dtypes=(torch.int32, torch.int64), ndim=1)
+    check_shape(op, "cache_seqlens", cache_seqlens, (b,))
+    check_same_device(op, k=k, v=v, k_pool=k_pool, v_pool=v_pool, block_table=block_table,
+                      cache_seqlens=cache_seqlens)
+    _check_rope_hadamard(op, k, cos, sin, k_hadamard)
+
+
+def paged_int4_kv_attention(q, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero, block_table,
+                            seqlens, sm_scale, causal, max_seqlen):
+    op = "paged_int4_kv_attention"
+    check_tensor(op, "q", q, dtypes=FLOAT_DTYPES, ndim=4)
+    b, sq, hq, d = q.shape
+    if b == 0 or sq == 0:
+        fail(op, f"q is empty (shape {tuple(q.shape)})")
+    _check_head_dim(op, d)
+    check_tensor(op, "k_pool", k_pool, ndim=4)
+    hkv = k_pool.shape[2]
+    if hkv == 0 or hq % hkv:
+        fail(op, f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    p = _check_pool(op, "k_pool", k_pool, k_scale, k_zero, hkv, d)
+    check_shape(op, "v_pool", v_pool, k_pool.shape)
+    _check_pool(op, "v_pool", v_pool, v_scale, v_zero, hkv, d, p)
+    _check_block_table(op, block_table, b)
+    check_tensor(op, "seqlens", seqlens, dtypes=(torch.int32, torch.int64), ndim=1)
+    check_shape(op, "seqlens", seqlens, (b,))
+    check_same_device(op, q=q, k_pool=k_pool, v_pool=v_pool, block_table=block_table,
+                      seqlens=seqlens)
     if not sm_scale > 0:
         fail(op, f"sm_scale must be positive, got {sm_scale}")

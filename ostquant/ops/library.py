@@ -40,6 +40,20 @@ SCHEMAS = {
         "int4_kv_attention(Tensor q, Tensor k_cache, Tensor k_scale, Tensor k_zero,"
         " Tensor v_cache, Tensor v_scale, Tensor v_zero, Tensor seqlens, float sm_scale,"
         " bool causal=True) -> Tensor"),
+    "kv_cache_append_fused": (
+        "kv_cache_append_fused(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) k_scale,"
+        " Tensor(c!) k_zero, Tensor(d!) v_cache, Tensor(e!) v_scale, Tensor(f!) v_zero,"
+        " Tensor cache_seqlens, Tensor? cos=None, Tensor? sin=None, bool k_hadamard=False)"
+        " -> ()"),
+    "paged_kv_cache_append": (
+        "paged_kv_cache_append(Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) k_scale,"
+        " Tensor(c!) k_zero, Tensor(d!) v_pool, Tensor(e!) v_scale, Tensor(f!) v_zero,"
+        " Tensor block_table, Tensor cache_seqlens, Tensor? cos=None, Tensor? sin=None,"
+        " bool k_hadamard=False) -> ()"),
+    "paged_int4_kv_attention": (
+        "paged_int4_kv_attention(Tensor q, Tensor k_pool, Tensor k_scale, Tensor k_zero,"
+        " Tensor v_pool, Tensor v_scale, Tensor v_zero, Tensor block_table, Tensor seqlens,"
+        " float sm_scale, bool causal=True, int max_seqlen=-1) -> Tensor"),
 }
 
 for _schema in SCHEMAS.values():
@@ -192,4 +206,49 @@ def _int4_kv_attention(q, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero, se
 @_fake("int4_kv_attention")
 def _int4_kv_attention_fake(q, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero, seqlens,
                             sm_scale, causal=True):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@_impl("kv_cache_append_fused")
+def _kv_cache_append_fused(k, v, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero,
+                           cache_seqlens, cos=None, sin=None, k_hadamard=False):
+    checks.kv_cache_append_fused(k, v, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero,
+                                 cache_seqlens, cos, sin, k_hadamard)
+    ref.kv_cache_append_fused(k, v, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero,
+                              cache_seqlens, cos, sin, k_hadamard)
+
+
+@_fake("kv_cache_append_fused")
+def _kv_cache_append_fused_fake(k, v, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero,
+                                cache_seqlens, cos=None, sin=None, k_hadamard=False):
+    return None
+
+
+@_impl("paged_kv_cache_append")
+def _paged_kv_cache_append(k, v, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero, block_table,
+                           cache_seqlens, cos=None, sin=None, k_hadamard=False):
+    checks.paged_kv_cache_append(k, v, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero,
+                                 block_table, cache_seqlens, cos, sin, k_hadamard)
+    ref.paged_kv_cache_append(k, v, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero,
+                              block_table, cache_seqlens, cos, sin, k_hadamard)
+
+
+@_fake("paged_kv_cache_append")
+def _paged_kv_cache_append_fake(k, v, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero,
+                                block_table, cache_seqlens, cos=None, sin=None, k_hadamard=False):
+    return None
+
+
+@_impl("paged_int4_kv_attention")
+def _paged_int4_kv_attention(q, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero, block_table,
+                             seqlens, sm_scale, causal=True, max_seqlen=-1):
+    checks.paged_int4_kv_attention(q, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero,
+                                   block_table, seqlens, sm_scale, causal, max_seqlen)
+    return ref.paged_int4_kv_attention(q, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero,
+                                       block_table, seqlens, sm_scale, causal, max_seqlen)
+
+
+@_fake("paged_int4_kv_attention")
+def _paged_int4_kv_attention_fake(q, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero,
+                                  block_table, seqlens, sm_scale, causal=True, max_seqlen=-1):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -312,3 +312,117 @@ def int4_kv_attention(q, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero, seq
     probs = torch.softmax(scores, dim=-1)
     out = probs @ v  # [B, Hq, Sq, D]
     return out.transpose(1, 2).contiguous().to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Fused K pre-processing (RoPE + online Hadamard) and the paged int4 KV cache
+# ----------------------------------------------------------------------------------------
+
+
+def rope_hadamard_k(k: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                    k_hadamard: bool) -> torch.Tensor:
+    """What the fused append does to K before quantizing, in K's dtype.
+
+    RoPE as in transformers' ``apply_rotary_pos_emb`` (rotate_half style, all head_dim
+    channels): ``k·cos + rotate_half(k)·sin`` with ``cos``/``sin`` [B, S, D] in k's dtype,
+    every product and the sum rounded to that dtype. Then, if ``k_hadamard``, the orthonormal
+    Sylvester Hadamard transform over head_dim (``hadamard_transform(k, D^-½)``, float32 inside,
+    result rounded to k's dtype) — OSTQuant's online Hadamard on K (its twin on Q is applied by
+    the caller).
+    """
+    if cos is not None:
+        half = k.shape[-1] // 2
+        rot = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+        k = k * cos[:, :, None, :] + rot * sin[:, :, None, :]
+    if k_hadamard:
+        k = hadamard_transform(k, k.shape[-1] ** -0.5)
+    return k
+
+
+def kv_cache_append_fused(k, v, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero,
+                          cache_seqlens, cos, sin, k_hadamard):
+    """:func:`kv_cache_append` of ``rope_hadamard_k(k, cos, sin, k_hadamard)`` and ``v``."""
+    kv_cache_append(rope_hadamard_k(k, cos, sin, k_hadamard), v, k_cache, k_scale, k_zero,
+                    v_cache, v_scale, v_zero, cache_seqlens)
+
+
+# Paged layout (docs/ops.md, "Paged int4 KV cache"): one pool per tensor,
+#   codes uint8 [num_pages, P, Hkv, D/2], scale/zero float16 [num_pages, P, Hkv],
+# and a block table int32 [B, max_pages]: token t of sequence b lives in pool page
+# block_table[b, t // P], slot t % P. P is a power of two >= 16. Entries of pages a sequence
+# does not use yet are ignored (any value, e.g. -1).
+
+
+def _paged_rows(op, block_table, b, positions, page_size, num_pages):
+    """(pages, slots) of ``positions`` of sequence ``b``; raises if a page is not allocated."""
+    pages = block_table[b].to(torch.long)[positions // page_size]
+    bad = (pages < 0) | (pages >= num_pages)
+    if bool(bad.any()):
+        t = int(positions[bad][0])
+        fail(op, f"page not allocated: sequence {b}, token {t} maps to block_table[{b}, "
+             f"{t // page_size}] = {int(pages[bad][0])}, not a page of the pool "
+             f"(0..{num_pages - 1})")
+    return pages, positions % page_size
+
+
+def paged_kv_cache_append(k, v, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero, block_table,
+                          cache_seqlens, cos=None, sin=None, k_hadamard=False):
+    """Paged :func:`kv_cache_append_fused`: token ``s`` of sequence ``b`` goes to position
+    ``cache_seqlens[b] + s``, i.e. page ``block_table[b, pos // P]``, slot ``pos % P``."""
+    op = "paged_kv_cache_append"
+    B, S = k.shape[:2]
+    num_pages, P = k_pool.shape[:2]
+    capacity = block_table.shape[1] * P
+    lens = cache_seqlens.to(torch.long).cpu()
+    table = block_table.cpu()
+    if bool((lens + S > capacity).any()):
+        b = int(torch.nonzero(lens + S > capacity)[0])
+        fail(op, f"cache full: sequence {b} holds {int(lens[b])} tokens, appending {S} exceeds "
+             f"its block table's capacity {capacity} ({block_table.shape[1]} pages of {P})")
+    if bool((lens < 0).any()):
+        fail(op, f"cache_seqlens must be >= 0, got {lens.tolist()}")
+    rows = [_paged_rows(op, table, b, torch.arange(int(lens[b]), int(lens[b]) + S), P,
+                        num_pages) for b in range(B)]
+    kq, ks, kz = quantize_kv(rope_hadamard_k(k, cos, sin, k_hadamard))
+    vq, vs, vz = quantize_kv(v)
+    for b, (pages, slots) in enumerate(rows):
+        pages, slots = pages.to(k_pool.device), slots.to(k_pool.device)
+        k_pool[pages, slots] = kq[b]
+        k_scale[pages, slots] = ks[b]
+        k_zero[pages, slots] = kz[b]
+        v_pool[pages, slots] = vq[b]
+        v_scale[pages, slots] = vs[b]
+        v_zero[pages, slots] = vz[b]
+
+
+def paged_kv_gather(pool, scale, zero, block_table, n_tokens: int):
+    """Contiguous copy ``[B, n_tokens, Hkv, ...]`` of the first ``n_tokens`` positions of every
+    sequence of a paged cache (positions whose page is not allocated read page 0)."""
+    num_pages, P = pool.shape[:2]
+    t = torch.arange(n_tokens, device=pool.device)
+    pages = block_table.to(device=pool.device, dtype=torch.long)[:, t // P]  # [B, n]
+    pages = pages.clamp(0, num_pages - 1)
+    slots = (t % P)[None, :].expand_as(pages)
+    return pool[pages, slots], scale[pages, slots], zero[pages, slots]
+
+
+def paged_int4_kv_attention(q, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero, block_table,
+                            seqlens, sm_scale: float, causal: bool, max_seqlen: int = -1
+                            ) -> torch.Tensor:
+    """:func:`int4_kv_attention` over a paged cache (``max_seqlen`` is only a hint for the
+    CUDA kernel's work split and is ignored here)."""
+    op = "paged_int4_kv_attention"
+    B, Sq = q.shape[:2]
+    num_pages, P = k_pool.shape[:2]
+    capacity = block_table.shape[1] * P
+    lens = seqlens.to(torch.long).cpu()
+    if bool((lens < Sq).any()) or bool((lens > capacity).any()):
+        fail(op, f"seqlens must lie in [Sq={Sq}, capacity={capacity}] (queries are the last Sq "
+             f"cached tokens; capacity = max_pages * page size), got {lens.tolist()}")
+    table = block_table.cpu()
+    for b in range(B):
+        _paged_rows(op, table, b, torch.arange(int(lens[b])), P, num_pages)
+    n = int(lens.max())
+    kc, ks, kz = paged_kv_gather(k_pool, k_scale, k_zero, block_table, n)
+    vc, vs, vz = paged_kv_gather(v_pool, v_scale, v_zero, block_table, n)
+    return int4_kv_attention(q, kc, ks, kz, vc, vs, vz, seqlens, sm_scale, causal)

@@ -147,13 +147,26 @@ class KVCache:
         self.seqlens += counts_t.to(device=self.device, dtype=torch.int32)
 
     # ------------------------------------------------------------------ per layer
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
+               k_hadamard: bool = False) -> None:
         """Write ``k``, ``v`` [B, S, Hkv, D] at slots ``seqlens[b] ..`` of ``layer`` (the
-        lengths are not advanced: every layer of one forward writes at the same slots)."""
+        lengths are not advanced: every layer of one forward writes at the same slots).
+
+        ``cos``/``sin`` [B, S, D] (k's dtype) and ``k_hadamard``: K still needs RoPE (and the
+        online Hadamard); the int4 cache does both inside the fused append
+        (:func:`ostquant.ops.kv_cache_append_fused`, bit-identical to doing them first), the
+        float cache applies them here."""
         self.check_room(k.shape[1])
         if self.kv_bits == 4:
-            ops.kv_cache_append(k, v, *self.layers[layer], self.seqlens)
+            if cos is not None or k_hadamard:
+                ops.kv_cache_append_fused(k, v, *self.layers[layer], self.seqlens, cos, sin,
+                                          k_hadamard)
+            else:
+                ops.kv_cache_append(k, v, *self.layers[layer], self.seqlens)
             return
+        if cos is not None or k_hadamard:
+            k = ref.rope_hadamard_k(k, cos, sin, k_hadamard)
         kc, vc = self.layers[layer]
         S = k.shape[1]
         pos = self.seqlens.long()[:, None] + torch.arange(S, device=self.device)[None, :]

@@ -165,7 +165,8 @@ class DecoderLayer(nn.Module):
     """One pre-norm LLaMA decoder layer over a :class:`~ostquant.runtime.KVCache`.
 
     ``RMSNorm → qkv (one fused projection; per-token int4 activations inside QuantLinear for
-    A4) → RoPE → online Q/K Hadamard (if the checkpoint has it) → KV append (int4 or float) →
+    A4) → RoPE → online Q/K Hadamard (if the checkpoint has it; for K of an int4 cache fused
+    into the append) → KV append (int4 or float) →
     attention over the cache → o_proj → residual → RMSNorm → gate|up (fused) → SiLU·mul →
     down_proj (online Hadamard inside QuantLinear when flagged) → residual``.
     """
@@ -182,6 +183,9 @@ class DecoderLayer(nn.Module):
         self.intermediate_size = intermediate_size
         self.sm_scale = head_dim ** -0.5
         self.q_k_hadamard = bool(q_k_hadamard)
+        #: int4 cache: RoPE + Hadamard on K fused into the append (ops.kv_cache_append_fused);
+        #: False: RoPE / Hadamard first, then ops.kv_cache_append (same numbers)
+        self.fused_kv_append = True
         self.input_norm = input_norm
         self.qkv = qkv
         self.o_proj = o_proj
@@ -200,12 +204,19 @@ class DecoderLayer(nn.Module):
         qkv = self.qkv(h)
         q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
         q = apply_rope(q.view(B, S, hq, d), cos, sin)
-        k = apply_rope(k.view(B, S, hkv, d), cos, sin)
-        v = v.reshape(B, S, hkv, d)
         if self.q_k_hadamard:
             q = self._hadamard(q)
-            k = self._hadamard(k)
-        cache.append(self.index, k, v)
+        k = k.view(B, S, hkv, d)
+        v = v.reshape(B, S, hkv, d)
+        if self.fused_kv_append and cache.kv_bits == 4:
+            # RoPE + Hadamard on K inside the int4 append (one pass; the attention reads K
+            # back from the cache)
+            cache.append(self.index, k, v, cos, sin, self.q_k_hadamard)
+        else:
+            k = apply_rope(k, cos, sin)
+            if self.q_k_hadamard:
+                k = self._hadamard(k)
+            cache.append(self.index, k, v)
         a = cache.attend(self.index, q, self.sm_scale, fresh)
         x = x + self.o_proj(a.reshape(B, S, hq * d))
         h = self.post_norm(x)
