@@ -7,6 +7,12 @@
 #   bash bench/gpu_round.sh --no-bench      # build + tests only
 #   bash bench/gpu_round.sh --quick         # fewer benchmark sizes
 #   bash bench/gpu_round.sh --only-bench    # skip the tests (build still runs)
+#   bash bench/gpu_round.sh --only-sanitizer  # build + the compute-sanitizer pass only
+#   bash bench/gpu_round.sh --only-bench --benches gemm,attention   # a subset of benchmarks
+#
+# A device call is limited to 10 minutes: split a round, e.g. (1) --no-bench --no-sanitizer,
+# (2) --only-sanitizer, (3) --only-bench --benches hadamard,quant,gemm, (4) --only-bench
+# --benches attention,prefill,decode (the build is incremental once done in a warm machine).
 #
 # Results (JSON, logs) go to $OUT when set (the device machine's output folder), else to
 # bench/results (JSON) and bench/out (logs). Exits non-zero if the build or a test failed; the
@@ -15,13 +21,18 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 SANITIZER=1; BENCH=1; TESTS=1; QUICK=""
+BENCHES="hadamard,quant,gemm,attention,prefill,decode"
+expect_benches=0
 for a in "$@"; do
+  if [ "$expect_benches" = 1 ]; then BENCHES="$a"; expect_benches=0; continue; fi
   case "$a" in
+    --only-sanitizer) TESTS=0; BENCH=0; SANITIZER=1 ;;
+    --benches) expect_benches=1 ;;
     --no-sanitizer) SANITIZER=0 ;;
     --no-bench) BENCH=0 ;;
     --only-bench) TESTS=0; SANITIZER=0 ;;
     --quick) QUICK="--quick" ;;
-    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,19p "$0"; exit 0 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -100,7 +111,7 @@ fi
 
 # 4. benchmarks
 if [ "$BENCH" = 1 ]; then
-  for b in hadamard quant gemm attention prefill decode; do
+  for b in ${BENCHES//,/ }; do
     say "bench.$b $QUICK"
     $PY -m bench.$b $QUICK 2>&1 | tee "$LOG_DIR/bench-$b.log" | tail -60
     [ "${PIPESTATUS[0]}" = 0 ] || { echo "BENCH $b FAILED"; status=1; }
