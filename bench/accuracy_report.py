@@ -43,13 +43,15 @@ def accuracy_markdown(rows: List[dict]) -> str:
         for p in PRESETS:
             r = by[m].get(p)
             cells.append(_ppl(r["ppl"]) if r else "not run")
-            if r:
-                t = f"{r['calib_seconds'] / 60:.1f} min"
-                if r.get("median_step_s"):
-                    t += f" ({r['train_steps']} steps, {r['median_step_s']:.1f} s/step)"
-                times.append(t)
+            if not r:
+                times.append("–")
+                continue
+            t = f"{r['calib_seconds'] / 60:.1f} min"
+            if r.get("median_step_s"):
+                t += f" ({r['train_steps']} steps, {r['median_step_s']:.1f} s/step)"
+            times.append(t)
         out.append(f"| {NAMES.get(m, m)} | " + " | ".join(cells) + " | " +
-                   (" / ".join(times) if times else "–") + " |")
+                   " / ".join(times) + " |")
     return "\n".join(out)
 
 
