@@ -94,7 +94,7 @@ if [ "$SANITIZER" = 1 ]; then
   if [ -n "$SAN" ]; then
     "$SAN" --tool memcheck --error-exitcode 99 --print-limit 20 \
         $PY -m pytest -q -x -m cuda -p no:cacheprovider tests/test_cuda_hadamard.py \
-        tests/test_cuda_quant.py tests/test_cuda_gemm.py tests/test_cuda_kv.py \
+        tests/test_cuda_quant.py tests/test_cuda_fused_quant.py tests/test_cuda_gemm.py tests/test_cuda_kv.py \
         -k "not long_rows and not model_shapes and not llama3 and not matches_cpu_reference_op" \
         > "$LOG_DIR/sanitizer.log" 2>&1
     rc=$?

@@ -25,6 +25,8 @@ TORCH_LIBRARY_IMPL(ostquant, CUDA, m) {
   m.impl("unpack_int4", &ostquant::unpack_int4_cuda);
   m.impl("quantize_per_token", &ostquant::quantize_per_token_cuda);
   m.impl("quantize_kv", &ostquant::quantize_kv_cuda);
+  m.impl("hadamard_quantize_per_token", &ostquant::hadamard_quantize_per_token_cuda);
+  m.impl("rmsnorm_quantize_per_token", &ostquant::rmsnorm_quantize_per_token_cuda);
   m.impl("hadamard_transform", &ostquant::hadamard_transform_cuda);
   m.impl("int4_gemm", &ostquant::int4_gemm_cuda);
   m.impl("w4a16_gemm", &ostquant::w4a16_gemm_cuda);

@@ -28,6 +28,8 @@ constexpr const char* kOp = "hadamard_transform";
 
 bool is_pow2(int64_t v) { return v >= 1 && (v & (v - 1)) == 0; }
 
+}  // namespace
+
 // Same choice as ostquant.transforms.hadamard_matrices.hadamard_factor: the smallest K.
 bool hadamard_factor(int64_t n, int* K, int64_t* m) {
   if (n > 0 && is_pow2(n)) {
@@ -46,7 +48,7 @@ bool hadamard_factor(int64_t n, int* K, int64_t* m) {
   return false;
 }
 
-std::string supported_sizes_message() {
+std::string hadamard_supported_sizes_message() {
   std::string ks;
   for (int i = 0; i < kNumHadamardBase; ++i) {
     if (i) ks += ", ";
@@ -55,6 +57,8 @@ std::string supported_sizes_message() {
   return "supported sizes are n = K * 2**j with j >= 0 and K = 1 (plain power of two) or K in {" +
          ks + "}";
 }
+
+namespace {
 
 void launch(const at::Tensor& x, at::Tensor& out, int K, int64_t m, double scale) {
   const int64_t n = K * m;
@@ -94,7 +98,7 @@ at::Tensor hadamard_transform_cuda(const at::Tensor& x_in, double scale) {
   int64_t m = 1;
   OSTQ_CHECK(kOp, hadamard_factor(n, &K, &m),
              "unsupported last dim of x: hadamard_factor: no Hadamard matrix construction for n=",
-             n, "; ", supported_sizes_message());
+             n, "; ", hadamard_supported_sizes_message());
   check_cuda(kOp, "x", x_in);
 
   const c10::cuda::CUDAGuard guard(x_in.device());

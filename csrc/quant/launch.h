@@ -34,5 +34,36 @@ cudaError_t launch_quantize_per_token(FloatType type, const void* x, const RowQu
 // quantize_kv: x [rows, K] of `type`, K even, x aligned to 2 elements.
 cudaError_t launch_quantize_kv(FloatType type, const void* x, const RowQuantArgs& args,
                                cudaStream_t stream);
+// quantize_per_token with packed codes (uint8 [rows, K/2], bits <= 4) and float32 scale/zero:
+// x [rows, K] of `type`, K even, x aligned to 2 elements.
+cudaError_t launch_quantize_per_token_packed(FloatType type, const void* x,
+                                             const RowQuantArgs& args, cudaStream_t stream);
+
+// ---- fused per-token quantization (hadamard_quant.cu, rmsnorm_quant.cu): packed int4 codes
+struct FusedQuantArgs {
+  int64_t rows = 0;
+  int64_t K = 0;          // elements per row (even)
+  int bits = 4;           // 2..4
+  bool sym = false;
+  float clip = 1.f;       // clip ratio, rounded to float32
+  float eps = 0.f;        // rmsnorm: epsilon, rounded to float32
+  float scale_h = 1.f;    // hadamard: transform scale, rounded to float32
+  uint8_t* q = nullptr;   // uint8 [rows, K/2]
+  float* scale = nullptr; // float32 [rows]
+  float* zero = nullptr;  // float32 [rows]
+};
+
+// rmsnorm_quantize_per_token: x [rows, K] of `type`, weight [K] of `type` or nullptr; K even,
+// x and weight aligned to 2 elements (16 bytes for the vectorized path).
+cudaError_t launch_rmsnorm_quantize(FloatType type, const void* x, const void* weight,
+                                    const FusedQuantArgs& args, cudaStream_t stream);
+
+// hadamard_quantize_per_token in one kernel: x [rows, K*m] of `type` (args.K = Kh*m), 16-byte
+// aligned when m >= 8. Kh is 1 or a base order of hadamard_tables.h, m a power of two.
+// hadamard_quantize_fits() says whether one CTA can hold a row on `device`; when it cannot,
+// the launcher returns cudaErrorInvalidValue and the caller must take the unfused path.
+bool hadamard_quantize_fits(FloatType type, int Kh, int64_t m, int device);
+cudaError_t launch_hadamard_quantize(FloatType type, const void* x, int Kh, int64_t m,
+                                     const FusedQuantArgs& args, cudaStream_t stream);
 
 }  // namespace ostquant

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace ostquant {
@@ -16,5 +17,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token_cuda(const at:
                                                                        double clip_ratio);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_kv_cuda(const at::Tensor& x);
+
+// Fused per-token quantization, packed int4 codes (fused_quant_ops.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hadamard_quantize_per_token_cuda(
+    const at::Tensor& x, double scale, int64_t bits, bool sym, double clip_ratio);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_quantize_per_token_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps, int64_t bits,
+    bool sym, double clip_ratio);
 
 }  // namespace ostquant

@@ -15,8 +15,9 @@
 namespace ostquant {
 
 enum class RowQuantMode {
-  kPerToken,  // int8 codes [rows, K], float32 scale/zero [rows]
-  kKV,        // packed int4 codes [rows, K/2], float16 scale/zero [rows]
+  kPerToken,        // int8 codes [rows, K], float32 scale/zero [rows]
+  kKV,              // packed int4 codes [rows, K/2], float16 scale/zero [rows]
+  kPerTokenPacked,  // packed int4 codes [rows, K/2], float32 scale/zero [rows] (bits <= 4)
 };
 
 constexpr int kRowQuantCache = 4;     // vectors per thread held in registers
@@ -52,6 +53,28 @@ __device__ __forceinline__ void row_reduce_max_min(float& mx, float& mn) {
   }
 }
 
+// Sum of a double over the tpr threads of a row, the same value (bit for bit) in every thread:
+// xor-butterfly within the warp (both partners add the same two numbers), then the warps'
+// partial sums in warp order. All threads of the block must call it.
+__device__ __forceinline__ double row_reduce_sum(double v) {
+  const int tpr = blockDim.x;
+  const int width = tpr < 32 ? tpr : 32;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    if (off < width) v += __shfl_xor_sync(kFullMask, v, off);
+  }
+  if (tpr > 32) {
+    __shared__ double s_sum[32];
+    const int nwarps = tpr >> 5;
+    const int base = threadIdx.y * nwarps;
+    if ((threadIdx.x & 31) == 0) s_sum[base + (threadIdx.x >> 5)] = v;
+    __syncthreads();
+    v = s_sum[base];
+    for (int w = 1; w < nwarps; ++w) v += s_sum[base + w];
+  }
+  return v;
+}
+
 template <typename T, int VEC>
 __device__ __forceinline__ void update_max_min(const Vec<T, VEC>& v, float& mx, float& mn) {
 #pragma unroll
@@ -71,7 +94,7 @@ __device__ __forceinline__ void quantize_store(const Vec<T, VEC>& v, const QPara
     for (int j = 0; j < VEC; ++j) out.v[j] = static_cast<int8_t>(quantize_value(to_float(v.v[j]), p));
     store_vec<int8_t, VEC>(static_cast<int8_t*>(q_row) + vec_idx * VEC, out);
   } else {
-    static_assert(VEC % 2 == 0, "kKV packs pairs");
+    static_assert(VEC % 2 == 0, "kKV / kPerTokenPacked pack pairs");
     Vec<uint8_t, VEC / 2> out;
 #pragma unroll
     for (int j = 0; j < VEC / 2; ++j) {
@@ -111,9 +134,13 @@ __global__ void __launch_bounds__(1024) row_quant_kernel(const T* __restrict__ x
 
   QParams p;
   void* q_row;
-  if constexpr (MODE == RowQuantMode::kPerToken) {
+  if constexpr (MODE == RowQuantMode::kPerToken || MODE == RowQuantMode::kPerTokenPacked) {
     p = compute_qparams(mx, mn, a.bits, a.sym, a.clip);
-    q_row = static_cast<int8_t*>(a.q) + row * a.K;
+    if constexpr (MODE == RowQuantMode::kPerToken) {
+      q_row = static_cast<int8_t*>(a.q) + row * a.K;
+    } else {
+      q_row = static_cast<uint8_t*>(a.q) + row * (a.K / 2);
+    }
     if (threadIdx.x == 0) {
       static_cast<float*>(a.scale)[row] = p.scale;
       static_cast<float*>(a.zero)[row] = p.zero;

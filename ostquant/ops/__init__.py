@@ -203,6 +203,36 @@ def paged_int4_kv_attention(q, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero,
                                                       sm_scale, causal, max_seqlen)
 
 
+def hadamard_quantize_per_token(x: torch.Tensor, scale: Optional[float] = None, bits: int = 4,
+                                sym: bool = False, clip_ratio: float = 1.0
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online Hadamard transform fused with per-token quantization (one pass on CUDA).
+
+    ``y = hadamard_transform(x, scale)`` over the last dim n = K·2^k (rounded to x's dtype), then
+    :func:`quantize_per_token` of ``y`` with the codes packed two per byte. ``scale`` defaults to
+    ``n ** -0.5`` (orthonormal, the down_proj input's online Hadamard). Returns
+    ``(packed, scale, zero)``: uint8 ``[..., n/2]`` (low nibble first, ready for
+    :func:`int4_gemm`) and float32 ``[...]``. ``bits`` in (2, 3, 4). See
+    ``reference.hadamard_quantize_per_token`` for the exact rounding.
+    """
+    if scale is None:
+        scale = x.shape[-1] ** -0.5
+    return torch.ops.ostquant.hadamard_quantize_per_token(x, scale, bits, sym, clip_ratio)
+
+
+def rmsnorm_quantize_per_token(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
+                               bits: int = 4, sym: bool = False, clip_ratio: float = 1.0
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RMSNorm fused with per-token quantization (one pass on CUDA).
+
+    ``y = weight · x/sqrt(mean(x²) + eps)`` (normalised in float32, rounded to x's dtype;
+    ``weight`` [K] in x's dtype, or None when it is folded into the next layer's weights), then
+    :func:`quantize_per_token` of ``y`` with packed codes. Returns ``(packed, scale, zero)`` as
+    :func:`hadamard_quantize_per_token`. See ``reference.rms_norm`` for the exact rounding.
+    """
+    return torch.ops.ostquant.rmsnorm_quantize_per_token(x, weight, eps, bits, sym, clip_ratio)
+
+
 def kv_check_errors() -> None:
     """Raise :class:`OpInputError` if a CUDA KV-cache kernel flagged bad lengths on the device.
 
@@ -223,5 +253,6 @@ __all__ = [
     "extension_error", "pack_int4", "unpack_int4", "quantize_per_token", "quantize_per_channel",
     "int4_gemm", "w4a16_gemm", "hadamard_transform", "quantize_kv", "kv_cache_append",
     "int4_kv_attention", "kv_cache_append_fused", "paged_kv_cache_append",
-    "paged_int4_kv_attention", "kv_check_errors",
+    "paged_int4_kv_attention", "kv_check_errors", "hadamard_quantize_per_token",
+    "rmsnorm_quantize_per_token",
 ]

@@ -6,6 +6,8 @@ call these; the C++ kernels repeat the cheap ones with ``TORCH_CHECK``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .validate import (FLOAT_DTYPES, check_bits, check_finite, check_nonempty,
@@ -279,3 +281,45 @@ def paged_int4_kv_attention(q, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero,
                       seqlens=seqlens)
     if not sm_scale > 0:
         fail(op, f"sm_scale must be positive, got {sm_scale}")
+
+
+# ---------------------------------------------------------------- fused per-token quantization
+#: Bit widths of the fused quantizers: their codes are packed two per byte (int4 nibbles).
+PACKED_QUANT_BITS = (2, 3, 4)
+
+
+def _check_packed_qargs(op, x, bits, clip_ratio):
+    """The checks after the op-specific shape checks, in the order the CUDA ops repeat them."""
+    if x.shape[-1] % 2:
+        fail(op, f"last dim of x must be even to pack two int4 codes per byte, got {x.shape[-1]}")
+    check_bits(op, bits, PACKED_QUANT_BITS)
+    if not x.is_cuda:  # free on the host; on the GPU NaN propagates into the scale instead
+        check_finite(op, "x", x)
+    if not (0.0 < clip_ratio <= 1.0):
+        fail(op, f"clip_ratio must be in (0, 1], got {clip_ratio}")
+
+
+def hadamard_quantize_per_token(x, scale, bits, sym, clip_ratio):
+    from ostquant.transforms.hadamard_matrices import hadamard_factor
+
+    op = "hadamard_quantize_per_token"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_nonempty(op, "x", x)
+    try:
+        hadamard_factor(x.shape[-1])
+    except ValueError as e:
+        fail(op, f"unsupported last dim of x: {e}")
+    _check_packed_qargs(op, x, bits, clip_ratio)
+
+
+def rmsnorm_quantize_per_token(x, weight, eps, bits, sym, clip_ratio):
+    op = "rmsnorm_quantize_per_token"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_nonempty(op, "x", x)
+    if weight is not None:
+        check_tensor(op, "weight", weight, dtypes=(x.dtype,))
+        check_shape(op, "weight", weight, (x.shape[-1],))
+        check_same_device(op, x=x, weight=weight)
+    if not (math.isfinite(eps) and eps >= 0.0):
+        fail(op, f"eps must be finite and >= 0, got {eps}")
+    _check_packed_qargs(op, x, bits, clip_ratio)

@@ -54,6 +54,12 @@ SCHEMAS = {
         "paged_int4_kv_attention(Tensor q, Tensor k_pool, Tensor k_scale, Tensor k_zero,"
         " Tensor v_pool, Tensor v_scale, Tensor v_zero, Tensor block_table, Tensor seqlens,"
         " float sm_scale, bool causal=True, int max_seqlen=-1) -> Tensor"),
+    "hadamard_quantize_per_token": (
+        "hadamard_quantize_per_token(Tensor x, float scale, int bits=4, bool sym=False,"
+        " float clip_ratio=1.0) -> (Tensor, Tensor, Tensor)"),
+    "rmsnorm_quantize_per_token": (
+        "rmsnorm_quantize_per_token(Tensor x, Tensor? weight, float eps, int bits=4,"
+        " bool sym=False, float clip_ratio=1.0) -> (Tensor, Tensor, Tensor)"),
 }
 
 for _schema in SCHEMAS.values():
@@ -252,3 +258,33 @@ def _paged_int4_kv_attention(q, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero
 def _paged_int4_kv_attention_fake(q, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero,
                                   block_table, seqlens, sm_scale, causal=True, max_seqlen=-1):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------- fused per-token quantization
+
+def _packed_qparams_fake(x):
+    lead = x.shape[:-1]
+    return (x.new_empty(*lead, x.shape[-1] // 2, dtype=torch.uint8),
+            x.new_empty(lead, dtype=torch.float32), x.new_empty(lead, dtype=torch.float32))
+
+
+@_impl("hadamard_quantize_per_token")
+def _hadamard_quantize_per_token(x, scale, bits=4, sym=False, clip_ratio=1.0):
+    checks.hadamard_quantize_per_token(x, scale, bits, sym, clip_ratio)
+    return ref.hadamard_quantize_per_token(x, scale, bits, sym, clip_ratio)
+
+
+@_fake("hadamard_quantize_per_token")
+def _hadamard_quantize_per_token_fake(x, scale, bits=4, sym=False, clip_ratio=1.0):
+    return _packed_qparams_fake(x)
+
+
+@_impl("rmsnorm_quantize_per_token")
+def _rmsnorm_quantize_per_token(x, weight, eps, bits=4, sym=False, clip_ratio=1.0):
+    checks.rmsnorm_quantize_per_token(x, weight, eps, bits, sym, clip_ratio)
+    return ref.rmsnorm_quantize_per_token(x, weight, eps, bits, sym, clip_ratio)
+
+
+@_fake("rmsnorm_quantize_per_token")
+def _rmsnorm_quantize_per_token_fake(x, weight, eps, bits=4, sym=False, clip_ratio=1.0):
+    return _packed_qparams_fake(x)

@@ -216,8 +216,7 @@ def fwht_pow2(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, n)
 
 
-def hadamard_transform(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale · x @ Hᵀ`` along the last dim, ``H = kron(H_K, H_{2^k})``, in float32."""
+def _hadamard(x: torch.Tensor, scale: float, ordered_k: bool) -> torch.Tensor:
     from ostquant.transforms.hadamard_matrices import hadamard_factor, hadamard_matrix
 
     n = x.shape[-1]
@@ -227,11 +226,90 @@ def hadamard_transform(x: torch.Tensor, scale: float) -> torch.Tensor:
         y = y.reshape(*x.shape[:-1], K, m)
         y = fwht_pow2(y)
         hk = hadamard_matrix(K).to(device=x.device, dtype=torch.float32)
-        y = torch.matmul(hk, y)  # [K,K] @ [..., K, m]: mixes the K axis
+        if ordered_k:
+            # out[..., i, :] = Σ_k H_K[i, k]·y[..., k, :] in float32, k = 0, 1, …, K−1 in turn,
+            # starting from 0 (each term ±y is exact, so only the order of the sums matters).
+            acc = torch.zeros_like(y)
+            for k in range(K):
+                acc = acc + hk[:, k, None] * y[..., k:k + 1, :]
+            y = acc
+        else:
+            y = torch.matmul(hk, y)  # [K,K] @ [..., K, m]: mixes the K axis
         y = y.reshape(*x.shape[:-1], n)
     else:
         y = fwht_pow2(y)
     return (y * scale).to(x.dtype)
+
+
+def hadamard_transform(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · x @ Hᵀ`` along the last dim, ``H = kron(H_K, H_{2^k})``, in float32."""
+    return _hadamard(x, scale, ordered_k=False)
+
+
+def hadamard_transform_ordered(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`hadamard_transform` with every rounding fixed, so a kernel can match it bit for bit.
+
+    Same float32 steps — the Sylvester butterflies of :func:`fwht_pow2` over each length-2^k
+    chunk, then the K×K stage, then ``· scale``, then rounding to x's dtype — except that the
+    K×K stage sums ``H_K[i, k]·y_k`` in the order k = 0, 1, …, K−1 (what the CUDA
+    ``hadamard_transform`` kernel does) instead of leaving the order to a BLAS matmul. For
+    K = 1 (n a power of two) it *is* :func:`hadamard_transform`; for K > 1 the two can differ by
+    float32 summation rounding before the final rounding to x's dtype.
+    """
+    return _hadamard(x, scale, ordered_k=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Fused per-token quantization (packed int4 output): Hadamard + quant, RMSNorm + quant
+# ----------------------------------------------------------------------------------------
+
+
+def hadamard_quantize_per_token(x: torch.Tensor, scale: float, bits: int, sym: bool,
+                                clip_ratio: float
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online Hadamard then per-token quantization, codes packed two per byte.
+
+    Exactly ``quantize_per_token(hadamard_transform_ordered(x, scale))`` with the codes packed
+    by :func:`pack_int4`: the transform's result is rounded to x's dtype first, as the unfused
+    ``hadamard_transform`` → ``quantize_per_token`` sequence does. Returns uint8
+    ``[..., n/2]`` and float32 scale/zero ``[...]``.
+    """
+    q, s, z = quantize_per_token(hadamard_transform_ordered(x, scale), bits, sym, clip_ratio)
+    return pack_int4(q), s, z
+
+
+def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """RMSNorm with every rounding fixed (the normalisation the fused kernel computes).
+
+    transformers' ``LlamaRMSNorm``: ``weight · (x / sqrt(mean(x²) + eps))`` normalised in
+    float32 and rounded to x's dtype, then multiplied by ``weight`` (x's dtype) in x's dtype.
+    The mean of squares is accumulated in **float64** (the squares are exact there, so the sum
+    hardly depends on its order) and rounded once to float32; ``1/sqrt`` is a correctly
+    rounded float32 square root and an IEEE division (what ``torch.rsqrt`` computes on the
+    CPU; CUDA's ``rsqrt`` is approximate). Against the float32 ``pow(2).mean()`` of the
+    transformers module the mean square can differ in its last bit, which moves an output
+    value by one unit of x's dtype now and then.
+    """
+    xf = x.float()
+    ss = xf.double().square().sum(dim=-1, keepdim=True)
+    var = (ss / torch.full_like(ss, x.shape[-1])).float()  # true division, rounded once
+    inv = torch.ones_like(var) / torch.sqrt(var + torch.full_like(var, eps))
+    y = (xf * inv).to(x.dtype)
+    if weight is not None:
+        y = weight * y
+    return y
+
+
+def rmsnorm_quantize_per_token(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
+                               bits: int, sym: bool, clip_ratio: float
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_per_token(rms_norm(x, weight, eps))`` with the codes packed two per byte.
+
+    The normalised (and weighted) activations are rounded to x's dtype before they are
+    quantized, as the unfused RMSNorm → ``quantize_per_token`` sequence does.
+    """
+    q, s, z = quantize_per_token(rms_norm(x, weight, eps), bits, sym, clip_ratio)
+    return pack_int4(q), s, z
 
 
 # ----------------------------------------------------------------------------------------
