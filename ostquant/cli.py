@@ -104,6 +104,18 @@ def _calib_settings(args):
     return dataclasses.replace(d, **kw)
 
 
+def _transform_override(args, method, preset, seed):
+    """The TransformConfig for ``--r-res-init`` / ``--r-ov-init`` (None: the method's own)."""
+    over = {k: getattr(args, k, None) for k in ("r_res_init", "r_ov_init")}
+    over = {k: v for k, v in over.items() if v is not None}
+    if not over or method == "rtn":
+        return None
+    from ostquant.calibrate.pipeline import transform_config_for
+    from ostquant.quant import get_preset
+
+    return transform_config_for(method, get_preset(preset), seed).replace(**over)
+
+
 def _pipeline_method(method):
     def run(model, preset, args, shared):
         from ostquant.calibrate.pipeline import quantize_model
@@ -111,7 +123,9 @@ def _pipeline_method(method):
         calib = _calib_settings(args)
         calib = dataclasses.replace(calib, checkpoint_dir=None, resume=False)
         out, info = quantize_model(model, shared["tokenizer"], method, preset, calib,
-                                   progress=args.progress)
+                                   progress=args.progress,
+                                   transform_config=_transform_override(args, method, preset,
+                                                                        calib.seed))
         shared["info"] = info
         return out
     run.__name__ = f"_method_{method}"
@@ -328,6 +342,10 @@ def _row_calibration(info: Optional[dict]) -> dict:
         out["calibration"] = {k: c[k] for k in ("steps", "nsamples", "seqlen", "batch_size",
                                                 "lr_orth", "lr_scale", "loss", "seed",
                                                 "weight_clip", "gptq") if k in c}
+    if info.get("transform_config"):
+        t = info["transform_config"]
+        out["transforms"] = {"pairs": [k for k, v in t.items() if v is True],
+                             "r_res_init": t.get("r_res_init"), "r_ov_init": t.get("r_ov_init")}
     if info.get("qsur"):
         out["qsur_mean"] = info["qsur"]["mean"]
     tr = info.get("training")
@@ -402,7 +420,9 @@ def run_quantize(args, argv) -> dict:
 
     try:
         model, info = quantize_model(model, tok, args.method, preset, calib, out_dir=args.out,
-                                     progress=args.progress, model_source=source)
+                                     progress=args.progress, model_source=source,
+                                     transform_config=_transform_override(
+                                         args, args.method, preset, calib.seed))
     except CheckpointError as e:
         raise CLIError(f"{e} (or pass --no-resume)") from None
     tim = info["timings"]
@@ -558,6 +578,12 @@ def _add_calib_args(p: argparse.ArgumentParser, calib_seqlen_flag: str) -> None:
     g.add_argument("--loss", choices=["kl_top", "kl", "ce"],
                    help="training loss (default: ce for spinquant, kl_top for ostquant)")
     g.add_argument("--calib-text", help="calibration text source (default: --text)")
+    from ostquant.transforms.pairs import R_OV_INITS, R_RES_INITS
+
+    g.add_argument("--r-res-init", choices=list(R_RES_INITS),
+                   help="initial R_res (default: the method's; see transform_config_for)")
+    g.add_argument("--r-ov-init", choices=list(R_OV_INITS),
+                   help="initial per-KV-head R_ov (default: the method's)")
     g.add_argument("--gptq", action="store_true",
                    help="quantize the weights with GPTQ (after fusing the transforms) instead "
                         "of round-to-nearest")
