@@ -12,7 +12,9 @@ Environment:
   visible GPUs' archs (sm_90 becomes ``9.0a``), or ``9.0a`` when no GPU is visible.
 * ``CUTLASS_DIR`` — a CUTLASS 4.x checkout; default: the ``nvidia-cutlass`` wheel's headers
   (see cutlass/find_cutlass.py). Without CUTLASS the extension builds with
-  ``OSTQUANT_HAS_CUTLASS=0`` (kernels that need it are left out).
+  ``OSTQUANT_HAS_CUTLASS=0`` (kernels that need it are left out). The CUTLASS Hopper GEMMs
+  (csrc/gemm/sm90/, ``OSTQUANT_SM90_GEMM=1``) are compiled only when ``9.0a`` is in the arch
+  list; they are the slowest files to compile (~1.5-2 min of CPU each), so use ``MAX_JOBS``.
 * ``MAX_JOBS`` — parallel compile jobs (ninja). ``OSTQUANT_NVCC_THREADS`` — ``nvcc --threads``
   per file (useful with several archs).
 * ``OSTQUANT_PERSISTENT_BUILD=0`` — compile in pip's temporary dir instead of
@@ -148,7 +150,14 @@ def _cuda_extension():
     if not sources:
         raise SystemExit("[ostquant setup] no sources under csrc/")
 
-    defines = [f"-DOSTQUANT_HAS_CUTLASS={has_cutlass}"]
+    # The CUTLASS Hopper GEMMs (csrc/gemm/sm90/) use wgmma/TMA, which exist only in the
+    # arch-specific target sm_90a: compile them only when it is among the archs (their files
+    # become stubs otherwise, and the ops keep the portable large-M path).
+    has_sm90a = any(re.fullmatch(r"9\.0a(\+PTX)?", a) for a in archs)
+    sm90_gemm = int(bool(has_cutlass) and has_sm90a)
+    if not sm90_gemm:
+        _say("CUTLASS sm_90a GEMM kernels left out (need CUTLASS and 9.0a in the arch list).")
+    defines = [f"-DOSTQUANT_HAS_CUTLASS={has_cutlass}", f"-DOSTQUANT_SM90_GEMM={sm90_gemm}"]
     cxx_flags = ["-O3", "-std=c++20", "-DNDEBUG"] + defines
     nvcc_flags = ["-O3", "-std=c++20", "-DNDEBUG", "--expt-relaxed-constexpr", "-lineinfo"] + defines + gencode
     nvcc_threads = os.environ.get("OSTQUANT_NVCC_THREADS")

@@ -7,9 +7,13 @@
   weight scale applied after the sum instead of before), so outputs are compared with a
   tolerance: two ulps of the output dtype plus 2^-16 of Σ|x|·|w| for the float32 rounding.
 
-Both ops dispatch by M: M <= 16 runs the small-M tensor-core kernels (with split-K across CTAs
-when N is small), M > 16 the portable large-M path (unpack + at::_int_mm / at::mm + epilogue);
-the M sweep covers both sides of the boundary. Before each call the CUDA caching allocator is
+Both ops dispatch by M and device: M <= 16 runs the small-M tensor-core kernels (with split-K
+across CTAs when N is small); M > 16 runs the CUTLASS Hopper kernels on a compute capability 9.0
+device when N % 8 == 0 (csrc/gemm/sm90/: one 128x128 tile, stream-K; fp16/bf16 only) and the
+portable large-M path (unpack + at::_int_mm / at::mm + epilogue) otherwise. The M sweeps cover
+both sides of each boundary; ``SM90_NK`` are shapes the CUTLASS path takes (N % 8 == 0) with K
+tails that are not a multiple of its K tile (128 / 64), N not a multiple of its 128-channel
+tile, and a small-N / long-K shape that stream-K splits along K. Before each call the CUDA caching allocator is
 filled with 0xFF bytes (NaN in fp16/bf16/fp32, -1 in int32 workspaces), so an output element
 (or split-K partial) a kernel forgets to write fails the comparison. Tests marked ``cuda`` skip
 cleanly without a GPU or without the compiled extension.
@@ -31,7 +35,12 @@ MODEL_NK = {
     "8b-kv": (1024, 4096), "8b-up": (14336, 4096), "8b-down": (4096, 14336),
     "13b-qkvo": (5120, 5120), "13b-down": (5120, 13824),
 }
-MODEL_M = [1, 7, 16, 17, 333]
+MODEL_M = [1, 7, 16, 17, 64, 333, 2048]
+# Shapes the CUTLASS sm_90 path takes (N % 8 == 0): K = 32 (one partial K tile), K % 128 != 0,
+# N below / not a multiple of one 128-channel tile, a stream-K shape (one output tile, long K).
+SM90_NK = [(8, 32), (136, 96), (264, 160), (384, 416), (128, 14336), (1024, 4096)]
+# Around 64 and 128 tokens (one 128-token tile and its edges); 1000 leaves a partial tile.
+SM90_M = [17, 63, 64, 65, 128, 129, 1000]
 FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # Relative rounding of one output value (one ulp at the value's binade bottom).
 EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23}
@@ -211,6 +220,61 @@ def test_int4_gemm_side_stream():
     _assert_equal(got, ref.int4_gemm(*args, torch.bfloat16), "side stream")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("NK", SM90_NK, ids=lambda s: f"N{s[0]}-K{s[1]}")
+@pytest.mark.parametrize("M", SM90_M)
+def test_int4_gemm_sm90_shapes(M, NK):
+    """Shapes of the CUTLASS path (on other devices: the portable path, same contract)."""
+    N, K = NK
+    for sym, bias_dtype, out_dtype in ((True, None, torch.bfloat16),
+                                       (False, torch.bfloat16, torch.bfloat16),
+                                       (False, torch.float32, torch.float16),
+                                       (True, torch.float16, torch.float32),
+                                       (False, None, torch.float32)):
+        _check_int4_gemm(M, N, K, sym, bias_dtype, out_dtype)
+    _check_int4_gemm(M, N, K, False, torch.float16, torch.float16, with_wsum=False)
+
+
+@pytest.mark.cuda
+def test_int4_gemm_sm90_misaligned_vectors():
+    """Per-channel vectors that are views at an odd float offset (the CUTLASS epilogue reads them
+    4 at a time) are copied, not misread; so are strided per-token vectors."""
+    M, N, K = 100, 264, 256
+    xp, sx, zx, wp, sw, wsum, b = _w4a4_inputs(M, N, K, False, torch.float32, True)
+    want = ref.int4_gemm(xp, sx, zx, wp, sw, wsum, b, torch.bfloat16)
+
+    def shifted(v):
+        buf = torch.empty(v.numel() + 1, dtype=v.dtype, device=v.device)
+        buf[1:].copy_(v)
+        return buf[1:]
+
+    zx_s = torch.stack([zx, zx]).t()[:, 1]
+    got = O.int4_gemm(xp, shifted(sx), zx_s, wp, shifted(sw), shifted(wsum), shifted(b),
+                      out_dtype=torch.bfloat16)
+    _assert_equal(got, want, "misaligned vectors")
+
+
+def _ran_kernels(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.cuda
+def test_large_m_uses_cutlass_on_sm90():
+    """On an H100/H200 (compute capability 9.0, extension built for sm_90a) M > 16 runs the
+    CUTLASS kernels, not the portable path (no at::_int_mm / cuBLAS GEMM)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the CUTLASS sm_90a path runs on compute capability 9.0 only")
+    args = _w4a4_inputs(256, 512, 512, False, None, True)
+    names = _ran_kernels(lambda: O.int4_gemm(*args, out_dtype=torch.bfloat16))
+    assert any("cutlass" in n and "GemmUniversal" in n for n in names), names
+    (x, wp, ws, b), _ = _w4a16_inputs(40, 512, 512, torch.float16, None)
+    names = _ran_kernels(lambda: O.w4a16_gemm(x, wp, ws, b))
+    assert any("cutlass" in n and "GemmUniversal" in n for n in names), names
+
+
 # --------------------------------------------------------------------------- w4a16_gemm
 
 @pytest.mark.cuda
@@ -231,6 +295,17 @@ def test_w4a16_gemm_small_shapes(M, NK, dtype):
 def test_w4a16_gemm_model_shapes(M, shape, dtype):
     N, K = MODEL_NK[shape]
     _check_w4a16(M, N, K, dtype, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("NK", SM90_NK, ids=lambda s: f"N{s[0]}-K{s[1]}")
+@pytest.mark.parametrize("M", SM90_M)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_name)
+def test_w4a16_gemm_sm90_shapes(M, NK, dtype):
+    N, K = NK
+    _check_w4a16(M, N, K, dtype, None)
+    _check_w4a16(M, N, K, dtype, dtype)
+    _check_w4a16(M, N, K, dtype, torch.float32)
 
 
 @pytest.mark.cuda

@@ -1,20 +1,27 @@
 // Host side of the int4 GEMM CUDA ops: argument checks (mirroring ostquant/ops/checks.py, same
-// messages), dispatch by M, output / workspace allocation, device guard, current stream.
+// messages), dispatch by M and device, output / workspace allocation, device guard, current
+// stream.
 //
 // Dispatch:
 //  * M <= 16 (decode): the hand-written bandwidth-bound kernels of w4a16_small_m.cu /
 //    w4a4_small_m.cu (tensor-core mma.sync, every weight byte read once, fused epilogue,
 //    split-K across CTAs when N alone would not fill the GPU). W4A16 with float32
-//    activations always takes the large-M path (there is no fp32 tensor-core MMA).
-//  * M > 16: a PORTABLE STOP-GAP, correct but not fast:
+//    activations never takes them (there is no fp32 tensor-core MMA).
+//  * M > 16 on a compute capability 9.0 device (H100/H200), when the extension was built for
+//    sm_90a with CUTLASS: the CUTLASS Hopper kernels of sm90/ (TMA, warp-specialized
+//    cooperative, wgmma, int4 weights widened in registers by the mixed-input mainloop,
+//    stream-K, dequantization epilogue fused as an EVT). W4A4 first widens the packed
+//    activations to int8 (unpack_int4, M·K bytes); the weights stay packed. Conditions:
+//    N % 8 == 0, K > 0, fp16/bf16 activations for W4A16 (sm90_gemm_supported); the
+//    environment variable OSTQUANT_GEMM_SM90=0 turns the path off (read once).
+//  * Otherwise (M > 16 elsewhere, or a shape the CUTLASS path does not take): a PORTABLE path,
+//    correct but not fast:
 //      W4A4:  widen int4 -> int8 (unpack_int4 kernel) for x and w, at::_int_mm (cuBLASLt int8
 //             tensor cores, exact int32; N padded to a multiple of 8 with zero rows as _int_mm
 //             requires), then the fused epilogue kernel;
 //      W4A16: widen the weight codes to x's dtype (exact; the scale stays out), at::mm with a
 //             float32 result, then the epilogue kernel (· w_scale + bias, cast).
-//    Both materialise the widened weight (N·K bytes / N·K·2 bytes) on every call. The CUTLASS
-//    sm_90 int8-wgmma mixed-input kernel of issue 4 (int4 weights widened in registers, TMA,
-//    warp-specialized, epilogue fused) is meant to replace this path.
+//    Both materialise the widened weight (N·K bytes / N·K·2 bytes) on every call.
 //
 // Inputs need not be contiguous: like the reference kernels, the ops accept any strides (a
 // non-contiguous or misaligned input is copied first).
@@ -27,6 +34,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -36,6 +45,7 @@
 #include "common/torch_utils.h"
 #include "gemm/launch.h"
 #include "gemm/ops.h"
+#include "gemm/sm90/launch.h"
 #include "quant/launch.h"
 
 namespace ostquant {
@@ -149,6 +159,64 @@ void check_w4a16_gemm(const at::Tensor& x, const at::Tensor& w_packed, const at:
   check_cuda(op, "x", x);
 }
 
+// ------------------------------------------------------------------ CUTLASS sm_90a path
+
+bool sm90_enabled_by_env() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("OSTQUANT_GEMM_SM90");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  return enabled;
+}
+
+// The CUTLASS Hopper kernels take this call: compiled in, not disabled, shape supported and a
+// compute capability 9.0 device (sm_90a code runs on exactly that).
+bool use_sm90(int device, int64_t M, int64_t N, int64_t K) {
+  if (!sm90_gemm_built() || !sm90_enabled_by_env() || !sm90_gemm_supported(M, N, K)) return false;
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
+
+int device_sm_count(int device) {
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) {
+    (void)cudaGetLastError();
+    return 132;
+  }
+  return n;
+}
+
+// The per-channel vectors as the CUTLASS epilogue reads them (float32, 16-byte aligned: it loads
+// 4 at a time). Fills `prob.epi` from `epi`, keeping the converted tensors alive in `keep`.
+void sm90_epilogue(const GemmEpilogue& epi, const std::optional<at::Tensor>& bias,
+                   Sm90GemmProblem& prob, at::Tensor& keep_bias) {
+  prob.epi = epi;
+  if (bias.has_value()) {
+    keep_bias = contiguous_aligned(bias->to(at::kFloat));
+    prob.epi.bias = keep_bias.const_data_ptr();
+    prob.epi.bias_type = FloatType::kFloat32;
+  }
+}
+
+// Query (can the kernel take the problem, how much stream-K workspace), then launch.
+// Returns false, having launched nothing, when the kernel cannot take the problem.
+template <class Run>
+bool run_sm90(const char* op, const at::Tensor& like, Run&& run) {
+  size_t bytes = 0;
+  const cudaError_t q = run(nullptr, &bytes);
+  if (q == cudaErrorNotSupported) return false;
+  OSTQ_CHECK_LAUNCH(op, q);
+  at::Tensor ws;
+  if (bytes > 0) ws = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+  OSTQ_CHECK_LAUNCH(op, run(bytes > 0 ? ws.data_ptr() : nullptr, nullptr));
+  return true;
+}
+
 }  // namespace
 
 at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_scale_in,
@@ -169,7 +237,7 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
 
   at::Tensor out = at::empty({M, N}, x.options().dtype(out_dtype));
   const at::Tensor x_scale = x_scale_in.contiguous();
-  const at::Tensor w_scale = w_scale_in.contiguous();
+  const at::Tensor w_scale = contiguous_aligned(w_scale_in);
   at::Tensor x_zero, w_sum, bias;
   GemmEpilogue epi;
   epi.x_scale = x_scale.const_data_ptr<float>();
@@ -181,7 +249,7 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
     x_zero = x_zero_in->contiguous();
     epi.x_zero = x_zero.const_data_ptr<float>();
     if (w_sum_in.has_value()) {
-      w_sum = w_sum_in->contiguous();
+      w_sum = contiguous_aligned(*w_sum_in);
     } else {  // Σ_k q_w: one more pass over the weights; callers should pass w_sum
       w_sum = at::empty({N}, x.options().dtype(at::kFloat));
       OSTQ_CHECK_LAUNCH(op, launch_int4_row_sum(wp, N, K, w_sum.data_ptr<float>(), stream));
@@ -199,7 +267,32 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
     return out;
   }
 
-  // Large M: portable stop-gap (see the top of this file).
+  if (use_sm90(x.get_device(), M, N, K)) {
+    Sm90GemmProblem prob;
+    at::Tensor bias_f32;
+    sm90_epilogue(epi, bias_in, prob, bias_f32);
+    const at::Tensor x8 = at::empty({M, K}, x.options().dtype(at::kChar));
+    prob.x = x8.const_data_ptr();
+    prob.w = wp;
+    prob.M = M;
+    prob.N = N;
+    prob.K = K;
+    prob.device = x.get_device();
+    prob.sm_count = device_sm_count(prob.device);
+    bool unpacked = false;
+    const bool ran = run_sm90(op, x, [&](void* ws, size_t* ws_bytes) {
+      if (ws_bytes == nullptr && !unpacked) {  // launching: widen the activations first
+        unpacked = true;
+        const cudaError_t e = launch_unpack_int4(xp, static_cast<int8_t*>(x8.data_ptr()),
+                                                 M * K / 2, stream);
+        if (e != cudaSuccess) return e;
+      }
+      return sm90_w4a4_gemm(epi.out_type, prob, ws, ws_bytes, stream);
+    });
+    if (ran) return out;
+  }
+
+  // Large M elsewhere: portable path (see the top of this file).
   const int64_t Np = (N + 7) / 8 * 8;  // at::_int_mm wants N % 8 == 0
   at::Tensor acc;
   if (K == 0) {
@@ -232,7 +325,7 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& w_packed_in
   if (N == 0) return out;
   const auto* wp = static_cast<const uint8_t*>(w.const_data_ptr());
 
-  const at::Tensor w_scale = w_scale_in.contiguous();
+  const at::Tensor w_scale = contiguous_aligned(w_scale_in);
   at::Tensor bias;
   GemmEpilogue epi;
   epi.w_scale = w_scale.const_data_ptr<float>();
@@ -251,7 +344,26 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& w_packed_in
     return out;
   }
 
-  // Large M (and float32 activations): portable stop-gap (see the top of this file).
+  if (x.scalar_type() != at::kFloat && use_sm90(x.get_device(), M, N, K)) {
+    Sm90GemmProblem prob;
+    at::Tensor bias_f32;
+    sm90_epilogue(epi, bias_in, prob, bias_f32);
+    prob.x = x.const_data_ptr();
+    prob.w = wp;
+    prob.M = M;
+    prob.N = N;
+    prob.K = K;
+    prob.device = x.get_device();
+    prob.sm_count = device_sm_count(prob.device);
+    const FloatType x_type = to_float_type(x.scalar_type());
+    if (run_sm90(op, x, [&](void* ws, size_t* ws_bytes) {
+          return sm90_w4a16_gemm(x_type, prob, ws, ws_bytes, stream);
+        })) {
+      return out;
+    }
+  }
+
+  // Large M elsewhere (and float32 activations): portable path (see the top of this file).
   at::Tensor wf = at::empty({N, K}, x.options());
   OSTQ_CHECK_LAUNCH(op, launch_int4_to_float(to_float_type(x.scalar_type()), wp, N, K,
                                              wf.data_ptr(), stream));
