@@ -83,7 +83,8 @@ def _calib_settings(args):
 
     d = CalibSettings()
     kw = {}
-    for name in ("steps", "nsamples", "seed", "lr_orth", "lr_scale", "loss"):
+    for name in ("steps", "nsamples", "seed", "lr_orth", "lr_scale", "loss",
+                 "kl_top_renormalize"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
@@ -340,7 +341,8 @@ def _row_calibration(info: Optional[dict]) -> dict:
     if info.get("calibration"):
         c = info["calibration"]
         out["calibration"] = {k: c[k] for k in ("steps", "nsamples", "seqlen", "batch_size",
-                                                "lr_orth", "lr_scale", "loss", "seed",
+                                                "lr_orth", "lr_scale", "loss",
+                                                "kl_top_renormalize", "seed",
                                                 "weight_clip", "gptq") if k in c}
     if info.get("transform_config"):
         t = info["transform_config"]
@@ -577,6 +579,11 @@ def _add_calib_args(p: argparse.ArgumentParser, calib_seqlen_flag: str) -> None:
                    help=f"scaling learning rate (default {d.lr_scale})")
     g.add_argument("--loss", choices=["kl_top", "kl", "ce"],
                    help="training loss (default: ce for spinquant, kl_top for ostquant)")
+    g.add_argument("--kl-top-renormalize", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="KL-Top with both distributions renormalised over the teacher's top-k, "
+                        "or (--no-kl-top-renormalize) the paper's eq. 12 with full-vocabulary "
+                        f"probabilities (default: {'renormalised' if d.kl_top_renormalize else 'eq. 12'})")
     g.add_argument("--calib-text", help="calibration text source (default: --text)")
     from ostquant.transforms.pairs import R_OV_INITS, R_RES_INITS
 

@@ -106,6 +106,48 @@ def test_kl_top_from_topk_matches_kl_top_loss():
         kl_top_from_topk(s, v, ix + 30)
 
 
+def test_kl_top_from_topk_eq12_matches_kl_top_loss_unnormalized():
+    """With the teacher's logsumexp, the cached form is the paper's literal eq. 12
+    (full-vocabulary probabilities), which penalises student mass outside the top-k."""
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(2, 5, 30, generator=g) * 3
+    s = (torch.randn(2, 5, 30, generator=g) * 3).requires_grad_(True)
+    mask = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 0, 1]])
+    for k, m in ((7, None), (30, mask)):
+        ref = kl_top_loss(s, t, k=k, attention_mask=m, renormalize=False)
+        gref, = torch.autograd.grad(ref, s)
+        v, ix, lse = teacher_topk(t, k, with_lse=True)
+        torch.testing.assert_close(lse, torch.logsumexp(t, -1))
+        got = kl_top_from_topk(s, v, ix, attention_mask=m, teacher_lse=lse)
+        g2, = torch.autograd.grad(got, s)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g2, gref, rtol=1e-4, atol=1e-6)
+    # It differs from the renormalised form: raising a logit outside the top-k costs nothing
+    # there but raises eq. 12.
+    v, ix, lse = teacher_topk(t, 7, with_lse=True)
+    out = torch.ones_like(t, dtype=torch.bool).scatter_(-1, ix, False)
+    s2 = s.detach() + 5.0 * out
+    assert torch.allclose(kl_top_from_topk(s2, v, ix), kl_top_from_topk(s.detach(), v, ix))
+    assert kl_top_from_topk(s2, v, ix, teacher_lse=lse) > \
+        kl_top_from_topk(s.detach(), v, ix, teacher_lse=lse) + 0.5
+    with pytest.raises(ValueError, match="teacher_lse"):
+        kl_top_from_topk(s, v, ix, teacher_lse=lse[:1])
+
+
+def test_kl_top_eq12_training_cache_equals_no_cache():
+    """kl_top_renormalize=False trains; the cached teacher (top-k + logsumexp) gives the same
+    losses as running the teacher every step."""
+    prob = ToyProblem()
+    runs = []
+    for c in (True, False):
+        params = ToyParams()
+        runs.append(_trainer(prob, params, steps=6, kl_top_renormalize=False, cache_teacher=c,
+                             checkpoint_every=None).train()["losses"])
+    torch.testing.assert_close(torch.tensor(runs[0]), torch.tensor(runs[1]), rtol=1e-5,
+                               atol=1e-6)
+    assert runs[0][-1] < runs[0][0]
+
+
 # ------------------------------------------------------------------------------ training
 def test_loss_decreases_and_stays_orthogonal():
     prob = ToyProblem()

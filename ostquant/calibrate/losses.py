@@ -127,12 +127,14 @@ def kl_top_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: i
     return _masked_mean(_kl_rows(log_p, log_q), keep)
 
 
-def teacher_topk(teacher_logits: torch.Tensor, k: int = 1000):
+def teacher_topk(teacher_logits: torch.Tensor, k: int = 1000, with_lse: bool = False):
     """The teacher's top-``k`` logits per position: ``(values, indices)``, each ``[..., k']``
     with ``k' = min(k, V)``, computed without gradient. ``values`` keep the logits' dtype.
 
     This is all :func:`kl_top_from_topk` needs, so a trainer can run the teacher once per
-    sample and keep ``k'`` values instead of the ``V`` logits.
+    sample and keep ``k'`` values instead of the ``V`` logits. ``with_lse=True`` also returns
+    the full-vocabulary ``logsumexp`` per position (float32, ``[...]``), which the literal
+    eq. 12 (``renormalize=False``) needs: ``(values, indices, lse)``.
     """
     fn = "teacher_topk"
     _check_logits(fn, "teacher_logits", teacher_logits)
@@ -141,19 +143,27 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int = 1000):
     k = min(int(k), teacher_logits.shape[-1])
     with torch.no_grad():
         top = torch.topk(teacher_logits.detach(), k, dim=-1, sorted=False)
+        if with_lse:
+            lse = torch.logsumexp(teacher_logits.detach().to(_compute_dtype(teacher_logits)),
+                                  dim=-1)
+            return top.values, top.indices, lse
     return top.values, top.indices
 
 
 def kl_top_from_topk(student_logits: torch.Tensor, teacher_topk_values: torch.Tensor,
                      teacher_topk_indices: torch.Tensor, temperature: float = 1.0,
-                     attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     attention_mask: Optional[torch.Tensor] = None,
+                     teacher_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KL-Top from precomputed teacher top-k logits (see :func:`teacher_topk`).
 
-    Equals ``kl_top_loss(student_logits, teacher_logits, k, temperature, attention_mask)``
-    with ``renormalize=True`` (the default) when ``teacher_topk_values/indices`` are the
-    teacher's top-``k`` logits and their vocabulary indices (any order). ``values`` and
-    ``indices`` have shape ``[..., k]`` (the student's leading dims); indices may be any
-    integer dtype and must lie in ``[0, V)``.
+    Equals ``kl_top_loss(student_logits, teacher_logits, k, temperature, attention_mask,
+    renormalize)`` when ``teacher_topk_values/indices`` are the teacher's top-``k`` logits and
+    their vocabulary indices (any order): with ``teacher_lse=None`` the renormalised form
+    (``renormalize=True``); with ``teacher_lse`` (the teacher's full-vocabulary logsumexp per
+    position, of the logits divided by ``temperature``; :func:`teacher_topk` with
+    ``with_lse=True`` at temperature 1) the literal eq. 12 (``renormalize=False``). ``values``
+    and ``indices`` have shape ``[..., k]`` (the student's leading dims); indices may be any
+    integer dtype and must lie in ``[0, V)``; ``teacher_lse`` has the leading shape.
     """
     fn = "kl_top_from_topk"
     _check_logits(fn, "student_logits", student_logits)
@@ -179,8 +189,17 @@ def kl_top_from_topk(student_logits: torch.Tensor, teacher_topk_values: torch.Te
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
         raise ValueError(f"{fn}: teacher_topk_indices must lie in [0, {V})")
     t = teacher_topk_values.detach().to(device=student_logits.device, dtype=dt) / temperature
-    log_p = F.log_softmax(t, dim=-1)
-    log_q = F.log_softmax(student_logits.gather(-1, idx).to(dt) / temperature, dim=-1)
+    if teacher_lse is None:
+        log_p = F.log_softmax(t, dim=-1)
+        log_q = F.log_softmax(student_logits.gather(-1, idx).to(dt) / temperature, dim=-1)
+    else:
+        if not isinstance(teacher_lse, torch.Tensor) or tuple(teacher_lse.shape) != lead:
+            raise ValueError(f"{fn}: teacher_lse must be a tensor of shape {lead} (the "
+                             f"student's leading dims), got "
+                             f"{getattr(teacher_lse, 'shape', type(teacher_lse).__name__)}")
+        lse = teacher_lse.detach().to(device=student_logits.device, dtype=dt)
+        log_p = t - lse.unsqueeze(-1)
+        log_q = F.log_softmax(student_logits.to(dt) / temperature, dim=-1).gather(-1, idx)
     return _masked_mean(_kl_rows(log_p, log_q), keep)
 
 

@@ -100,6 +100,7 @@ class CalibSettings:
     resume: bool = True
     weight_clip: str = "cached"
     qsur_samples: int = 8
+    kl_top_renormalize: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -326,6 +327,7 @@ def _train(model, tokenizer, method, cfg, params, calib: CalibSettings, out_dir,
     tc = TrainConfig(steps=calib.steps, lr_orth=calib.lr_orth, lr_scale=calib.lr_scale,
                      batch_size=calib.batch_size, nsamples=calib.nsamples, seqlen=calib.seqlen,
                      loss=loss, topk=min(1000, vocab), seed=calib.seed,
+                     kl_top_renormalize=calib.kl_top_renormalize,
                      checkpoint_dir=ckpt_dir, progress=progress,
                      checkpoint_every=max(1, min(25, calib.steps)))
     apply_training_transforms(model, params, cfg, weight_clip=calib.weight_clip)

@@ -97,6 +97,10 @@ class TrainConfig:
         loss: ``"kl_top"`` (paper), ``"kl"`` (full-vocabulary KL) or ``"ce"`` (next-token
             cross-entropy on the calibration text; no teacher).
         topk: k of KL-Top (paper: 1000).
+        kl_top_renormalize: KL-Top over the teacher's top-k with both distributions
+            renormalised over those k tokens (True), or the paper's eq. 12 literally (False):
+            full-vocabulary probabilities at the top-k tokens, so student probability mass
+            outside the teacher's top-k is penalised too (see :mod:`.losses`).
         seed: seeds the batch sampler (and the torch RNG at the start of a fresh run).
         grad_clip: clip the global gradient norm to this value (None: no clipping).
         stabilize_every: project the orthogonal parameters back onto the manifold every N
@@ -127,6 +131,7 @@ class TrainConfig:
     seqlen: int = 512
     loss: str = "kl_top"
     topk: int = 1000
+    kl_top_renormalize: bool = True
     seed: int = 0
     grad_clip: Optional[float] = None
     stabilize_every: Optional[int] = 10
@@ -196,7 +201,7 @@ class TrainConfig:
 
 #: config fields that change the training trajectory: a checkpoint must agree on all of them
 TRAJECTORY_FIELDS = ("steps", "lr_orth", "lr_scale", "weight_decay", "betas", "eps", "batch_size",
-                     "nsamples", "seqlen", "loss", "topk", "seed", "grad_clip",
+                     "nsamples", "seqlen", "loss", "topk", "kl_top_renormalize", "seed", "grad_clip",
                      "stabilize_every", "orthogonalize_at_end", "autocast")
 
 
@@ -365,8 +370,9 @@ class Trainer:
         self.data = data
         self.orth_params, self.scale_params = split_parameters(params)
         self.device = (self.orth_params + self.scale_params)[0].device
-        self.loss_fn = get_loss(config.loss, k=config.topk) if config.loss == "kl_top" \
-            else get_loss(config.loss)
+        self.loss_fn = get_loss(config.loss, k=config.topk,
+                                renormalize=bool(config.kl_top_renormalize)) \
+            if config.loss == "kl_top" else get_loss(config.loss)
 
         groups = []
         # Empty groups are dropped (torch rejects them) but the group roles stay known.
@@ -386,7 +392,9 @@ class Trainer:
         self.losses: List[float] = []
         self.step_times: List[float] = []
         self.lrs: List[Dict[str, float]] = []
-        self._teacher_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        # (top-k values, top-k indices, full-vocabulary logsumexp or None)
+        self._teacher_cache: Optional[Tuple[torch.Tensor, torch.Tensor,
+                                            Optional[torch.Tensor]]] = None
         self._fingerprint = _data_fingerprint(data)
         self.resumed_from: Optional[int] = None
         self._last_saved_step: Optional[int] = None
@@ -432,15 +440,19 @@ class Trainer:
     def _build_teacher_cache(self) -> None:
         n = self.data.shape[0]
         bs = self.config.batch_size
-        vals, idxs = [], []
+        vals, idxs, lses = [], [], []
+        full = not self.config.kl_top_renormalize
         t0 = time.perf_counter()
         for i in range(0, n, bs):
             ids = self.data[i: i + bs].to(self.device, torch.long)
-            v, ix = teacher_topk(self._teacher_logits(ids), self.config.topk)
+            v, ix, *lse = teacher_topk(self._teacher_logits(ids), self.config.topk,
+                                       with_lse=full)
             vals.append(v.cpu())
+            lses.extend(x.cpu() for x in lse)
             idxs.append(ix.to(torch.int32 if ix.max() < 2 ** 31 else torch.int64).cpu())
-        self._teacher_cache = (torch.cat(vals), torch.cat(idxs))
-        size = sum(t.numel() * t.element_size() for t in self._teacher_cache)
+        self._teacher_cache = (torch.cat(vals), torch.cat(idxs),
+                               torch.cat(lses) if full else None)
+        size = sum(t.numel() * t.element_size() for t in self._teacher_cache if t is not None)
         log.info("cached the teacher's top-%d logits of %d samples (%.2f GiB) in %.1f s",
                  self.config.topk, n, size / 2 ** 30, time.perf_counter() - t0)
 
@@ -448,15 +460,19 @@ class Trainer:
     def _loss(self, idx: torch.Tensor) -> torch.Tensor:
         ids = self.data[idx].to(self.device, torch.long)
         if self.config.loss == "kl_top":
+            full = not self.config.kl_top_renormalize
             if self._teacher_cache is not None:
                 tv = self._teacher_cache[0][idx].to(self.device)
                 ti = self._teacher_cache[1][idx].to(self.device)
+                tl = self._teacher_cache[2][idx].to(self.device) if full else None
             else:
-                tv, ti = teacher_topk(self._teacher_logits(ids), self.config.topk)
+                tv, ti, *tl = teacher_topk(self._teacher_logits(ids), self.config.topk,
+                                           with_lse=full)
+                tl = tl[0] if full else None
             with self._autocast():
                 logits = self.student_forward(ids)
             self._check_student(logits, ids)
-            return kl_top_from_topk(logits, tv, ti)
+            return kl_top_from_topk(logits, tv, ti, teacher_lse=tl)
         if self.config.loss == "kl":
             t = self._teacher_logits(ids)
             with self._autocast():
