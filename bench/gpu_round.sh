@@ -12,7 +12,7 @@
 #
 # A device call is limited to 10 minutes: split a round, e.g. (1) --no-bench --no-sanitizer,
 # (2) --only-sanitizer, (3) --only-bench --benches hadamard,quant,gemm, (4) --only-bench
-# --benches attention,prefill,decode (the build is incremental once done in a warm machine).
+# --benches attention,prefill,decode,breakdown (the build is incremental once done in a warm machine).
 #
 # Results (JSON, logs) go to $OUT when set (the device machine's output folder), else to
 # bench/results (JSON) and bench/out (logs). Exits non-zero if the build or a test failed; the
@@ -21,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 SANITIZER=1; BENCH=1; TESTS=1; QUICK=""
-BENCHES="hadamard,quant,gemm,attention,prefill,decode"
+BENCHES="hadamard,quant,gemm,attention,prefill,decode,breakdown"
 expect_benches=0
 for a in "$@"; do
   if [ "$expect_benches" = 1 ]; then BENCHES="$a"; expect_benches=0; continue; fi
@@ -155,6 +155,15 @@ for path in sorted(glob.glob(os.path.join(out, "*.json"))):
             print(f"  {r['model']:>11} layers={r['layers']}/{r['full_layers']} "
                   f"batch={r['batch']:>2}: ours {r['ours_tok_s']} tok/s, bf16 "
                   f"{r['baseline_tok_s']} tok/s, speedup {r['speedup']}")
+    elif m["bench"] == "breakdown":
+        cats = ("gemm", "act_quant", "hadamard", "attention", "kv_append", "other")
+        for r in rows:
+            if r.get("layer_ms") is None:
+                print(f"  {r['model']:>11} {r['phase']:>7} B={r['batch']:>2}: {r.get('error')}")
+                continue
+            print(f"  {r['model']:>11} {r['phase']:>7} B={r['batch']:>2}: layer "
+                  f"{r['layer_ms']:.4f} ms (busy {r['busy_fraction']:.2f}): " +
+                  ", ".join(f"{c} {r[c + '_pct']:.0f}%" for c in cats))
     elif m["bench"] == "quant":
         for r in rows:
             print(f"  {r['op']:>18} M={r['M']:>6} K={r['K']:>5}: {r['gbps']:.0f} GB/s = "

@@ -35,7 +35,7 @@ DEFAULT_SEQLEN = 512
 PLANNED_METHODS: tuple = ()
 COMMANDS = ("table", "quantize", "eval", "generate", "bench")
 #: benchmarks `ostquant bench NAME` runs (bench/NAME.py of the source checkout)
-BENCHES = ("prefill", "decode", "gemm", "attention", "hadamard", "quant")
+BENCHES = ("prefill", "decode", "breakdown", "gemm", "attention", "hadamard", "quant")
 
 
 class CLIError(Exception):
@@ -691,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation dtype (default: the checkpoint's)")
 
     b = sub.add_parser("bench", help="run a benchmark of the source checkout's bench/ "
-                                     "(prefill, decode, gemm, attention, hadamard, quant)")
+                                     "(prefill, decode, breakdown, gemm, attention, "
+                                     "hadamard, quant)")
     b.add_argument("name", choices=BENCHES)
     b.add_argument("args", nargs=argparse.REMAINDER,
                    help="the benchmark's own options (e.g. --dry-run, --quick)")
