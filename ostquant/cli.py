@@ -528,7 +528,7 @@ def run_generate(args, argv) -> dict:
     try:
         res = rt.generate(prompts, args.max_new_tokens, do_sample=args.sample,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, callback=callback)
+                          seed=args.seed, callback=callback, cuda_graph=args.cuda_graph)
     except ValueError as e:
         raise CLIError(str(e)) from None
     if callback is not None:
@@ -537,8 +537,9 @@ def run_generate(args, argv) -> dict:
         for p, text in zip(prompts, res.texts or [str(t) for t in res.tokens]):
             print(f"{p}{text}")
             print("-" * 40)
+    graph = " (CUDA graph)" if res.extra.get("cuda_graph") else ""
     print(f"prefill {res.prefill_seconds:.2f}s, decode {res.decode_steps} steps in "
-          f"{res.decode_seconds:.2f}s ({res.decode_tokens_per_second:.2f} tokens/s)",
+          f"{res.decode_seconds:.2f}s ({res.decode_tokens_per_second:.2f} tokens/s){graph}",
           file=sys.stderr)
     return {"tokens": res.tokens, "texts": res.texts}
 
@@ -686,6 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stream", action="store_true", help="print tokens as they come (1 prompt)")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="replay the decode step as a CUDA graph (CUDA with the compiled "
+                        "kernels; otherwise a warning and eager decoding)")
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="activation dtype (default: the checkpoint's)")

@@ -57,3 +57,13 @@ def test_bench_subcommand_dry_run(capsys, tmp_path, monkeypatch, single_thread):
     with pytest.raises(SystemExit):
         cli.main(["bench", "nonsense"])
     assert cli._normalize_argv(["bench", "decode", "--quick"]) == ["bench", "decode", "--quick"]
+
+
+def test_generate_cuda_graph_flag_on_cpu_warns_and_runs(dirs, capsys):
+    from ostquant.runtime import CUDAGraphFallbackWarning
+
+    with pytest.warns(CUDAGraphFallbackWarning, match="decoding eagerly"):
+        assert cli.main(["generate", str(dirs / "q"), "--prompt", "ab", "--max-new-tokens",
+                         "3", "--device", "cpu", "--cuda-graph"]) == 0
+    err = capsys.readouterr().err
+    assert "tokens/s" in err and "(CUDA graph)" not in err

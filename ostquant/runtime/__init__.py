@@ -8,6 +8,8 @@
 * :func:`generate` / :func:`stream` — prefill + decode, greedy or sampled, batched prompts of
   different lengths, streaming.
 * :func:`memory_report` — weights, KV cache, activations (measured on CUDA).
+* :class:`CUDAGraphDecoder` — one decode step captured in a CUDA graph and replayed
+  (``generate(..., cuda_graph=True)`` uses it, falling back to eager decoding where it cannot).
 
 Example (CPU)::
 
@@ -16,6 +18,8 @@ Example (CPU)::
     out = model.generate(["def fibonacci(n):"], max_new_tokens=20)
     print(out.texts[0])
 """
+from .cuda_graph import (CUDAGraphDecoder, CUDAGraphFallbackWarning, CUDAGraphUnavailable,
+                         graph_unavailable_reason)
 from .generate import GenerationResult, SamplingConfig, Step, generate, sample_next, stream
 from .kv_cache import CacheFullError, KVCache
 from .memory import MemoryReport, estimate_activation_bytes, memory_report
@@ -25,4 +29,5 @@ from .shapes import NAMED_SHAPES, shape_config
 __all__ = ["QuantizedCausalLM", "RuntimeSpec", "KVCache", "CacheFullError", "generate",
            "stream", "sample_next", "SamplingConfig", "Step", "GenerationResult",
            "MemoryReport", "memory_report", "estimate_activation_bytes", "NAMED_SHAPES",
-           "shape_config"]
+           "shape_config", "CUDAGraphDecoder", "CUDAGraphUnavailable",
+           "CUDAGraphFallbackWarning", "graph_unavailable_reason"]

@@ -10,18 +10,25 @@ attend to padding; the padding written to the cache is overwritten by the next s
 token per sequence per decode step. Sequences that finished keep running until all have (their
 tokens are ignored), so the batch shape stays fixed.
 
-TODO: capture the decode step in a CUDA graph (the cache is preallocated and the step's shapes
-are fixed, but the reference ops and the host-side length bookkeeping would have to become
-graph-safe first).
+With ``cuda_graph=True`` the decode step is captured once in a CUDA graph and replayed for every
+token (:class:`~ostquant.runtime.cuda_graph.CUDAGraphDecoder`; the batch shape is fixed, so
+one capture serves the whole generation). Where that is not possible (CPU, an op without its
+CUDA kernel, a failed capture) a :class:`~ostquant.runtime.cuda_graph.CUDAGraphFallbackWarning`
+says why and the decode runs eagerly; ``result.extra["cuda_graph"]`` says which ran.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from ostquant import ops
+
+from .cuda_graph import (CUDAGraphDecoder, CUDAGraphFallbackWarning, CUDAGraphUnavailable,
+                         graph_unavailable_reason)
 from .kv_cache import KVCache
 
 __all__ = ["SamplingConfig", "Step", "GenerationResult", "generate", "stream", "sample_next",
@@ -87,7 +94,10 @@ class GenerationResult:
 
     ``tokens[b]``: the new token ids of prompt ``b`` (EOS included when it stopped there);
     ``texts[b]``: their decoded text (when a tokenizer is known); ``finish_reasons[b]``:
-    ``"eos"`` or ``"length"``; timings in seconds (CUDA synchronised)."""
+    ``"eos"`` or ``"length"``; timings in seconds (CUDA synchronised). ``extra``:
+    ``cuda_graph`` (whether the decode steps replayed a CUDA graph), with ``cuda_graph=True``
+    also ``cuda_graph_capture_seconds`` (warm-up + capture, not in ``decode_seconds``; 0 when
+    a graph captured for the same cache was reused) or ``cuda_graph_fallback`` (why not)."""
 
     tokens: List[List[int]]
     prompt_tokens: List[List[int]]
@@ -149,17 +159,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _fallback(timing: dict, why: str) -> None:
+    warnings.warn(f"cuda_graph=True: {why}; decoding eagerly", CUDAGraphFallbackWarning,
+                  stacklevel=3)
+    timing["cuda_graph_fallback"] = why
+
+
+def _graph_decoder(model, cache: KVCache, timing: dict):
+    """The :class:`CUDAGraphDecoder` for ``model`` over ``cache``: the one captured earlier
+    for this cache when the model's tensors are unchanged, else a new capture. None (after a
+    :class:`CUDAGraphFallbackWarning`) when the step cannot be captured."""
+    g = getattr(cache, "_cuda_graph_decoder", None)
+    if g is not None and g.matches(model, cache):
+        timing["cuda_graph_capture_seconds"] = 0.0
+        return g
+    try:
+        g = CUDAGraphDecoder(model, cache)
+    except CUDAGraphUnavailable as e:
+        _fallback(timing, str(e))
+        return None
+    cache._cuda_graph_decoder = g
+    timing["cuda_graph_capture_seconds"] = g.capture_seconds
+    return g
+
+
 def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            seed: Optional[int] = None, eos_token_id: Union[None, int, Sequence[int]] = None,
            stop_at_eos: bool = True, cache: Optional[KVCache] = None,
            max_cache_len: Optional[int] = None, tokenizer=None,
-           add_special_tokens: bool = True, pad_token_id: int = 0,
+           add_special_tokens: bool = True, pad_token_id: int = 0, cuda_graph: bool = False,
            _timing: Optional[dict] = None) -> Iterator[Step]:
     """Generate step by step: yields one :class:`Step` per generated position.
 
     Arguments as :func:`generate`. The first step comes from the prefill's logits, every
-    later one from a decode forward of one token per sequence.
+    later one from a decode forward of one token per sequence (with ``cuda_graph``: a replay
+    of the captured decode step).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -205,6 +240,14 @@ def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
         else:
             gen.seed()
     timing = _timing if _timing is not None else {}
+    timing["cuda_graph"] = False
+    use_graph = bool(cuda_graph)
+    if use_graph:
+        why = graph_unavailable_reason(model, cache)
+        if why is not None:
+            _fallback(timing, f"cannot capture the decode step in a CUDA graph: {why}")
+            use_graph = False
+    graph = None
     batch = torch.full((B, max(lens)), pad_token_id, dtype=torch.long)
     for b, p in enumerate(ids):
         batch[b, :len(p)] = torch.tensor(p, dtype=torch.long)
@@ -231,9 +274,18 @@ def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
         if last:
             break
         feed = torch.tensor([pad_token_id if t is None else t for t in out], dtype=torch.long)
+        if use_graph and graph is None:
+            graph = _graph_decoder(model, cache, timing)
+            use_graph = graph is not None
+            timing["cuda_graph"] = use_graph
         t0 = time.perf_counter()
-        logits = model(feed[:, None].to(dev), cache, logits="last")
+        if graph is not None:
+            logits = graph.step(feed)
+        else:
+            logits = model(feed[:, None].to(dev), cache, logits="last")
         nxt_host = sample_next(logits, cfg, gen).tolist()  # (synchronises)
+        if graph is not None:
+            ops.kv_check_errors()  # a replay runs no host-side KV checks
         timing["decode_seconds"] += time.perf_counter() - t0
         timing["decode_steps"] += 1
 
@@ -244,7 +296,7 @@ def generate(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = Fals
              stop_at_eos: bool = True, callback: Optional[Callable[[Step], None]] = None,
              cache: Optional[KVCache] = None, max_cache_len: Optional[int] = None,
              tokenizer=None, add_special_tokens: bool = True,
-             pad_token_id: int = 0) -> GenerationResult:
+             pad_token_id: int = 0, cuda_graph: bool = False) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens for each prompt.
 
     Args:
@@ -261,6 +313,12 @@ def generate(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = Fals
         cache: a :class:`~ostquant.runtime.KVCache` to reuse (reset first); otherwise one is
             allocated with ``max_cache_len`` slots (default: exactly what is needed).
         pad_token_id: id used for right padding and for finished sequences (never attended).
+        cuda_graph: capture the decode step in a CUDA graph once (after the prefill) and replay
+            it for every token (:class:`~ostquant.runtime.cuda_graph.CUDAGraphDecoder`; the
+            same tokens as eager decoding). CUDA only, with the compiled kernels of every op
+            the step uses; otherwise a :class:`~ostquant.runtime.cuda_graph.CUDAGraphFallbackWarning`
+            says why and decoding runs eagerly (``result.extra["cuda_graph"]`` is False). Pass
+            the same ``cache`` to later calls to reuse the captured graph.
 
     Raises ``ValueError`` on an empty batch, an empty prompt, token ids outside the
     vocabulary, or prompts (plus ``max_new_tokens``) that do not fit the cache.
@@ -274,7 +332,7 @@ def generate(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = Fals
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      eos_token_id=eos_token_id, stop_at_eos=stop_at_eos, cache=cache,
                      max_cache_len=max_cache_len, tokenizer=tok, pad_token_id=pad_token_id,
-                     _timing=timing):
+                     cuda_graph=cuda_graph, _timing=timing):
         for b, t in enumerate(st.tokens):
             if t is not None:
                 outs[b].append(t)
@@ -288,4 +346,5 @@ def generate(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = Fals
     return GenerationResult(tokens=outs, prompt_tokens=prompt_ids, finish_reasons=reasons,
                             texts=texts, prefill_seconds=timing.get("prefill_seconds", 0.0),
                             decode_seconds=timing.get("decode_seconds", 0.0),
-                            decode_steps=timing.get("decode_steps", 0))
+                            decode_steps=timing.get("decode_steps", 0),
+                            extra={k: v for k, v in timing.items() if k.startswith("cuda_graph")})

@@ -17,10 +17,17 @@ padding of a right-padded batch is overwritten by the next step.
 
 The lengths are kept twice: ``seqlens`` (int32, on the cache's device, what the kernels read)
 and a host copy (Python ints) for capacity checks and slicing without a device sync.
+
+CUDA graphs (:class:`~ostquant.runtime.cuda_graph.CUDAGraphDecoder`): ``seqlens`` is one tensor
+for the cache's lifetime (every update is in place), so a captured decode step reads the
+current lengths at replay time; inside :meth:`KVCache.graph_safe` the device work of
+:meth:`KVCache.attend` does not depend on the lengths, and :meth:`KVCache.advance_host` brings
+the host copy up to date after a replay advanced ``seqlens`` on the device.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +101,7 @@ class KVCache:
                                     torch.zeros(*shape, head_dim, dtype=dtype, device=device)))
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self._host_lens = [0] * batch_size
+        self._graph_safe = False
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int,
@@ -145,6 +153,27 @@ class KVCache:
         if counts_t is None:
             counts_t = torch.tensor([int(c) for c in counts], dtype=torch.int32)
         self.seqlens += counts_t.to(device=self.device, dtype=torch.int32)
+
+    def advance_host(self, counts: Sequence[int]) -> None:
+        """Add ``counts[b]`` to the host copy of the lengths only: for when the device lengths
+        were advanced by a step the host did not run (a CUDA-graph replay)."""
+        if len(counts) != self.batch_size:
+            raise ValueError(f"KVCache.advance_host: need {self.batch_size} counts, got "
+                             f"{len(counts)}")
+        self._host_lens = [n + int(c) for n, c in zip(self._host_lens, counts)]
+
+    @contextlib.contextmanager
+    def graph_safe(self) -> Iterator["KVCache"]:
+        """Within the block, :meth:`attend` launches the same device work whatever the lengths
+        are, as CUDA-graph capture needs: the int4 cache always does (``int4_kv_attention``
+        reads the lengths on the device); the float cache attends over its whole capacity with
+        a length mask instead of over the longest sequence (equal up to summation order)."""
+        prev = self._graph_safe
+        self._graph_safe = True
+        try:
+            yield self
+        finally:
+            self._graph_safe = prev
 
     # ------------------------------------------------------------------ per layer
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor,
@@ -205,19 +234,24 @@ class KVCache:
         if self.kv_bits == 4:
             return ops.int4_kv_attention(q, *self.layers[layer], self.seqlens + Sq, sm_scale,
                                          causal=True)
-        L = max(lens_after)
+        L = self.max_len if self._graph_safe else max(lens_after)
         k, v = self.read(layer, L)
         mask = None
-        if Sq > 1 or min(lens_after) != L:
-            kpos = torch.arange(L, device=q.device)
-            lens = (self.seqlens + Sq).long()
-            qpos = lens[:, None] - Sq + torch.arange(Sq, device=q.device)[None, :]  # [B, Sq]
-            mask = (kpos[None, None, :] <= qpos[:, :, None]) & \
-                (kpos[None, None, :] < lens[:, None, None])
-            mask = mask[:, None]  # [B, 1, Sq, L]
+        if self._graph_safe or Sq > 1 or min(lens_after) != L:
+            mask = self._causal_mask(L, Sq, q.device)
         out = sdpa(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype),
                    v.transpose(1, 2).to(q.dtype), sm_scale, is_causal=False, mask=mask)
         return out.transpose(1, 2)
+
+    def _causal_mask(self, L: int, Sq: int, device) -> torch.Tensor:
+        """[B, 1, Sq, L] bool: query ``i`` (position ``seqlens[b] + i``) sees cached keys at
+        positions <= its own (built on the device from :attr:`seqlens`)."""
+        kpos = torch.arange(L, device=device)
+        lens = (self.seqlens + Sq).long()
+        qpos = lens[:, None] - Sq + torch.arange(Sq, device=device)[None, :]  # [B, Sq]
+        mask = (kpos[None, None, :] <= qpos[:, :, None]) & \
+            (kpos[None, None, :] < lens[:, None, None])
+        return mask[:, None]
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -168,33 +168,14 @@ class QuantizedCausalLM(nn.Module):
         ``logits``: ``"all"`` -> [B, S, vocab]; ``"last"`` -> [B, vocab] at each sequence's
         last real token; ``"none"`` -> the final hidden states [B, S, hidden] (no head).
         """
-        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape "
-                             f"{tuple(input_ids.shape)}")
+        self.check_inputs(input_ids, cache)
         B, S = input_ids.shape
-        if B != cache.batch_size:
-            raise ValueError(f"input_ids has {B} sequences but the cache holds "
-                             f"{cache.batch_size}")
-        if cache.num_layers != len(self.layers) or cache.kv_bits != self.spec.kv_bits or \
-                cache.head_dim != self.spec.head_dim or \
-                cache.num_kv_heads != self.spec.num_kv_heads:
-            raise ValueError(f"{cache!r} does not fit this model ({self.spec.num_layers} layers, "
-                             f"kv_bits {self.spec.kv_bits}, {self.spec.num_kv_heads} KV heads "
-                             f"x {self.spec.head_dim}); use model.new_cache()")
         if logits not in ("all", "last", "none"):
             raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
         lens = [S] * B if input_lengths is None else [int(n) for n in input_lengths]
         if len(lens) != B or any(n < 1 or n > S for n in lens):
             raise ValueError(f"input_lengths must hold {B} values in [1, {S}], got {lens}")
-        if input_ids.device.type == "cpu" and (
-                int(input_ids.min()) < 0 or int(input_ids.max()) >= self.spec.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.spec.vocab_size}), got "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-        cache.check_room(S)
-        window = self.spec.sliding_window
-        if window is not None and max(cache.lengths) + S > window:
-            raise NotImplementedError(f"sequence longer than the model's sliding window "
-                                      f"({window}); the runtime attends to the whole cache")
+        self.check_room(cache, S)
         input_ids = input_ids.to(self.device)
         fresh = all(n == 0 for n in cache.lengths)
         pos = cache.seqlens.long()[:, None] + torch.arange(S, device=self.device)[None, :]
@@ -209,6 +190,71 @@ class QuantizedCausalLM(nn.Module):
             idx = torch.tensor([n - 1 for n in lens], device=self.device)
             x = x[torch.arange(B, device=self.device), idx]
         return F.linear(self.norm(x), self.lm_head_weight, self.lm_head_bias)
+
+    def check_inputs(self, input_ids: torch.Tensor, cache: KVCache) -> None:
+        """Raise ``ValueError`` unless ``input_ids`` is a non-empty [B, S] batch for ``cache``
+        (which must fit this model) with token ids in the vocabulary (checked for CPU ids
+        only: on a GPU it would cost a sync)."""
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape "
+                             f"{tuple(input_ids.shape)}")
+        B = input_ids.shape[0]
+        if B != cache.batch_size:
+            raise ValueError(f"input_ids has {B} sequences but the cache holds "
+                             f"{cache.batch_size}")
+        if cache.num_layers != len(self.layers) or cache.kv_bits != self.spec.kv_bits or \
+                cache.head_dim != self.spec.head_dim or \
+                cache.num_kv_heads != self.spec.num_kv_heads:
+            raise ValueError(f"{cache!r} does not fit this model ({self.spec.num_layers} layers, "
+                             f"kv_bits {self.spec.kv_bits}, {self.spec.num_kv_heads} KV heads "
+                             f"x {self.spec.head_dim}); use model.new_cache()")
+        if input_ids.device.type == "cpu" and (
+                int(input_ids.min()) < 0 or int(input_ids.max()) >= self.spec.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.spec.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+
+    def check_room(self, cache: KVCache, new_tokens: int) -> None:
+        """Raise :class:`~ostquant.runtime.CacheFullError` if ``new_tokens`` more tokens do not
+        fit ``cache``, ``NotImplementedError`` if they would pass the sliding window."""
+        cache.check_room(new_tokens)
+        window = self.spec.sliding_window
+        if window is not None and max(cache.lengths) + new_tokens > window:
+            raise NotImplementedError(f"sequence longer than the model's sliding window "
+                                      f"({window}); the runtime attends to the whole cache")
+
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, cache: KVCache,
+                    update_host: bool = True) -> torch.Tensor:
+        """One new token per sequence (``input_ids`` [B, 1]) -> logits [B, vocab], with device
+        work that does not depend on the cache lengths: the step
+        :class:`~ostquant.runtime.cuda_graph.CUDAGraphDecoder` captures.
+
+        The positions and KV slots come from ``cache.seqlens`` on the device, which the step
+        advances by one on the device. The same computation as ``forward(input_ids, cache,
+        logits="last")`` on a non-empty cache: bit-identical with an int4 cache; a float cache
+        attends over its whole capacity with a length mask (:meth:`KVCache.graph_safe`), equal
+        up to summation order.
+
+        ``update_host=True`` (eager use): check the inputs and the room first and advance the
+        cache's host lengths too. ``False``: the caller does both (a captured step runs no
+        Python when replayed).
+        """
+        if update_host:
+            self.check_inputs(input_ids, cache)
+            if input_ids.shape[1] != 1:
+                raise ValueError(f"decode_step takes one token per sequence ([B, 1]), got "
+                                 f"shape {tuple(input_ids.shape)}")
+            self.check_room(cache, 1)
+        pos = cache.seqlens.long()[:, None]
+        cos, sin = self.rotary(pos, self.dtype)
+        x = F.embedding(input_ids.to(self.device), self.embed_weight)
+        with cache.graph_safe():
+            for layer in self.layers:
+                x = layer(x, cos, sin, cache, False)
+        cache.seqlens += 1
+        if update_host:
+            cache.advance_host([1] * cache.batch_size)
+        return F.linear(self.norm(x[:, -1]), self.lm_head_weight, self.lm_head_bias)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts, max_new_tokens: int = 32, **kw):

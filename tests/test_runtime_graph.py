@@ -1,0 +1,109 @@
+"""The graph-safe decode step and ``generate(cuda_graph=True)`` on CPU.
+
+On a CPU no graph is captured: ``generate(..., cuda_graph=True)`` warns
+(:class:`CUDAGraphFallbackWarning`) and decodes eagerly, and :class:`CUDAGraphDecoder` raises
+:class:`CUDAGraphUnavailable`. What can be checked here is the step a graph would capture
+(:meth:`QuantizedCausalLM.decode_step`, run eagerly): it computes the eager decode's logits.
+The capture and replay themselves are tested in tests/test_cuda_runtime_graph.py (GPU only).
+"""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from ostquant.runtime import (CacheFullError, CUDAGraphDecoder, CUDAGraphFallbackWarning,
+                              CUDAGraphUnavailable, QuantizedCausalLM, graph_unavailable_reason)
+from ostquant.runtime import cuda_graph as cg
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {p: QuantizedCausalLM.random("tiny", p, dtype=torch.float32, seed=3)
+            for p in ("w4a4kv4", "w4a4kv16")}
+
+
+def _prefilled(m, ids, cap):
+    cache = m.new_cache(ids.shape[0], cap)
+    m(ids, cache, input_lengths=[ids.shape[1], ids.shape[1] - 3], logits="none")
+    return cache
+
+
+@pytest.mark.parametrize("preset", ["w4a4kv4", "w4a4kv16"])
+def test_decode_step_equals_eager_decode(models, preset):
+    m = models[preset]
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    a, b = _prefilled(m, ids, 20), _prefilled(m, ids, 20)
+    feed = torch.tensor([[7], [11]])
+    for _ in range(4):
+        want = m(feed, a, logits="last")
+        got = m.decode_step(feed, b)
+        assert a.lengths == b.lengths and torch.equal(a.seqlens, b.seqlens)
+        if preset.endswith("kv4"):
+            # int4 cache: the very same ops as the eager step
+            assert torch.equal(got, want)
+        else:
+            # float cache: attention over the whole capacity with a length mask
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        feed = want.argmax(-1, keepdim=True)
+    assert b.lengths == [13, 10]
+
+
+def test_decode_step_checks_its_inputs(models):
+    m = models["w4a4kv4"]
+    cache = m.new_cache(2, 3)
+    with pytest.raises(ValueError, match="one token per sequence"):
+        m.decode_step(torch.zeros(2, 2, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="sequences but the cache holds"):
+        m.decode_step(torch.zeros(1, 1, dtype=torch.long), cache)
+    for _ in range(3):
+        m.decode_step(torch.zeros(2, 1, dtype=torch.long), cache)
+    with pytest.raises(CacheFullError):
+        m.decode_step(torch.zeros(2, 1, dtype=torch.long), cache)
+
+
+def test_cache_graph_safe_and_advance_host(models):
+    cache = models["w4a4kv16"].new_cache(2, 8)
+    with cache.graph_safe():
+        assert cache._graph_safe
+    assert not cache._graph_safe
+    cache.advance_host([2, 1])
+    assert cache.lengths == [2, 1] and cache.seqlens.tolist() == [0, 0]  # host only
+    with pytest.raises(ValueError, match="need 2 counts"):
+        cache.advance_host([1])
+
+
+def test_cuda_graph_on_cpu_warns_and_decodes_eagerly(models):
+    m = models["w4a4kv4"]
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
+    want = m.generate(prompts, max_new_tokens=4, stop_at_eos=False)
+    assert want.extra == {"cuda_graph": False}
+    with pytest.warns(CUDAGraphFallbackWarning, match="CUDA graphs need the model"):
+        got = m.generate(prompts, max_new_tokens=4, stop_at_eos=False, cuda_graph=True)
+    assert got.tokens == want.tokens
+    assert got.extra["cuda_graph"] is False and "cpu" in got.extra["cuda_graph_fallback"]
+
+
+def test_graph_decoder_refuses_cpu(models):
+    m = models["w4a4kv4"]
+    with pytest.raises(CUDAGraphUnavailable, match="on cpu; CUDA graphs need"):
+        CUDAGraphDecoder(m, m.new_cache(1, 8))
+
+
+def test_required_ops_and_missing_kernels_reason(models, monkeypatch):
+    assert cg.required_cuda_ops(models["w4a4kv4"]) == {
+        "quantize_per_token", "pack_int4", "int4_gemm", "hadamard_transform",
+        "int4_kv_attention", "kv_cache_append_fused"}
+    assert cg.required_cuda_ops(models["w4a4kv16"]) == {
+        "quantize_per_token", "pack_int4", "int4_gemm", "hadamard_transform"}
+    bf16 = QuantizedCausalLM.random("tiny", "w16a16kv16", num_layers=1)
+    assert cg.required_cuda_ops(bf16) == set()
+    # a model "on a GPU" whose ops lack their CUDA kernels: named in the reason
+    m = models["w4a4kv4"]
+    fake = types.SimpleNamespace(device=torch.device("cuda", 0), spec=m.spec, modules=m.modules)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cg.ops, "cuda_ops", lambda: ["int4_gemm"])
+    why = graph_unavailable_reason(fake)
+    assert "no CUDA kernel for" in why and "int4_kv_attention" in why and \
+        "'int4_gemm'" not in why
