@@ -14,6 +14,11 @@ sequence, logits of that token) against a KV cache holding ``context`` tokens pe
 * ``baseline``: the same runtime in bf16 (``nn.Linear``, bf16 KV cache, masked SDPA), in the
   same run.
 
+Each side is timed twice: eager (one Python call per op, as ``generate()`` runs by default)
+and replaying the step captured in a CUDA graph
+(:class:`ostquant.runtime.CUDAGraphDecoder`, as ``generate(..., cuda_graph=True)``; skip with
+``--no-graph``). Both include the cache rewind after the step (one tiny kernel).
+
 Layers: as many as fit — the full depth when the bf16 model (weights + cache + a margin) fits
 in free GPU memory, else the largest count that does, used for both (``layers`` vs
 ``full_layers``). When ours fits at full depth and bf16 does not, an extra row times ours
@@ -23,12 +28,16 @@ every step, so each timed step runs at exactly ``context``.
 
 Rows (RESULTS.md ``decode``): model, layers, batch, context, ours_tok_s, baseline_tok_s,
 speedup, ours_bytes, baseline_bytes (CUDA ``max_memory_allocated`` during one step: weights +
-cache + activations), plus ours_ms / baseline_ms per step and the weight / KV bytes.
-Target (DESIGN.md): >= 2.5x tokens/s at batch 1. No CUDA graph yet: at batch 1 the step
-includes Python and launch overhead of every op (see ostquant/runtime/generate.py TODO).
+cache + activations), plus ours_ms / baseline_ms per step and the weight / KV bytes; with
+graphs also ours_graph_tok_s, baseline_graph_tok_s, ours_graph_ms, baseline_graph_ms,
+graph_speedup (ours vs bf16, both replayed) and ours_graph_gain (graph vs eager, ours); a side
+whose step cannot be captured gets ``<side>_graph_error`` instead.
+Target (DESIGN.md): >= 2.5x tokens/s at batch 1. Eager, the batch-1 step includes the Python
+and launch overhead of every op; the graph rows show how much of it a replay removes.
 
 Before timing, each shape is checked on 2 layers at a short context: decode-step logits match
-the logits of a one-shot prefill of the same tokens.
+the logits of a one-shot prefill of the same tokens, and (CUDA) the replayed graph's logits
+match the eager decode steps.
 """
 from __future__ import annotations
 
@@ -110,10 +119,12 @@ def fill_cache(cache, context: int, gen: torch.Generator) -> None:
     cache.reset([context] * cache.batch_size)
 
 
-def check(shape: str, preset: str, batch: int, device: str, context: int = 24) -> None:
+def check(shape: str, preset: str, batch: int, device: str, context: int = 24,
+          graph: bool = False) -> None:
     """2 layers of ``shape`` in float32: decode steps after a short prefill == one-shot
     prefill logits (the timed runs are bf16; float32 keeps the two attention paths within
-    float rounding, see bench/prefill.py)."""
+    float rounding, see bench/prefill.py); with ``graph`` also CUDA-graph decode == eager
+    decode (:func:`check_graph`)."""
     from ostquant.runtime import QuantizedCausalLM
 
     m = QuantizedCausalLM.random(shape, preset, num_layers=2, dtype=torch.float32,
@@ -132,13 +143,53 @@ def check(shape: str, preset: str, batch: int, device: str, context: int = 24) -
                              f"(relative error {err:.3g} > {tol})")
     print(f"[check] {shape} {preset} batch {batch}: decode vs prefill logits rel. error "
           f"{err:.2e}")
+    if graph:
+        check_graph(m, ids, steps, tol, f"{shape} {preset} batch {batch}")
     del m, cache
     _empty_cache()
 
 
+def check_graph(m, ids: torch.Tensor, steps: torch.Tensor, tol: float, what: str) -> None:
+    """The last 4 tokens of ``ids`` decoded by a replayed CUDA graph give the eager decode
+    steps' logits ``steps`` (within ``tol``; an int4 cache runs the very same kernels). Prints
+    why when the step cannot be captured (the timed run then records the reason)."""
+    from ostquant.runtime import CUDAGraphDecoder, CUDAGraphUnavailable
+
+    cache = m.new_cache(ids.shape[0], ids.shape[1])
+    m(ids[:, :-4], cache, logits="none")
+    try:
+        g = CUDAGraphDecoder(m, cache)
+    except CUDAGraphUnavailable as e:
+        print(f"[check] {what}: no CUDA graph ({e})")
+        return
+    got = torch.stack([g.step(ids[:, i]).clone() for i in range(ids.shape[1] - 4,
+                                                                  ids.shape[1])], 1).float()
+    err = ((got - steps).norm() / steps.norm()).item()
+    if not (torch.isfinite(got).all() and err <= tol):
+        raise AssertionError(f"{what}: CUDA-graph decode logits differ from eager decode "
+                             f"(relative error {err:.3g} > {tol})")
+    print(f"[check] {what}: CUDA-graph vs eager decode logits rel. error {err:.2e}")
+
+
+def graph_step(m, cache):
+    """A timed decode step replaying the CUDA graph of ``m`` over ``cache`` (then rewinding
+    the cache, like the eager step). Raises ``CUDAGraphUnavailable`` when it cannot be
+    captured."""
+    from ostquant.runtime import CUDAGraphDecoder
+
+    g = CUDAGraphDecoder(m, cache)
+
+    def step(ids):
+        out = g.step(ids)
+        cache.rewind(1)
+        return out
+
+    return step
+
+
 def measure(shape: str, preset: str, layers: int, batch: int, context: int, device: str,
-            dry_run: bool) -> Dict[str, float]:
-    from ostquant.runtime import QuantizedCausalLM
+            dry_run: bool, graph: bool = False) -> Dict[str, float]:
+    from ostquant.runtime import CUDAGraphUnavailable, QuantizedCausalLM
     from ostquant.runtime.memory import measure_peak, weight_bytes
 
     m = QuantizedCausalLM.random(shape, preset, num_layers=layers, dtype=torch.bfloat16,
@@ -162,6 +213,18 @@ def measure(shape: str, preset: str, layers: int, batch: int, context: int, devi
         ms = common.time_ms(step, [(ids,)])
         _, peak = measure_peak(lambda: step(ids), torch.device(device))
         res.update(ms=ms, tok_s=batch / ms * 1e3, peak=peak)
+    if graph:
+        try:
+            gstep = graph_step(m, cache)
+        except CUDAGraphUnavailable as e:
+            res["graph_error"] = str(e)
+        else:
+            gout = gstep(ids)
+            assert gout.shape == out.shape and torch.isfinite(gout).all()
+            if not dry_run:
+                gms = common.time_ms(gstep, [(ids,)])
+                res.update(graph_ms=gms, graph_tok_s=batch / gms * 1e3)
+            del gstep, gout
     del m, cache
     _empty_cache()
     return res
@@ -178,20 +241,38 @@ def _row(model, layers, full, batch, context, preset, o, b) -> dict:
             "ours_bytes": o.get("peak"), "baseline_bytes": None if b is None else b.get("peak"),
             "ours_weight_bytes": o["weights"], "ours_kv_bytes": o["kv"],
             "baseline_weight_bytes": None if b is None else b["weights"],
-            "baseline_kv_bytes": None if b is None else b["kv"]}
+            "baseline_kv_bytes": None if b is None else b["kv"],
+            **_graph_fields(o, b)}
+
+
+def _graph_fields(o: dict, b: Optional[dict]) -> dict:
+    """The CUDA-graph columns of a row (only when graphs were timed or refused)."""
+    if not any(k in d for d in (o, b or {}) for k in ("graph_ms", "graph_error")):
+        return {}
+    og, bg = o.get("graph_tok_s"), None if b is None else b.get("graph_tok_s")
+    row = {"ours_graph_tok_s": og, "baseline_graph_tok_s": bg,
+           "ours_graph_ms": o.get("graph_ms"),
+           "baseline_graph_ms": None if b is None else b.get("graph_ms"),
+           "graph_speedup": og / bg if og and bg else None,
+           "ours_graph_gain": og / o["tok_s"] if og and o.get("tok_s") else None}
+    for side, d in (("ours", o), ("baseline", b or {})):
+        if "graph_error" in d:
+            row[f"{side}_graph_error"] = d["graph_error"]
+    return row
 
 
 def run(models, batches, context: int, preset: str, dry_run: bool, device: str,
-        layers_override: Optional[int] = None) -> List[dict]:
+        layers_override: Optional[int] = None, graph: bool = True) -> List[dict]:
     from ostquant.runtime import shape_config
 
     rows: List[dict] = []
+    graph = graph and torch.device(device).type == "cuda"
     for model in models:
         full = shape_config(model).num_hidden_layers
         for i, batch in enumerate(batches):
             if i == 0:
-                check(model, preset, batch, device)
-                check(model, "w16a16kv16", batch, device)
+                check(model, preset, batch, device, graph=graph)
+                check(model, "w16a16kv16", batch, device, graph=graph)
             if dry_run or layers_override:
                 layers = ours_fit = layers_override or full
             else:
@@ -205,14 +286,19 @@ def run(models, batches, context: int, preset: str, dry_run: bool, device: str,
             res = {}
             for side, p in (("ours", preset), ("baseline", "w16a16kv16")):
                 try:
-                    res[side] = measure(model, p, layers, batch, context, device, dry_run)
+                    res[side] = measure(model, p, layers, batch, context, device, dry_run,
+                                        graph)
                 except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
                     res[side] = {"error": f"out of memory: {str(e).splitlines()[0]}",
                                  "weights": None, "kv": None}
                     _empty_cache()
             if dry_run:
+                how = "eager and CUDA-graph" if graph else "eager"
                 print(f"[dry-run] {model} batch={batch} context={context} layers={layers}: "
-                      f"ours ({preset}) and bf16 decode steps ran")
+                      f"ours ({preset}) and bf16 decode steps ran ({how})")
+                for side in ("ours", "baseline"):
+                    if "graph_error" in res[side]:
+                        print(f"[dry-run] {side}: {res[side]['graph_error']}")
                 continue
             row = _row(model, layers, full, batch, context, preset, res["ours"],
                        res["baseline"])
@@ -223,9 +309,13 @@ def run(models, batches, context: int, preset: str, dry_run: bool, device: str,
             print(f"{model} layers={layers}/{full} batch={batch} context={context}: ours "
                   f"{row['ours_tok_s']} tok/s, bf16 {row['baseline_tok_s']} tok/s, speedup "
                   f"{row['speedup']}")
+            if "ours_graph_tok_s" in row:
+                print(f"  CUDA graph: ours {row['ours_graph_tok_s']} tok/s, bf16 "
+                      f"{row['baseline_graph_tok_s']} tok/s, speedup {row['graph_speedup']} "
+                      f"(ours graph vs eager {row['ours_graph_gain']})")
             if layers < full and ours_fit == full:
                 try:
-                    o = measure(model, preset, full, batch, context, device, False)
+                    o = measure(model, preset, full, batch, context, device, False, graph)
                     row = _row(model, full, full, batch, context, preset, o, None)
                     row["note"] = "fits where the bf16 model does not"
                     rows.append(row)
@@ -246,13 +336,17 @@ def main(argv=None) -> int:
                     help="decoder layers (default: as many as fit, up to the full depth)")
     ap.add_argument("--preset", default="w4a4kv4",
                     help="our model's preset (w4a4kv4, w4a4kv16, w4a16kv16)")
+    ap.add_argument("--no-graph", action="store_true",
+                    help="time eager decode steps only (no CUDA-graph replay)")
     args = ap.parse_args(argv)
     models = args.models.split(",") if args.models else None
     batches = [int(b) for b in args.batches.split(",")] if args.batches else None
     if args.dry_run:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and not args.no_graph:
+            print("[dry-run] CUDA-graph decode: skipped (CPU)")
         run(models or DRY_MODELS, batches or DRY_BATCHES, args.context or DRY_CONTEXT,
-            args.preset, True, device, args.layers)
+            args.preset, True, device, args.layers, not args.no_graph)
         print("[dry-run] decode: ok (no timings, no JSON)")
         return 0
     common.require_cuda(BENCH)
@@ -262,11 +356,15 @@ def main(argv=None) -> int:
         print(f"warning: no CUDA kernel for {sorted(missing)}: those run the reference",
               file=sys.stderr)
     rows = run(models or (QUICK_MODELS if args.quick else MODELS), batches or BATCHES,
-               args.context or CONTEXT, args.preset, False, "cuda", args.layers)
+               args.context or CONTEXT, args.preset, False, "cuda", args.layers,
+               not args.no_graph)
     short = args.device_short or common.device_short()
     path = common.write_results(BENCH, short, rows, args.out_dir)
     common.print_table(rows, ["model", "layers", "batch", "context", "ours_tok_s",
                               "baseline_tok_s", "speedup", "ours_bytes", "baseline_bytes"])
+    if not args.no_graph:
+        common.print_table(rows, ["model", "layers", "batch", "ours_graph_tok_s",
+                                  "baseline_graph_tok_s", "graph_speedup", "ours_graph_gain"])
     print(f"wrote {path}")
     return 0
 

@@ -47,3 +47,21 @@ def test_decode_layer_fitting():
     assert 0 < n < 60 and decode.fit_layers("llama-30b", "w4a4kv4", 16, 2048,
                                             int(0.85 * 78 * gib)) == 60
     assert decode.fit_layers("llama-2-13b", "w16a16kv16", 1, 2048, 1) == 0
+
+
+def test_decode_graph_columns():
+    o = {"tok_s": 100.0, "ms": 10.0, "peak": 3, "weights": 1, "kv": 2, "graph_ms": 5.0,
+         "graph_tok_s": 200.0}
+    b = {"tok_s": 50.0, "ms": 20.0, "peak": 9, "weights": 4, "kv": 8,
+         "graph_error": "cannot capture the decode step in a CUDA graph: ..."}
+    row = decode._row("llama-2-7b", 2, 32, 1, 2048, "w4a4kv4", o, b)
+    assert row["speedup"] == 2.0 and row["ours_graph_tok_s"] == 200.0
+    assert row["ours_graph_gain"] == 2.0 and row["graph_speedup"] is None
+    assert row["baseline_graph_tok_s"] is None and "CUDA graph" in row["baseline_graph_error"]
+    b.pop("graph_error")
+    b.update(graph_ms=10.0, graph_tok_s=100.0)
+    assert decode._row("m", 2, 32, 1, 2048, "w4a4kv4", o, b)["graph_speedup"] == 2.0
+    # --no-graph rows: no graph columns at all
+    for d in (o, b):
+        d.pop("graph_ms"), d.pop("graph_tok_s")
+    assert not any("graph" in k for k in decode._row("m", 2, 32, 1, 2048, "w4a4kv4", o, b))

@@ -107,3 +107,124 @@ def test_required_ops_and_missing_kernels_reason(models, monkeypatch):
     why = graph_unavailable_reason(fake)
     assert "no CUDA kernel for" in why and "int4_kv_attention" in why and \
         "'int4_gemm'" not in why
+
+
+# ----------------------------------------------------------------------------------------
+# CUDAGraphDecoder's own logic (warm-up and restore, host bookkeeping, reuse in generate) on a
+# CPU, with torch.cuda's stream / graph API replaced by stand-ins: "capture" runs the step
+# once like the real capture would record it, and "replay" runs decode_step again. This checks
+# everything but the capture itself (tests/test_cuda_runtime_graph.py does that on a GPU).
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeGraph:
+    replay = None  # set per decoder by _simulate()
+
+
+class _Ctx:
+    def __init__(self, *a, **kw):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _FakeCapture(_Ctx):
+    """A capture records the step without running it: here it runs, so undo its effect on
+    the lengths of the cache being captured (``cache`` set by the test)."""
+
+    cache = None
+
+    def __enter__(self):
+        self.saved = _FakeCapture.cache.seqlens.clone()
+        return self
+
+    def __exit__(self, *exc):
+        _FakeCapture.cache.seqlens.copy_(self.saved)
+        return False
+
+
+def _decoder(m, cache, **kw):
+    _FakeCapture.cache = cache
+    return _simulate(CUDAGraphDecoder(m, cache, **kw), m)
+
+
+def _simulate(dec, m):
+    """Make ``dec``'s replay run the step it captured (on the CPU)."""
+    def replay():
+        dec.logits.copy_(m.decode_step(dec.input_ids, dec.cache, update_host=False))
+    dec.graph.replay = replay
+    return dec
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    import importlib
+
+    gen_mod = importlib.import_module("ostquant.runtime.generate")  # (not the function)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **kw: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **kw: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", _Ctx)
+    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **kw: None)
+    monkeypatch.setattr(cg, "graph_unavailable_reason", lambda *a, **kw: None)
+    monkeypatch.setattr(gen_mod, "graph_unavailable_reason", lambda *a, **kw: None)
+    made = []
+
+    def decoder(m, cache, **kw):
+        dec = _decoder(m, cache, **kw)
+        made.append(dec)
+        return dec
+
+    monkeypatch.setattr(gen_mod, "CUDAGraphDecoder", decoder)
+    return made
+
+
+def test_graph_decoder_logic_simulated(models, fake_cuda):
+    m = models["w4a4kv4"]
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    eager, graphed = _prefilled(m, ids, 14), _prefilled(m, ids, 14)
+    before = graphed.seqlens.clone()
+    dec = _decoder(m, graphed, warmup=3)
+    # the warm-up steps ran (and wrote one slot past the lengths) but left the lengths alone
+    assert torch.equal(graphed.seqlens, before) and graphed.lengths == [9, 6]
+    assert dec.matches(m, graphed) and not dec.matches(m, eager)
+    feed = torch.tensor([3, 4])
+    for _ in range(5):
+        want = m(feed[:, None], eager, logits="last")
+        got = dec.step(feed)
+        assert torch.equal(got, want)
+        assert graphed.lengths == eager.lengths and torch.equal(graphed.seqlens, eager.seqlens)
+        feed = want.argmax(-1)
+    with pytest.raises(ValueError, match="need 2 token ids"):
+        dec.step(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        dec.step(torch.tensor([1, 999]))
+    assert graphed.lengths == [14, 11]  # the first sequence is full
+    with pytest.raises(CacheFullError):
+        dec.step(feed)
+
+
+def test_generate_with_simulated_graph_reuses_it(models, fake_cuda):
+    m = models["w4a4kv4"]
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
+    want = m.generate(prompts, max_new_tokens=5, stop_at_eos=False, max_cache_len=12)
+    cache = m.new_cache(2, 12)
+    got = m.generate(prompts, max_new_tokens=5, stop_at_eos=False, cuda_graph=True,
+                     cache=cache)
+    assert got.tokens == want.tokens and got.extra["cuda_graph"] is True
+    assert len(fake_cuda) == 1 and got.extra["cuda_graph_capture_seconds"] > 0
+    again = m.generate(prompts, max_new_tokens=5, stop_at_eos=False, cuda_graph=True,
+                       cache=cache)
+    assert again.tokens == want.tokens and len(fake_cuda) == 1  # reused, not recaptured
+    assert again.extra["cuda_graph_capture_seconds"] == 0.0
+    # one new token only: no decode step, nothing captured
+    m.generate(prompts, max_new_tokens=1, cuda_graph=True, cache=m.new_cache(2, 12))
+    assert len(fake_cuda) == 1

@@ -316,9 +316,10 @@ def generate(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = Fals
         cuda_graph: capture the decode step in a CUDA graph once (after the prefill) and replay
             it for every token (:class:`~ostquant.runtime.cuda_graph.CUDAGraphDecoder`; the
             same tokens as eager decoding). CUDA only, with the compiled kernels of every op
-            the step uses; otherwise a :class:`~ostquant.runtime.cuda_graph.CUDAGraphFallbackWarning`
-            says why and decoding runs eagerly (``result.extra["cuda_graph"]`` is False). Pass
-            the same ``cache`` to later calls to reuse the captured graph.
+            the step uses; otherwise a
+            :class:`~ostquant.runtime.cuda_graph.CUDAGraphFallbackWarning` says why and
+            decoding runs eagerly (``result.extra["cuda_graph"]`` is False). Pass the same
+            ``cache`` to later calls to reuse the captured graph.
 
     Raises ``ValueError`` on an empty batch, an empty prompt, token ids outside the
     vocabulary, or prompts (plus ``max_new_tokens``) that do not fit the cache.
