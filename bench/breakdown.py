@@ -124,11 +124,14 @@ KERNEL_TABLE: List[Tuple[str, str]] = [
     (r"hadamard_kernel", "hadamard"),
     (r"kv_append", "kv_append"),
     (r"kv_attn", "attention"),
-    # libraries: flash / memory-efficient attention before the generic GEMM names (the
+    # libraries: flash / memory-efficient / cuDNN attention before the generic GEMM names (the
     # memory-efficient kernels are CUTLASS kernels called fmha_cutlass...)
-    (r"flash|fmha|attention", "attention"),
-    (r"gemm|gemv|xmma|wgmma|cutlass|cublas|_int_mm|^aten::(mm|bmm|addmm|matmul|linear)$",
-     "gemm"),
+    (r"flash|fmha|attention|sdpa", "attention"),
+    # cuBLAS (``nvjet_*`` on Hopper with recent CUDA, ``sm90_xmma_gemm_*``, ``ampere_*gemm*``),
+    # CUTLASS; on a CPU the matmul ops themselves. Not in OP_TABLE: a matmul inside the
+    # reference attention op is attention time
+    (r"gemm|gemv|nvjet|xmma|wgmma|cutlass|cublas|_int_mm"
+     r"|^aten::(mm|bmm|addmm|matmul|linear)$", "gemm"),
 ]
 
 _OP_RES = [(re.compile(p), c) for p, c in OP_TABLE]

@@ -17,6 +17,7 @@ GEMM_KERNELS = [
     "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, "
     "int, int>, cutlass::gemm::collective::CollectiveMma<...>>>(...)",
     "ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_64x4_tn",
+    "nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT",
 ]
 CASES = [
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, "
@@ -44,6 +45,7 @@ CASES = [
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add"
      "<c10::BFloat16>, std::array<char*, 3ul>>(int, at::native::CUDAFunctor_add<c10::BFloat16>,"
      " std::array<char*, 3ul>)", "other"),
+    ("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0", "attention"),
     ("Memcpy DtoD (Device -> Device)", "other"),
     ("aten::mul", "other"),
 ]
