@@ -228,3 +228,10 @@ def test_generate_with_simulated_graph_reuses_it(models, fake_cuda):
     # one new token only: no decode step, nothing captured
     m.generate(prompts, max_new_tokens=1, cuda_graph=True, cache=m.new_cache(2, 12))
     assert len(fake_cuda) == 1
+
+
+def test_graph_kept_only_on_a_cache_the_caller_passed(models, fake_cuda):
+    m = models["w4a4kv4"]
+    r = m.generate([[1, 2, 3]], max_new_tokens=3, cuda_graph=True, stop_at_eos=False)
+    assert r.extra["cuda_graph"] is True and len(fake_cuda) == 1
+    assert fake_cuda[0].cache.__dict__.get("_cuda_graph_decoder") is None  # no cycle kept

@@ -165,10 +165,12 @@ def _fallback(timing: dict, why: str) -> None:
     timing["cuda_graph_fallback"] = why
 
 
-def _graph_decoder(model, cache: KVCache, timing: dict):
+def _graph_decoder(model, cache: KVCache, timing: dict, keep: bool):
     """The :class:`CUDAGraphDecoder` for ``model`` over ``cache``: the one captured earlier
-    for this cache when the model's tensors are unchanged, else a new capture. None (after a
-    :class:`CUDAGraphFallbackWarning`) when the step cannot be captured."""
+    for this cache when the model's tensors are unchanged, else a new capture, kept on the
+    cache for later calls if ``keep`` (a cache the caller passed in; a cache allocated for one
+    call is not worth keeping a graph for). None (after a :class:`CUDAGraphFallbackWarning`)
+    when the step cannot be captured."""
     g = getattr(cache, "_cuda_graph_decoder", None)
     if g is not None and g.matches(model, cache):
         timing["cuda_graph_capture_seconds"] = 0.0
@@ -178,7 +180,8 @@ def _graph_decoder(model, cache: KVCache, timing: dict):
     except CUDAGraphUnavailable as e:
         _fallback(timing, str(e))
         return None
-    cache._cuda_graph_decoder = g
+    if keep:
+        cache._cuda_graph_decoder = g
     timing["cuda_graph_capture_seconds"] = g.capture_seconds
     return g
 
@@ -209,6 +212,7 @@ def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
                              f"{bad[:5]}")
     B = len(ids)
     lens = [len(p) for p in ids]
+    user_cache = cache is not None
     need = max(lens) + max_new_tokens - 1  # the last token is sampled, never fed
     if cache is None:
         cap = max_cache_len if max_cache_len is not None else need
@@ -275,7 +279,7 @@ def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
             break
         feed = torch.tensor([pad_token_id if t is None else t for t in out], dtype=torch.long)
         if use_graph and graph is None:
-            graph = _graph_decoder(model, cache, timing)
+            graph = _graph_decoder(model, cache, timing, keep=user_cache)
             use_graph = graph is not None
             timing["cuda_graph"] = use_graph
         t0 = time.perf_counter()
@@ -348,4 +352,5 @@ def generate(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = Fals
                             texts=texts, prefill_seconds=timing.get("prefill_seconds", 0.0),
                             decode_seconds=timing.get("decode_seconds", 0.0),
                             decode_steps=timing.get("decode_steps", 0),
-                            extra={k: v for k, v in timing.items() if k.startswith("cuda_graph")})
+                            extra={k: v for k, v in timing.items()
+                                   if k.startswith("cuda_graph")})
