@@ -7,7 +7,8 @@ Rows (each trained with :func:`ostquant.calibrate.pipeline.quantize_model`, meth
 ==========  ===========================================================================
 ``fp``      the floating-point model
 ``rtn``     no transform (round-to-nearest)
-``+R_res``  global rotation of the residual stream (WOMI init, learned)
+``+R_res``  global rotation of the residual stream (learned; initialised as the full
+            OSTQuant config of the preset is: random Hadamard with 4-bit activations, else WOMI)
 ``+S_res``  + per-layer norm scalings S_attn, S_ffn
 ``+R_dn``   + online Hadamard before down_proj
 ``+S_u|d``  + up/down scaling
@@ -100,7 +101,7 @@ def _write(path, rows, partial):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ostquant.calibrate.pipeline import CalibSettings, quantize_model
+    from ostquant.calibrate.pipeline import CalibSettings, quantize_model, transform_config_for
     from ostquant.data import calibration_batches, dataset_name, load_text, tokenize_windows
     from ostquant.metrics import perplexity
     from ostquant.models import load_model, model_display_name
@@ -158,14 +159,17 @@ def main(argv=None) -> int:
                        calib_seconds=round(time.perf_counter() - t0, 3))
         else:
             _, pairs, loss = steps[label]
-            tcfg = TransformConfig.only(*pairs, r_res_init="womi", r_ov_init="identity",
-                                        seed=args.seed)
+            init = transform_config_for("ostquant", get_preset(preset), args.seed)
+            tcfg = TransformConfig.only(*pairs, r_res_init=init.r_res_init,
+                                        r_ov_init=init.r_ov_init, seed=args.seed)
             c = calib.__class__(**{**calib.to_dict(), "loss": loss})
             qm, info = quantize_model(copy.deepcopy(model), tok, "ostquant", preset, c,
                                       progress=args.progress, calib_data=data,
                                       transform_config=tcfg)
             tr = info["training"]
             row.update(method="ostquant", preset=preset, pairs=list(pairs), loss=loss,
+                       r_res_init=tcfg.r_res_init, r_ov_init=tcfg.r_ov_init,
+                       kl_top_renormalize=c.kl_top_renormalize,
                        calib_seconds=round(time.perf_counter() - t0, 3),
                        train_steps=tr["steps"], median_step_s=round(tr["median_step_s"], 3),
                        initial_loss=tr["initial_loss"], final_loss=tr["final_loss"],

@@ -85,7 +85,13 @@ def test_transform_configs(saved):
     assert saved["spinquant"][2]["calibration"]["loss"] is None  # method default: ce
     o = saved["ostquant"][2]["transform_config"]
     assert all(o[k] for k in ("r_res", "s_res", "r_ov", "s_ov", "s_qk", "s_up_down"))
-    assert o["r_res_init"] == "womi"
+    # 4-bit activations: random-Hadamard R_res, Hadamard R_ov; weight-only: WOMI.
+    assert o["r_res_init"] == "random_hadamard" and o["r_ov_init"] == "hadamard"
+    from ostquant.calibrate.pipeline import transform_config_for
+    from ostquant.quant import get_preset
+    w = transform_config_for("ostquant", get_preset("w4a16kv16"))
+    assert w.r_res_init == "womi" and w.r_ov_init == "identity" and not w.qk_hadamard
+    assert transform_config_for("ostquant", get_preset("w4a4kv4")).qk_hadamard
 
 
 def test_quarot_without_quantization_is_exact(tiny_dir, ids):

@@ -373,3 +373,12 @@ def test_cuda_autocast_bf16(tmp_path):
     assert all(map(lambda x: x == x, out["losses"]))
     assert out["losses"][-1] < 0.5 * out["losses"][0]
     assert out["max_orthogonality_error"] < 1e-5
+
+
+def test_old_checkpoint_config_keeps_renormalised_kl_top():
+    """Configs saved before ``kl_top_renormalize`` existed trained the renormalised form; a
+    resumed run must keep it (the new default is the paper's eq. 12)."""
+    d = _cfg().to_dict()
+    assert d["kl_top_renormalize"] is False
+    del d["kl_top_renormalize"]
+    assert TrainConfig.from_dict(d).kl_top_renormalize is True

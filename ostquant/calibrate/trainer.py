@@ -98,7 +98,8 @@ class TrainConfig:
             cross-entropy on the calibration text; no teacher).
         topk: k of KL-Top (paper: 1000).
         kl_top_renormalize: KL-Top over the teacher's top-k with both distributions
-            renormalised over those k tokens (True), or the paper's eq. 12 literally (False):
+            renormalised over those k tokens (True), or the paper's eq. 12 literally (False,
+            the default; on the default model W4A4KV4 it gave ppl 36.1 against 41.5):
             full-vocabulary probabilities at the top-k tokens, so student probability mass
             outside the teacher's top-k is penalised too (see :mod:`.losses`).
         seed: seeds the batch sampler (and the torch RNG at the start of a fresh run).
@@ -131,7 +132,7 @@ class TrainConfig:
     seqlen: int = 512
     loss: str = "kl_top"
     topk: int = 1000
-    kl_top_renormalize: bool = True
+    kl_top_renormalize: bool = False
     seed: int = 0
     grad_clip: Optional[float] = None
     stabilize_every: Optional[int] = 10
@@ -196,6 +197,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        # Checkpoints written before the option existed trained the renormalised KL-Top.
+        d.setdefault("kl_top_renormalize", True)
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
