@@ -176,7 +176,7 @@ def main(argv=None) -> int:
                        qsur_mean=(info.get("qsur") or {}).get("mean"),
                        calibration={k: info["calibration"][k] for k in
                                     ("steps", "nsamples", "seqlen", "batch_size", "lr_orth",
-                                     "lr_scale", "seed")})
+                                     "lr_scale", "quant_grad", "seed")})
         row["ppl"] = perplexity(qm, windows, progress=args.progress, desc=label)
         row["eval_seconds"] = round(time.perf_counter() - t0 - row["calib_seconds"], 3)
         rows.append(row)

@@ -84,7 +84,7 @@ def _calib_settings(args):
     d = CalibSettings()
     kw = {}
     for name in ("steps", "nsamples", "seed", "lr_orth", "lr_scale", "loss",
-                 "kl_top_renormalize"):
+                 "kl_top_renormalize", "quant_grad"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
@@ -342,7 +342,7 @@ def _row_calibration(info: Optional[dict]) -> dict:
         c = info["calibration"]
         out["calibration"] = {k: c[k] for k in ("steps", "nsamples", "seqlen", "batch_size",
                                                 "lr_orth", "lr_scale", "loss",
-                                                "kl_top_renormalize", "seed",
+                                                "kl_top_renormalize", "quant_grad", "seed",
                                                 "weight_clip", "gptq") if k in c}
     if info.get("transform_config"):
         t = info["transform_config"]
@@ -585,6 +585,10 @@ def _add_calib_args(p: argparse.ArgumentParser, calib_seqlen_flag: str) -> None:
                    help="KL-Top with both distributions renormalised over the teacher's top-k, "
                         "or (--no-kl-top-renormalize) the paper's eq. 12 with full-vocabulary "
                         f"probabilities (default: {'renormalised' if d.kl_top_renormalize else 'eq. 12'})")
+    g.add_argument("--quant-grad", choices=["ste", "range"],
+                   help="backward of the fake quantizers while training: plain straight-through "
+                        "(ste) or range-aware (range; needed to learn scalings) (default: ste "
+                        "for spinquant, range for ostquant)")
     g.add_argument("--calib-text", help="calibration text source (default: --text)")
     from ostquant.transforms.pairs import R_OV_INITS, R_RES_INITS
 

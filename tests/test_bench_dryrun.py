@@ -63,3 +63,18 @@ def test_device_short():
     assert common.device_short("NVIDIA H200") == "h200"
     assert common.device_short("cpu") == "cpu"
     assert common.num_sets(1 << 30) == 2 and common.num_sets(1) == common.MAX_SETS
+
+
+def test_quant_grad_check_dry_run(capsys, single_thread):
+    """The scaling-gradient check runs both backward modes on a tiny model."""
+    from bench import quant_grad_check
+
+    assert quant_grad_check.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: nothing written" in out
+    for mode in ("ste", "range"):
+        assert mode in out
+    for group in quant_grad_check.GROUPS:
+        assert group in out
+    with pytest.raises(SystemExit, match="unknown mode"):
+        quant_grad_check.main(["--dry-run", "--modes", "ste,lsq"])

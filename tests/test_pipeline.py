@@ -83,6 +83,11 @@ def test_transform_configs(saved):
     assert t["r_res"] and t["r_ov"] and not t["s_res"] and not t["s_qk"]
     assert t["r_res_init"] == "random_hadamard" and t["r_ov_init"] == "hadamard"
     assert saved["spinquant"][2]["calibration"]["loss"] is None  # method default: ce
+    # fake-quantizer backward: SpinQuant's plain STE; range-aware for OSTQuant's scalings
+    assert saved["spinquant"][2]["calibration"]["quant_grad"] == "ste"
+    assert saved["ostquant"][2]["calibration"]["quant_grad"] == "range"
+    cfg = json.loads((saved["ostquant"][0] / "config.json").read_text())
+    assert cfg["calibration"]["quant_grad"] == "range"
     o = saved["ostquant"][2]["transform_config"]
     assert all(o[k] for k in ("r_res", "s_res", "r_ov", "s_ov", "s_qk", "s_up_down"))
     # 4-bit activations: random-Hadamard R_res, Hadamard R_ov; weight-only: WOMI.

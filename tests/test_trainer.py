@@ -382,3 +382,32 @@ def test_old_checkpoint_config_keeps_renormalised_kl_top():
     assert d["kl_top_renormalize"] is False
     del d["kl_top_renormalize"]
     assert TrainConfig.from_dict(d).kl_top_renormalize is True
+
+
+def test_quant_grad_mode_reaches_the_student_and_is_checked(tmp_path):
+    """The trainer runs the student's forward under its ``quant_grad`` mode (and only there);
+    the mode is part of the trajectory a checkpoint must match; old configs mean "ste"."""
+    from ostquant.quant.fake import current_quant_grad
+
+    prob = ToyProblem()
+    seen = []
+    for mode in ("ste", "range"):
+        p = ToyParams()
+        inner = prob.student(p)
+
+        def fwd(ids, inner=inner):
+            seen.append(current_quant_grad())
+            return inner(ids)
+
+        Trainer(p, fwd, prob.teacher, prob.data, _cfg(steps=2, quant_grad=mode)).train()
+        assert set(seen) == {mode} and current_quant_grad() == "ste"
+        seen.clear()
+    d = str(tmp_path / "ck")
+    _trainer(prob, ToyParams(), checkpoint_dir=d, steps=3).train()
+    with pytest.raises(CheckpointError, match="quant_grad: checkpoint 'ste' vs now 'range'"):
+        _trainer(prob, ToyParams(), checkpoint_dir=d, steps=3, quant_grad="range").train()
+    with pytest.raises(ValueError, match="TrainConfig.quant_grad must be one of"):
+        _cfg(quant_grad="lsq")
+    old = _cfg(quant_grad="range").to_dict()
+    del old["quant_grad"]
+    assert TrainConfig.from_dict(old).quant_grad == "ste"

@@ -86,6 +86,8 @@ class CalibSettings:
     round-to-nearest; it adds about a minute on the default model on a CPU.
     ``kl_top_renormalize``: see :class:`~ostquant.calibrate.trainer.TrainConfig` (default
     False: the paper's eq. 12 with full-vocabulary probabilities).
+    ``quant_grad``: backward of the fake quantizers while training (``"ste"`` or ``"range"``,
+    :mod:`ostquant.quant.fake`); None picks the method's default (:func:`quant_grad_for`).
     """
 
     steps: int = 100
@@ -103,6 +105,7 @@ class CalibSettings:
     weight_clip: str = "cached"
     qsur_samples: int = 8
     kl_top_renormalize: bool = False
+    quant_grad: Optional[str] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,6 +134,14 @@ def transform_config_for(method: str, quant_config, seed: int = 0):
                                    r_ov_init="hadamard", seed=seed)
         return TransformConfig(qk_hadamard=qk, r_res_init="womi", r_ov_init="identity", seed=seed)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def quant_grad_for(method: str) -> str:
+    """Default fake-quantizer backward of a trained method: SpinQuant's plain straight-through
+    estimator for ``spinquant``; the range-aware one for ``ostquant``, whose learned scalings
+    need it (with plain STE their gradient is not a descent direction: README, "Calibration
+    choices")."""
+    return "range" if method == "ostquant" else "ste"
 
 
 def _quant_config(preset):
@@ -270,7 +281,7 @@ def quantize_model(model: nn.Module, tokenizer, method: str, preset,
         "quant_config": cfg.to_dict(),
         "transform_config": None if tcfg is None else tcfg.to_dict(),
         "online_hadamards": online_hadamards(model),
-        "calibration": calib.to_dict() if method in TRAINED_METHODS or calib.gptq else None,
+        "calibration": _calibration_record(calib, method),
         "training": None if train_summary is None else _brief_summary(train_summary),
         "timings": {k: round(float(v), 3) for k, v in timings.items()},
         "qsur": None,
@@ -283,6 +294,15 @@ def quantize_model(model: nn.Module, tokenizer, method: str, preset,
     if out_dir is not None:
         save_quantized(model, out_dir, info)
     return model, info
+
+
+def _calibration_record(calib: CalibSettings, method: str) -> Optional[dict]:
+    if method not in TRAINED_METHODS and not calib.gptq:
+        return None
+    d = calib.to_dict()
+    if method in TRAINED_METHODS:
+        d["quant_grad"] = calib.quant_grad or quant_grad_for(method)
+    return d
 
 
 def _dtype_name(model) -> str:
@@ -338,6 +358,7 @@ def _train(model, tokenizer, method, cfg, params, calib: CalibSettings, out_dir,
                      batch_size=calib.batch_size, nsamples=calib.nsamples, seqlen=calib.seqlen,
                      loss=loss, topk=min(1000, vocab), seed=calib.seed,
                      kl_top_renormalize=calib.kl_top_renormalize,
+                     quant_grad=calib.quant_grad or quant_grad_for(method),
                      checkpoint_dir=ckpt_dir, progress=progress,
                      checkpoint_every=max(1, min(25, calib.steps)))
     apply_training_transforms(model, params, cfg, weight_clip=calib.weight_clip)

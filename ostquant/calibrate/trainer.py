@@ -102,6 +102,11 @@ class TrainConfig:
             the default; on the default model W4A4KV4 it gave ppl 36.1 against 41.5):
             full-vocabulary probabilities at the top-k tokens, so student probability mass
             outside the teacher's top-k is penalised too (see :mod:`.losses`).
+        quant_grad: backward of the fake quantizers in the student's forward
+            (:data:`ostquant.quant.fake.GRAD_MODES`): ``"ste"`` (plain straight-through,
+            SpinQuant's) or ``"range"`` (range-aware: the quantization step's dependence on
+            the row's range is differentiated; needed to learn scalings, see
+            :mod:`ostquant.quant.fake`).
         seed: seeds the batch sampler (and the torch RNG at the start of a fresh run).
         grad_clip: clip the global gradient norm to this value (None: no clipping).
         stabilize_every: project the orthogonal parameters back onto the manifold every N
@@ -133,6 +138,7 @@ class TrainConfig:
     loss: str = "kl_top"
     topk: int = 1000
     kl_top_renormalize: bool = False
+    quant_grad: str = "ste"
     seed: int = 0
     grad_clip: Optional[float] = None
     stabilize_every: Optional[int] = 10
@@ -186,6 +192,10 @@ class TrainConfig:
         if self.cache_teacher is True and self.loss != "kl_top":
             raise ValueError(f"TrainConfig.cache_teacher=True needs loss='kl_top' (got "
                              f"{self.loss!r}): only the teacher's top-k can be cached")
+        from ostquant.quant.fake import GRAD_MODES
+        if self.quant_grad not in GRAD_MODES:
+            raise ValueError(f"TrainConfig.quant_grad must be one of {GRAD_MODES}, got "
+                             f"{self.quant_grad!r}")
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
 
@@ -200,12 +210,14 @@ class TrainConfig:
         d = dict(d)
         # Checkpoints written before the option existed trained the renormalised KL-Top.
         d.setdefault("kl_top_renormalize", True)
+        d.setdefault("quant_grad", "ste")  # ... and the plain straight-through backward
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
 #: config fields that change the training trajectory: a checkpoint must agree on all of them
 TRAJECTORY_FIELDS = ("steps", "lr_orth", "lr_scale", "weight_decay", "betas", "eps", "batch_size",
-                     "nsamples", "seqlen", "loss", "topk", "kl_top_renormalize", "seed", "grad_clip",
+                     "nsamples", "seqlen", "loss", "topk", "kl_top_renormalize", "quant_grad", "seed",
+                     "grad_clip",
                      "stabilize_every", "orthogonalize_at_end", "autocast")
 
 
@@ -474,19 +486,25 @@ class Trainer:
                                            with_lse=full)
                 tl = tl[0] if full else None
             with self._autocast():
-                logits = self.student_forward(ids)
+                logits = self._student(ids)
             self._check_student(logits, ids)
             return kl_top_from_topk(logits, tv, ti, teacher_lse=tl)
         if self.config.loss == "kl":
             t = self._teacher_logits(ids)
             with self._autocast():
-                logits = self.student_forward(ids)
+                logits = self._student(ids)
             self._check_student(logits, ids)
             return self.loss_fn(logits, teacher_logits=t)
         with self._autocast():
-            logits = self.student_forward(ids)
+            logits = self._student(ids)
         self._check_student(logits, ids)
         return self.loss_fn(logits, labels=ids)
+
+    def _student(self, ids):
+        from ostquant.quant.fake import quant_grad
+
+        with quant_grad(self.config.quant_grad):
+            return self.student_forward(ids)
 
     @staticmethod
     def _check_student(logits, ids) -> None:
