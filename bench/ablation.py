@@ -40,7 +40,8 @@ import torch
 if __package__ in (None, ""):  # python bench/ablation.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import base_parser, device_short, meta, print_table, results_path  # noqa: E402
+from bench.common import (base_parser, device_short, meta, print_table,  # noqa: E402
+                          results_path, tiny_model_and_text)
 
 #: (label, pairs switched on, loss) in the paper's Table 4 order, then the loss comparison
 STEPS = [
@@ -110,17 +111,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)
     if args.dry_run:
-        import tempfile
-
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))), "tests"))
-        from tiny_models import save_tiny_checkpoint
-        tmp = tempfile.mkdtemp(prefix="ostquant_ablation_")
-        save_tiny_checkpoint(os.path.join(tmp, "model"))
-        with open(os.path.join(tmp, "text.txt"), "w") as f:
-            f.write("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog."
-                                for i in range(40)))
-        args.model, args.text = os.path.join(tmp, "model"), os.path.join(tmp, "text.txt")
+        args.model, args.text = tiny_model_and_text("ostquant_ablation_")
         args.steps, args.nsamples, args.calib_seqlen, args.seqlen = 2, 4, 32, 32
         args.max_windows = 2
     preset = get_preset(args.preset).name

@@ -43,6 +43,25 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
+def tiny_model_and_text(prefix: str = "ostquant_bench_"):
+    """``(model_dir, text_path)`` of a tiny random Llama checkpoint and a short text in a new
+    temporary directory: what the CPU-side ``--dry-run`` of the accuracy scripts loads."""
+    import tempfile
+
+    tests_dir = os.path.join(ROOT, "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    from tiny_models import save_tiny_checkpoint
+
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    save_tiny_checkpoint(os.path.join(tmp, "model"))
+    text = os.path.join(tmp, "text.txt")
+    with open(text, "w") as f:
+        f.write("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog."
+                             for i in range(40)))
+    return os.path.join(tmp, "model"), text
+
+
 def require_cuda(bench: str) -> None:
     """Exit with a clear message when a timed run is asked for without CUDA."""
     if not torch.cuda.is_available():

@@ -27,7 +27,8 @@ import torch
 if __package__ in (None, ""):  # python bench/quant_grad_check.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import base_parser, device_short, meta, print_table, write_results  # noqa: E402
+from bench.common import (base_parser, device_short, print_table,  # noqa: E402
+                          tiny_model_and_text, write_results)
 
 GROUPS = ("attn", "ffn", "ov", "qk", "up_down")
 
@@ -103,18 +104,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"bench.quant_grad_check: unknown mode(s) {bad}; choose from {GRAD_MODES}")
     torch.manual_seed(args.seed)
     if args.dry_run:
-        import tempfile
-
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))), "tests"))
-        from tiny_models import save_tiny_checkpoint
-        tmp = tempfile.mkdtemp(prefix="ostquant_gradcheck_")
-        save_tiny_checkpoint(os.path.join(tmp, "model"))
-        with open(os.path.join(tmp, "text.txt"), "w") as f:
-            f.write("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog."
-                                for i in range(40)))
-        args.model, args.text, args.calib_seqlen = (os.path.join(tmp, "model"),
-                                                    os.path.join(tmp, "text.txt"), 32)
+        args.model, args.text = tiny_model_and_text("ostquant_gradcheck_")
+        args.calib_seqlen = 32
     preset = get_preset(args.preset)
     model, tok = load_model(args.model, device="cpu")
     name = model_display_name(args.model) if not args.dry_run else "tiny"
