@@ -208,6 +208,8 @@ def quantize_model(model: nn.Module, tokenizer, method: str, preset,
     calib = calib or CalibSettings()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method in TRAINED_METHODS and calib.quant_grad is None:
+        calib = dataclasses.replace(calib, quant_grad=quant_grad_for(method))
     cfg = _quant_config(preset)
     if calib.gptq and cfg.wbits >= 16:
         raise ValueError(f"CalibSettings.gptq=True needs quantized weights; {cfg.name} keeps "
@@ -281,7 +283,7 @@ def quantize_model(model: nn.Module, tokenizer, method: str, preset,
         "quant_config": cfg.to_dict(),
         "transform_config": None if tcfg is None else tcfg.to_dict(),
         "online_hadamards": online_hadamards(model),
-        "calibration": _calibration_record(calib, method),
+        "calibration": calib.to_dict() if method in TRAINED_METHODS or calib.gptq else None,
         "training": None if train_summary is None else _brief_summary(train_summary),
         "timings": {k: round(float(v), 3) for k, v in timings.items()},
         "qsur": None,
@@ -294,15 +296,6 @@ def quantize_model(model: nn.Module, tokenizer, method: str, preset,
     if out_dir is not None:
         save_quantized(model, out_dir, info)
     return model, info
-
-
-def _calibration_record(calib: CalibSettings, method: str) -> Optional[dict]:
-    if method not in TRAINED_METHODS and not calib.gptq:
-        return None
-    d = calib.to_dict()
-    if method in TRAINED_METHODS:
-        d["quant_grad"] = calib.quant_grad or quant_grad_for(method)
-    return d
 
 
 def _dtype_name(model) -> str:
@@ -358,7 +351,7 @@ def _train(model, tokenizer, method, cfg, params, calib: CalibSettings, out_dir,
                      batch_size=calib.batch_size, nsamples=calib.nsamples, seqlen=calib.seqlen,
                      loss=loss, topk=min(1000, vocab), seed=calib.seed,
                      kl_top_renormalize=calib.kl_top_renormalize,
-                     quant_grad=calib.quant_grad or quant_grad_for(method),
+                     quant_grad=calib.quant_grad,
                      checkpoint_dir=ckpt_dir, progress=progress,
                      checkpoint_every=max(1, min(25, calib.steps)))
     apply_training_transforms(model, params, cfg, weight_clip=calib.weight_clip)
