@@ -4,7 +4,8 @@
   (:meth:`~QuantizedCausalLM.from_quantized`), from a Hugging Face model (as quantized by
   ostquant, or RTN on the fly: :meth:`~QuantizedCausalLM.from_hf`) or with random weights at a
   named shape (:meth:`~QuantizedCausalLM.random`); runs on the ``ostquant`` ops.
-* :class:`KVCache` — int4 (packed codes + fp16 scale/zero) or float, preallocated.
+* :class:`KVCache` — int4 (packed codes + fp16 scale/zero) or float, preallocated;
+  :class:`PagedKVCache` — the int4 cache in pages of a shared pool (block table per sequence).
 * :func:`generate` / :func:`stream` — prefill + decode, greedy or sampled, batched prompts of
   different lengths, streaming.
 * :func:`memory_report` — weights, KV cache, activations (measured on CUDA).
@@ -21,13 +22,13 @@ Example (CPU)::
 from .cuda_graph import (CUDAGraphDecoder, CUDAGraphFallbackWarning, CUDAGraphUnavailable,
                          graph_unavailable_reason)
 from .generate import GenerationResult, SamplingConfig, Step, generate, sample_next, stream
-from .kv_cache import CacheFullError, KVCache
+from .kv_cache import CacheFullError, KVCache, PagedKVCache
 from .memory import MemoryReport, estimate_activation_bytes, memory_report
 from .model import QuantizedCausalLM, RuntimeSpec
 from .shapes import NAMED_SHAPES, shape_config
 
-__all__ = ["QuantizedCausalLM", "RuntimeSpec", "KVCache", "CacheFullError", "generate",
-           "stream", "sample_next", "SamplingConfig", "Step", "GenerationResult",
+__all__ = ["QuantizedCausalLM", "RuntimeSpec", "KVCache", "PagedKVCache", "CacheFullError",
+           "generate", "stream", "sample_next", "SamplingConfig", "Step", "GenerationResult",
            "MemoryReport", "memory_report", "estimate_activation_bytes", "NAMED_SHAPES",
            "shape_config", "CUDAGraphDecoder", "CUDAGraphUnavailable",
            "CUDAGraphFallbackWarning", "graph_unavailable_reason"]

@@ -31,7 +31,7 @@ import torch
 from ostquant import ops
 from ostquant.nn import QuantLinear
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, PagedKVCache
 from .layers import DecoderLayer
 
 __all__ = ["CUDAGraphDecoder", "CUDAGraphUnavailable", "CUDAGraphFallbackWarning",
@@ -68,6 +68,9 @@ def required_cuda_ops(model) -> Set[str]:
 def graph_unavailable_reason(model, cache: Optional[KVCache] = None) -> Optional[str]:
     """Why a decode step of ``model`` (over ``cache``) cannot be captured, or None if it can."""
     dev = model.device
+    if isinstance(cache, PagedKVCache):
+        return ("the KV cache is paged (pages are allocated on the host between steps); "
+                "CUDA-graph decode needs the contiguous cache (model.new_cache(B, n))")
     if dev.type != "cuda":
         return (f"the model is on {dev}; CUDA graphs need the model and its KV cache on a "
                 f"CUDA device")

@@ -1,7 +1,9 @@
 """KV cache of the runtime: int4 (packed codes + fp16 scale/zero) or float, preallocated.
 
 Layout (both kinds), per decoder layer: ``[B, Smax, Hkv, D]`` with sequence ``b`` holding
-``seqlens[b]`` valid tokens at slots ``0 .. seqlens[b]-1`` (contiguous per sequence, no paging).
+``seqlens[b]`` valid tokens at slots ``0 .. seqlens[b]-1`` (contiguous per sequence).
+:class:`PagedKVCache` is the int4 cache in pages of a shared pool instead (a block table per
+sequence; pages are taken as sequences grow and given back by :meth:`PagedKVCache.release`).
 
 * ``kv_bits=4``: the layout of the ``ostquant`` KV ops (docs/ops.md): codes uint8
   ``[B, Smax, Hkv, D/2]``, scale and zero float16 ``[B, Smax, Hkv]``; written by
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from ostquant import ops
 from ostquant.ops import reference as ref
 
-__all__ = ["KVCache", "CacheFullError", "sdpa"]
+__all__ = ["KVCache", "PagedKVCache", "CacheFullError", "sdpa"]
 
 
 class CacheFullError(ValueError):
@@ -277,3 +279,214 @@ class KVCache:
                 f"max_len={self.max_len}, kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, lengths={self._host_lens}, "
                 f"{self.nbytes / 2**20:.1f} MiB)")
+
+
+class PagedKVCache(KVCache):
+    """The int4 KV cache in fixed-size pages of one shared pool (the paged layout of the
+    ``ostquant`` KV ops, docs/ops.md).
+
+    Per decoder layer the pool holds codes uint8 ``[num_pages, P, Hkv, D/2]`` and fp16 scale /
+    zero ``[num_pages, P, Hkv]``; one block table int32 ``[B, ceil(max_len / P)]`` (shared by
+    all layers: page ``i`` is page ``i`` of every layer's pool) maps token ``t`` of sequence
+    ``b`` to page ``block_table[b, t // P]``, slot ``t % P`` (``-1``: no page yet).
+
+    Pages are taken from a free list on the host when a forward pass needs them (sequence
+    ``b`` holds ``ceil(tokens_b / P)`` pages, where the tokens written include the right
+    padding of a batched prefill) and given back by :meth:`release` (one finished sequence)
+    or :meth:`reset`. With ``num_pages`` below ``batch_size * ceil(max_len / P)`` the pool is
+    shared: sequences of different lengths fit in less memory than the contiguous cache's
+    ``batch_size * max_len`` slots; running out of pages raises :class:`CacheFullError`.
+
+    Same interface and the same numbers as :class:`KVCache` with ``kv_bits=4`` (prefill,
+    decode and the fused RoPE + Hadamard append run the paged ops). Not capturable in a CUDA
+    graph (page allocation happens on the host between steps).
+
+    Args:
+        num_layers, batch_size, max_len, num_kv_heads, head_dim: as for :class:`KVCache`
+            (``max_len``: capacity of one sequence).
+        page_size: tokens per page, a power of two >= ``ops.KV_MIN_PAGE_SIZE`` (16).
+        num_pages: pages in the pool (default: enough for every sequence at ``max_len``).
+        dtype, device: as for :class:`KVCache`.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int,
+                 head_dim: int, page_size: int = 64, num_pages: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"):
+        P = int(page_size)
+        if P < ops.KV_MIN_PAGE_SIZE or P & (P - 1):
+            raise ValueError(f"PagedKVCache: page_size must be a power of two >= "
+                             f"{ops.KV_MIN_PAGE_SIZE}, got {page_size}")
+        if batch_size < 1 or max_len < 1 or num_layers < 1:
+            raise ValueError(f"PagedKVCache: batch_size ({batch_size}), max_len ({max_len}) "
+                             f"and num_layers ({num_layers}) must be >= 1")
+        if head_dim not in ops.KV_HEAD_DIMS:
+            raise ValueError(f"PagedKVCache: the int4 KV cache supports head_dim in "
+                             f"{ops.KV_HEAD_DIMS}, got {head_dim}")
+        max_pages = -(-max_len // P)
+        if num_pages is None:
+            num_pages = batch_size * max_pages
+        if num_pages < 1:
+            raise ValueError(f"PagedKVCache: num_pages must be >= 1, got {num_pages}")
+        self.num_layers = num_layers
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.kv_bits = 4
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.page_size = P
+        self.num_pages = int(num_pages)
+        shape = (self.num_pages, P, num_kv_heads)
+        self.layers = []
+        for _ in range(num_layers):
+            t = []
+            for _kv in range(2):  # k, then v: codes, scale, zero
+                t += [torch.zeros(*shape, head_dim // 2, dtype=torch.uint8, device=device),
+                      torch.ones(*shape, dtype=torch.float16, device=device),
+                      torch.zeros(*shape, dtype=torch.float16, device=device)]
+            self.layers.append(tuple(t))
+        self.block_table = torch.full((batch_size, max_pages), -1, dtype=torch.int32,
+                                      device=device)
+        self._pages: List[List[int]] = [[] for _ in range(batch_size)]  # host copy of the table
+        self._free: List[int] = list(range(self.num_pages - 1, -1, -1))  # pop() -> lowest id
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self._host_lens = [0] * batch_size
+        self._graph_safe = False
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int,
+                  device: Optional[Union[str, torch.device]] = None, page_size: int = 64,
+                  num_pages: Optional[int] = None) -> "PagedKVCache":
+        """A paged cache sized for ``model`` (which must have an int4 KV cache)."""
+        s = model.spec
+        if s.kv_bits != 4:
+            raise ValueError(f"PagedKVCache: the paged cache is int4; this model's KV cache is "
+                             f"{s.kv_bits}-bit (use model.new_cache(...) without paging)")
+        return cls(s.num_layers, batch_size, max_len, s.num_kv_heads, s.head_dim, page_size,
+                   num_pages, dtype=model.dtype, device=device or model.device)
+
+    # ------------------------------------------------------------------ pages
+    @property
+    def pages_used(self) -> int:
+        """Pages held by the sequences."""
+        return self.num_pages - len(self._free)
+
+    @property
+    def pages_free(self) -> int:
+        """Pages of the pool not held by any sequence."""
+        return len(self._free)
+
+    def _pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def _grow(self, needs: Sequence[int]) -> None:
+        """Give sequence ``b`` pages until it holds ``needs[b]`` tokens' worth (all or none)."""
+        want = [max(0, self._pages_for(n) - len(p)) for n, p in zip(needs, self._pages)]
+        if sum(want) == 0:
+            return
+        if sum(want) > len(self._free):
+            raise CacheFullError(f"KV cache full: the page pool has {len(self._free)} free "
+                                 f"pages of {self.page_size} tokens, {sum(want)} more are "
+                                 f"needed ({self.num_pages} pages in all; release finished "
+                                 f"sequences or make a larger pool)")
+        for b, w in enumerate(want):
+            for _ in range(w):
+                self._pages[b].append(self._free.pop())
+        self._sync_table()
+
+    def _sync_table(self) -> None:
+        table = torch.full(tuple(self.block_table.shape), -1, dtype=torch.int32)
+        for b, pages in enumerate(self._pages):
+            if pages:
+                table[b, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        self.block_table.copy_(table)
+
+    def release(self, b: int) -> None:
+        """Sequence ``b`` is finished: give its pages back to the pool and set its length
+        to 0 (the other sequences are untouched)."""
+        if not 0 <= b < self.batch_size:
+            raise IndexError(f"PagedKVCache.release: sequence {b} not in [0, {self.batch_size})")
+        self._free.extend(reversed(self._pages[b]))
+        self._pages[b] = []
+        self._host_lens[b] = 0
+        self.seqlens[b] = 0
+        self._sync_table()
+
+    # ------------------------------------------------------------------ lengths
+    def reset(self, lengths: Optional[Sequence[int]] = None) -> None:
+        """Forget the contents and give every page back (``lengths=None``), or set the lengths
+        to ``lengths`` (pages are taken so that each sequence covers its length; the data in
+        them is not cleared, as for :meth:`KVCache.reset`)."""
+        if lengths is None:
+            for b in range(self.batch_size):
+                self._free.extend(reversed(self._pages[b]))
+                self._pages[b] = []
+            self._free.sort(reverse=True)
+            self._sync_table()
+            super().reset(None)
+            return
+        lengths = [int(x) for x in lengths]
+        if len(lengths) != self.batch_size or any(x < 0 or x > self.max_len for x in lengths):
+            raise ValueError(f"KVCache.reset: need {self.batch_size} lengths in "
+                             f"[0, {self.max_len}], got {lengths}")
+        self._grow(lengths)
+        super().reset(lengths)
+
+    def check_room(self, new_tokens: int) -> None:
+        """Raise :class:`CacheFullError` if ``new_tokens`` more tokens exceed a sequence's
+        capacity or the pages left in the pool."""
+        super().check_room(new_tokens)
+        want = sum(max(0, self._pages_for(n + new_tokens) - len(p))
+                   for n, p in zip(self._host_lens, self._pages))
+        if want > len(self._free):
+            raise CacheFullError(f"KV cache full: adding {new_tokens} tokens per sequence "
+                                 f"needs {want} more pages of {self.page_size} tokens, the "
+                                 f"pool has {len(self._free)} free of {self.num_pages}")
+
+    @contextlib.contextmanager
+    def graph_safe(self) -> Iterator["KVCache"]:
+        raise RuntimeError("PagedKVCache cannot be captured in a CUDA graph (pages are "
+                           "allocated on the host between steps); use the contiguous cache")
+        yield self  # pragma: no cover
+
+    # ------------------------------------------------------------------ per layer
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
+               k_hadamard: bool = False) -> None:
+        """As :meth:`KVCache.append`, into pages (taken from the pool as needed)."""
+        S = k.shape[1]
+        self.check_room(S)
+        self._grow([n + S for n in self._host_lens])
+        ops.paged_kv_cache_append(k, v, *self.layers[layer], self.block_table, self.seqlens,
+                                  cos, sin, k_hadamard)
+
+    def read(self, layer: int, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions ``0 .. length-1`` of every sequence, [B, length, Hkv, D],
+        dequantized to :attr:`dtype` (positions without a page read page 0)."""
+        kq, ks, kz, vq, vs, vz = self.layers[layer]
+        k = ref.dequantize_kv(*ref.paged_kv_gather(kq, ks, kz, self.block_table, length))
+        v = ref.dequantize_kv(*ref.paged_kv_gather(vq, vs, vz, self.block_table, length))
+        return k.to(self.dtype), v.to(self.dtype)
+
+    def attend(self, layer: int, q: torch.Tensor, sm_scale: float, fresh: bool) -> torch.Tensor:
+        """As :meth:`KVCache.attend`; a non-fresh pass runs
+        :func:`ostquant.ops.paged_int4_kv_attention`."""
+        if fresh:
+            return super().attend(layer, q, sm_scale, fresh)
+        Sq = q.shape[1]
+        return ops.paged_int4_kv_attention(q, *self.layers[layer], self.block_table,
+                                           self.seqlens + Sq, sm_scale, causal=True,
+                                           max_seqlen=max(self._host_lens) + Sq)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the pool (all layers), the block table and the lengths."""
+        return super().nbytes + self.block_table.numel() * self.block_table.element_size()
+
+    def __repr__(self) -> str:
+        return (f"PagedKVCache(int4, layers={self.num_layers}, batch={self.batch_size}, "
+                f"max_len={self.max_len}, kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, pages {self.pages_used}/{self.num_pages} x "
+                f"{self.page_size}, lengths={self._host_lens}, {self.nbytes / 2**20:.1f} MiB)")

@@ -29,7 +29,7 @@ from torch import nn
 
 from ostquant.nn import QuantLinear
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, PagedKVCache
 from .layers import DecoderLayer, RMSNorm, Rotary, check_projection, fuse_linears
 
 __all__ = ["RuntimeSpec", "QuantizedCausalLM", "random_layers"]
@@ -143,8 +143,14 @@ class QuantizedCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.embed_weight.device
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty :class:`KVCache` for ``batch_size`` sequences of up to ``max_len`` tokens."""
+    def new_cache(self, batch_size: int, max_len: int, paged: bool = False,
+                  page_size: int = 64, num_pages: Optional[int] = None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch_size`` sequences of up to ``max_len`` tokens;
+        with ``paged=True`` a :class:`PagedKVCache` (int4 KV only) of ``num_pages`` pages of
+        ``page_size`` tokens (default: enough for every sequence at ``max_len``)."""
+        if paged:
+            return PagedKVCache.for_model(self, batch_size, max_len, page_size=page_size,
+                                          num_pages=num_pages)
         return KVCache.for_model(self, batch_size, max_len)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,117 @@
+"""The paged int4 KV cache of the runtime (:class:`ostquant.runtime.PagedKVCache`): the same
+numbers as the contiguous cache, pages taken as sequences grow and given back, clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ostquant.runtime import CacheFullError, PagedKVCache, QuantizedCausalLM, generate
+from ostquant.runtime import graph_unavailable_reason
+
+
+@pytest.fixture(scope="module")
+def model():
+    return QuantizedCausalLM.random("tiny", "w4a4kv4", dtype=torch.float32, seed=5)
+
+
+def _ids(b, s, seed=0):
+    return torch.randint(0, 256, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_paged_equals_contiguous_prefill_and_decode(model, page_size):
+    """Mixed lengths in one batch, a prefill crossing page boundaries, then decode steps
+    (some of them entering a new page): every logit equal to the contiguous cache's."""
+    ids = _ids(3, 37)
+    lens = [37, 20, 5]
+    a = model.new_cache(3, 64)
+    b = model.new_cache(3, 64, paged=True, page_size=page_size)
+    assert isinstance(b, PagedKVCache) and b.pages_used == 0
+    want = model(ids, a, input_lengths=lens)
+    got = model(ids, b, input_lengths=lens)
+    assert torch.equal(got, want)
+    # every sequence wrote 37 slots (right padding included)
+    assert b.pages_used == 3 * -(-37 // page_size)
+    feed = want[torch.arange(3), torch.tensor(lens) - 1].argmax(-1, keepdim=True)
+    for _ in range(12):
+        w = model(feed, a, logits="last")
+        g = model(feed, b, logits="last")
+        assert torch.equal(g, w)
+        assert a.lengths == b.lengths
+        feed = w.argmax(-1, keepdim=True)
+    assert b.lengths == [49, 32, 17]
+    # the cache contents (dequantized) are the same numbers
+    for layer in (0, model.spec.num_layers - 1):
+        for x, y in zip(a.read(layer, 49), b.read(layer, 49)):
+            for s, n in enumerate(b.lengths):
+                assert torch.equal(x[s, :n], y[s, :n])
+
+
+def test_pages_follow_lengths_release_and_reuse(model):
+    c = model.new_cache(2, 100, paged=True, page_size=16, num_pages=6)
+    assert c.num_pages == 6 and c.block_table.shape == (2, 7)
+    model(_ids(2, 20), c, input_lengths=[20, 3])
+    assert c.pages_used == 4 and c.lengths == [20, 3]   # 20 slots written each: 2 pages each
+    tbl = c.block_table.tolist()
+    assert sorted(p for row in tbl for p in row if p >= 0) == [0, 1, 2, 3]
+    assert all(p == -1 for row in tbl for p in row[2:])
+    c.release(1)
+    assert c.pages_used == 2 and c.lengths == [20, 0] and c.block_table[1].tolist() == [-1] * 7
+
+
+def test_pool_exhaustion_is_a_clear_error_and_changes_nothing(model):
+    c = model.new_cache(2, 100, paged=True, page_size=16, num_pages=6)
+    model(_ids(2, 20), c)
+    before = (c.pages_used, c.lengths, c.block_table.clone())
+    with pytest.raises(CacheFullError, match="page pool|pages of 16 tokens"):
+        model(_ids(2, 40, seed=1), c)
+    assert (c.pages_used, c.lengths) == before[:2] and torch.equal(c.block_table, before[2])
+    with pytest.raises(CacheFullError, match="capacity of 100"):
+        model(_ids(2, 81, seed=1), c)
+    c.release(1)
+    x0 = [t[0, :20].clone() for t in c.read(0, 20)]
+    model(_ids(2, 10, seed=2), c)  # fits now: sequence 1 reuses the released pages
+    assert c.lengths == [30, 10] and c.pages_used == 3
+    assert all(torch.equal(t[0, :20], y) for t, y in zip(c.read(0, 20), x0))
+    c.reset()
+    assert c.pages_used == 0 and c.pages_free == 6 and c.lengths == [0, 0]
+
+
+def test_generate_with_a_paged_cache_gives_the_same_tokens(model):
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
+    want = generate(model, prompts, 10, stop_at_eos=False)
+    cache = model.new_cache(2, 40, paged=True, page_size=16)
+    got = generate(model, prompts, 10, stop_at_eos=False, cache=cache)
+    again = generate(model, prompts, 10, stop_at_eos=False, cache=cache)  # reset inside
+    assert got.tokens == want.tokens == again.tokens
+    assert cache.pages_used == 2  # 16 and 11 positions written: one page each
+
+
+def test_reset_to_lengths_takes_pages(model):
+    c = model.new_cache(2, 64, paged=True, page_size=16)
+    c.reset([33, 0])
+    assert c.lengths == [33, 0] and c.pages_used == 3
+    with pytest.raises(ValueError, match="lengths"):
+        c.reset([65, 0])
+
+
+def test_bad_paged_cache_arguments(model):
+    with pytest.raises(ValueError, match="power of two"):
+        model.new_cache(1, 64, paged=True, page_size=24)
+    with pytest.raises(ValueError, match="power of two"):
+        model.new_cache(1, 64, paged=True, page_size=8)
+    with pytest.raises(ValueError, match="num_pages"):
+        model.new_cache(1, 64, paged=True, num_pages=0)
+    with pytest.raises(ValueError, match="head_dim"):
+        PagedKVCache(1, 1, 16, 1, head_dim=48)
+    f = QuantizedCausalLM.random("tiny", "w4a4kv16", dtype=torch.float32, seed=5)
+    with pytest.raises(ValueError, match="paged cache is int4"):
+        f.new_cache(1, 16, paged=True)
+    c = model.new_cache(1, 16, paged=True)
+    with pytest.raises(IndexError, match="sequence 1"):
+        c.release(1)
+    with pytest.raises(RuntimeError, match="CUDA graph"):
+        with c.graph_safe():
+            pass
+    assert "paged" in (graph_unavailable_reason(model, c) or "")
+    assert "PagedKVCache(int4" in repr(c) and c.nbytes > 0
