@@ -78,3 +78,16 @@ def test_quant_grad_check_dry_run(capsys, single_thread):
         assert group in out
     with pytest.raises(SystemExit, match="unknown mode"):
         quant_grad_check.main(["--dry-run", "--modes", "ste,lsq"])
+
+
+def test_domain_check_dry_run(capsys, single_thread):
+    """FP, RTN and every recipe run and are evaluated on every text (tiny model)."""
+    from bench import domain_check
+
+    assert domain_check.main(["--dry-run", "--no-progress",
+                              "--recipes", "ostquant:kl_top,spinquant:ce"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: all recipes ran" in out and "ostquant:kl_top" in out
+    with pytest.raises(SystemExit):
+        domain_check.parse_args(["--recipes", "rtn:ce"])
+    assert domain_check.default_texts()[0] == "default"
