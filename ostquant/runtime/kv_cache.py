@@ -54,6 +54,17 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, is_cau
                                           is_causal=is_causal, **kw)
 
 
+def _int4_storage(shape, head_dim: int, device) -> Tuple[torch.Tensor, ...]:
+    """One layer of an int4 cache: K then V, each codes uint8 ``shape + (D/2,)`` and float16
+    scale / zero ``shape``."""
+    t: List[torch.Tensor] = []
+    for _kv in range(2):
+        t += [torch.zeros(*shape, head_dim // 2, dtype=torch.uint8, device=device),
+              torch.ones(*shape, dtype=torch.float16, device=device),
+              torch.zeros(*shape, dtype=torch.float16, device=device)]
+    return tuple(t)
+
+
 class KVCache:
     """Preallocated per-layer K/V storage for a batch of ``batch_size`` sequences.
 
@@ -92,12 +103,7 @@ class KVCache:
         self.layers: List[Tuple[torch.Tensor, ...]] = []
         for _ in range(num_layers):
             if kv_bits == 4:
-                t = []
-                for _kv in range(2):  # k, then v: codes, scale, zero
-                    t += [torch.zeros(*shape, head_dim // 2, dtype=torch.uint8, device=device),
-                          torch.ones(*shape, dtype=torch.float16, device=device),
-                          torch.zeros(*shape, dtype=torch.float16, device=device)]
-                self.layers.append(tuple(t))
+                self.layers.append(_int4_storage(shape, head_dim, device))
             else:
                 self.layers.append((torch.zeros(*shape, head_dim, dtype=dtype, device=device),
                                     torch.zeros(*shape, head_dim, dtype=dtype, device=device)))
@@ -338,14 +344,7 @@ class PagedKVCache(KVCache):
         self.page_size = P
         self.num_pages = int(num_pages)
         shape = (self.num_pages, P, num_kv_heads)
-        self.layers = []
-        for _ in range(num_layers):
-            t = []
-            for _kv in range(2):  # k, then v: codes, scale, zero
-                t += [torch.zeros(*shape, head_dim // 2, dtype=torch.uint8, device=device),
-                      torch.ones(*shape, dtype=torch.float16, device=device),
-                      torch.zeros(*shape, dtype=torch.float16, device=device)]
-            self.layers.append(tuple(t))
+        self.layers = [_int4_storage(shape, head_dim, device) for _ in range(num_layers)]
         self.block_table = torch.full((batch_size, max_pages), -1, dtype=torch.int32,
                                       device=device)
         self._pages: List[List[int]] = [[] for _ in range(batch_size)]  # host copy of the table
