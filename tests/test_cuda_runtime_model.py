@@ -91,3 +91,20 @@ def test_default_model_same_greedy_tokens_cpu_and_cuda():
     a = cpu.generate(prompt, max_new_tokens=8, stop_at_eos=False)
     b = gpu.generate(prompt, max_new_tokens=8, stop_at_eos=False)
     assert a.tokens == b.tokens, (a.texts, b.texts)
+
+
+def test_paged_cache_on_cuda_equals_contiguous(quarot_dir):
+    """The paged int4 cache (CUDA paged append + attention) gives the contiguous cache's
+    logits for a mixed-length prefill and decode steps that cross page boundaries."""
+    m = QuantizedCausalLM.from_quantized(quarot_dir, device=DEVICE)
+    ids = torch.randint(0, 256, (3, 37), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    lens = [37, 20, 5]
+    a, b = m.new_cache(3, 64), m.new_cache(3, 64, paged=True, page_size=16)
+    want, got = m(ids, a, input_lengths=lens), m(ids, b, input_lengths=lens)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    feed = want[torch.arange(3), torch.tensor(lens) - 1].argmax(-1, keepdim=True)
+    for _ in range(12):
+        w, g = m(feed, a, logits="last"), m(feed, b, logits="last")
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3 * w.abs().max().item())
+        feed = w.argmax(-1, keepdim=True)
+    assert b.lengths == [49, 32, 17] and b.pages_used == 3 * 3 + 1
