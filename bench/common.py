@@ -75,6 +75,13 @@ def device_name(device: Optional[torch.device] = None) -> str:
     return "cpu"
 
 
+def _device_description() -> str:
+    """The GPU's name, or ``cpu (<model name>, <n> cores)`` (what the accuracy JSON says)."""
+    from ostquant.cli import _device_name
+
+    return _device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def device_short(name: Optional[str] = None) -> str:
     """``NVIDIA H100 80GB HBM3`` -> ``h100``; ``NVIDIA H200`` -> ``h200``; cpu -> ``cpu``."""
     name = (name or device_name()).lower()
@@ -101,7 +108,7 @@ def meta(bench: str, device: Optional[str] = None) -> Dict[str, str]:
     """The ``meta`` block of a results file (RESULTS.md)."""
     return {
         "bench": bench,
-        "device": device or device_name(),
+        "device": device or _device_description(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
         "date": _dt.date.today().isoformat(),
