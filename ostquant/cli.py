@@ -194,8 +194,10 @@ def _git_commit() -> Optional[str]:
 
 
 def _device_name(device) -> str:
+    """The GPU's name, or ``cpu (<model name>, <n> cores)``; ``device``: torch.device or str."""
     import torch
 
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()

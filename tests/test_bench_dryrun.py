@@ -91,3 +91,12 @@ def test_domain_check_dry_run(capsys, single_thread):
     with pytest.raises(SystemExit):
         domain_check.parse_args(["--recipes", "rtn:ce"])
     assert domain_check.default_texts()[0] == "default"
+
+
+def test_device_description_takes_a_string_or_a_device():
+    """The results' ``device`` field (bench.quant_grad_check passes "cpu" as a string)."""
+    from ostquant.cli import _device_name
+
+    assert _device_name("cpu").startswith("cpu (") and _device_name(torch.device("cpu")) == \
+        _device_name("cpu")
+    assert common.meta("x")["device"]
