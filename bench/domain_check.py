@@ -15,7 +15,7 @@ windows; the FP and RTN rows are the references. Texts (``--texts``, comma list;
 the default held-out text, ``/usr/share/common-licenses/GPL-3`` (legal English) and
 ``textwrap.py`` + ``argparse.py`` of the running Python (source code)); a file is used whole.
 
-Writes ``bench/results/domain-check-<device>.json`` (``accuracy`` rows, one per recipe and
+Writes ``bench/results/domain_check-<device>.json`` (``accuracy`` rows, one per recipe and
 text, plus ``recipe``, ``loss``, ``text``) after every recipe. ``--dry-run`` runs it all on a
 tiny random model.
 
@@ -24,6 +24,7 @@ tiny random model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -106,7 +107,6 @@ def main(argv=None) -> int:
     from ostquant.data import calibration_batches, tokenize_windows
     from ostquant.metrics import perplexity
     from ostquant.models import load_model, model_display_name
-
     from ostquant.quant import get_preset
 
     torch.manual_seed(args.seed)
@@ -127,9 +127,9 @@ def main(argv=None) -> int:
         windows[spec] = w
     base = CalibSettings(data_source=calib_source, seed=args.seed, resume=False, qsur_samples=0)
     if steps is not None:
-        base = base.__class__(**{**base.to_dict(), "steps": steps})
+        base = dataclasses.replace(base, steps=steps)
     if args.dry_run:
-        base = base.__class__(**{**base.to_dict(), "nsamples": 4, "seqlen": 32})
+        base = dataclasses.replace(base, nsamples=4, seqlen=32)
     data = calibration_batches(tok, calib_source, base.nsamples, base.seqlen, args.seed)
     path = results_path("domain_check", device_short("cpu" if args.device == "cpu" else None),
                         args.out_dir)
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     jobs = [("rtn", None)] + list(args.recipes)
     for method, loss in jobs:
         t0 = time.perf_counter()
-        c = base if loss is None else base.__class__(**{**base.to_dict(), "loss": loss})
+        c = base if loss is None else dataclasses.replace(base, loss=loss)
         qm, info = quantize_model(copy.deepcopy(model), tok, method, preset, c,
                                   progress=args.progress, calib_data=data)
         extra = {"method": method, "preset": preset,
