@@ -128,12 +128,16 @@ class KVCache:
     def reset(self, lengths: Optional[Sequence[int]] = None) -> None:
         """Forget the contents (all lengths 0), or set the lengths to ``lengths`` (e.g. to
         re-time a decode step at a fixed context). Data is not cleared."""
-        lengths = [0] * self.batch_size if lengths is None else [int(x) for x in lengths]
+        lengths = [0] * self.batch_size if lengths is None else self._checked_lengths(lengths)
+        self._host_lens = lengths
+        self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+
+    def _checked_lengths(self, lengths: Sequence[int]) -> List[int]:
+        lengths = [int(x) for x in lengths]
         if len(lengths) != self.batch_size or any(x < 0 or x > self.max_len for x in lengths):
             raise ValueError(f"KVCache.reset: need {self.batch_size} lengths in "
                              f"[0, {self.max_len}], got {lengths}")
-        self._host_lens = lengths
-        self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        return lengths
 
     def check_room(self, new_tokens: int) -> None:
         """Raise :class:`CacheFullError` if ``new_tokens`` more tokens do not fit every
@@ -425,10 +429,7 @@ class PagedKVCache(KVCache):
             self._sync_table()
             super().reset(None)
             return
-        lengths = [int(x) for x in lengths]
-        if len(lengths) != self.batch_size or any(x < 0 or x > self.max_len for x in lengths):
-            raise ValueError(f"KVCache.reset: need {self.batch_size} lengths in "
-                             f"[0, {self.max_len}], got {lengths}")
+        lengths = self._checked_lengths(lengths)
         self._grow(lengths)
         super().reset(lengths)
 
