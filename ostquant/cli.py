@@ -581,7 +581,8 @@ def _add_calib_args(p: argparse.ArgumentParser, calib_seqlen_flag: str) -> None:
     g.add_argument("--lr-scale", type=float,
                    help=f"scaling learning rate (default {d.lr_scale})")
     g.add_argument("--loss", choices=["kl_top", "kl", "ce"],
-                   help="training loss (default: ce for spinquant, kl_top for ostquant)")
+                   help="training loss (default: ce for spinquant; for ostquant kl_top with 4-bit "
+                        "activations, ce for weight-only presets)")
     g.add_argument("--kl-top-renormalize", action=argparse.BooleanOptionalAction,
                    default=None,
                    help="KL-Top with both distributions renormalised over the teacher's top-k, "

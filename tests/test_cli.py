@@ -59,7 +59,7 @@ def test_table_trained_method_rows_carry_calibration(tiny_dir, tmp_path, capsys)
     quarot, ost = rows
     assert "train_steps" not in quarot and quarot["timings"]["total_s"] > 0
     assert ost["train_steps"] == 2 and ost["calibration"]["steps"] == 2
-    assert ost["calibration"]["loss"] is None or ost["calibration"]["loss"] == "kl_top"
+    assert ost["calibration"]["loss"] == "kl_top"
     assert ost["median_step_s"] > 0 and ost["first_step_s"] > 0
     assert ost["initial_loss"] > 0
 

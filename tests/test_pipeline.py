@@ -1,5 +1,6 @@
 """End-to-end pipeline: quantize_model (rtn/quarot/spinquant/ostquant), the saved directory,
 load_quantized, and the `quantize`/`eval` CLI commands — on a tiny random llama."""
+import dataclasses
 import json
 import os
 
@@ -82,7 +83,9 @@ def test_transform_configs(saved):
     t = saved["quarot"][2]["transform_config"]
     assert t["r_res"] and t["r_ov"] and not t["s_res"] and not t["s_qk"]
     assert t["r_res_init"] == "random_hadamard" and t["r_ov_init"] == "hadamard"
-    assert saved["spinquant"][2]["calibration"]["loss"] is None  # method default: ce
+    # the method's default loss is resolved and recorded (a saved run says what it trained on)
+    assert saved["spinquant"][2]["calibration"]["loss"] == "ce"
+    assert saved["ostquant"][2]["calibration"]["loss"] == "kl_top"
     # fake-quantizer backward: SpinQuant's plain STE; range-aware for OSTQuant's scalings
     assert saved["spinquant"][2]["calibration"]["quant_grad"] == "ste"
     assert saved["ostquant"][2]["calibration"]["quant_grad"] == "range"
@@ -97,6 +100,31 @@ def test_transform_configs(saved):
     w = transform_config_for("ostquant", get_preset("w4a16kv16"))
     assert w.r_res_init == "womi" and w.r_ov_init == "identity" and not w.qk_hadamard
     assert transform_config_for("ostquant", get_preset("w4a4kv4")).qk_hadamard
+
+
+def test_default_loss_per_method_and_preset():
+    from ostquant.calibrate.pipeline import loss_for
+    from ostquant.quant import get_preset
+
+    assert [loss_for("ostquant", p) for p in ("w4a16kv16", "w4a4kv16", "w4a4kv4")] == \
+        ["ce", "kl_top", "kl_top"]
+    assert loss_for("ostquant", get_preset("w4a16")) == "ce"
+    assert all(loss_for("spinquant", p) == "ce" for p in ("w4a16kv16", "w4a4kv4"))
+    with pytest.raises(ValueError, match="not trained"):
+        loss_for("quarot", "w4a4kv4")
+
+
+def test_explicit_loss_is_kept(tiny_dir):
+    model, tok = load_model(str(tiny_dir / "model"))
+    calib = dataclasses.replace(CALIB, loss="kl_top", steps=1)
+    _, info = quantize_model(model, tok, "ostquant", "w4a16kv16", calib, progress=False,
+                             calib_data=_data())
+    assert info["calibration"]["loss"] == "kl_top"
+    model, tok = load_model(str(tiny_dir / "model"))
+    _, info = quantize_model(model, tok, "ostquant", "w4a16kv16",
+                             dataclasses.replace(CALIB, steps=1), progress=False,
+                             calib_data=_data())
+    assert info["calibration"]["loss"] == "ce"
 
 
 def test_quarot_without_quantization_is_exact(tiny_dir, ids):
