@@ -85,11 +85,27 @@ class KVCache:
         if kv_bits not in (4, 16):
             raise ValueError(f"KVCache: kv_bits must be 4 (int4 cache) or 16 (float cache), "
                              f"got {kv_bits}")
+        self._setup(num_layers, batch_size, max_len, num_kv_heads, head_dim, kv_bits, dtype,
+                    device)
+        shape = (batch_size, max_len, num_kv_heads)
+        self.layers: List[Tuple[torch.Tensor, ...]] = []
+        for _ in range(num_layers):
+            if kv_bits == 4:
+                self.layers.append(_int4_storage(shape, head_dim, device))
+            else:
+                self.layers.append((torch.zeros(*shape, head_dim, dtype=dtype, device=device),
+                                    torch.zeros(*shape, head_dim, dtype=dtype, device=device)))
+
+    def _setup(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int,
+               head_dim: int, kv_bits: int, dtype: torch.dtype, device) -> None:
+        """Check the shape arguments and set what every cache kind has: the shape attributes
+        and the (empty) lengths."""
+        who = type(self).__name__
         if batch_size < 1 or max_len < 1 or num_layers < 1:
-            raise ValueError(f"KVCache: batch_size ({batch_size}), max_len ({max_len}) and "
+            raise ValueError(f"{who}: batch_size ({batch_size}), max_len ({max_len}) and "
                              f"num_layers ({num_layers}) must be >= 1")
         if kv_bits == 4 and head_dim not in ops.KV_HEAD_DIMS:
-            raise ValueError(f"KVCache: the int4 KV cache supports head_dim in "
+            raise ValueError(f"{who}: the int4 KV cache supports head_dim in "
                              f"{ops.KV_HEAD_DIMS}, got {head_dim}")
         self.num_layers = num_layers
         self.batch_size = batch_size
@@ -99,14 +115,6 @@ class KVCache:
         self.kv_bits = kv_bits
         self.dtype = dtype
         self.device = torch.device(device)
-        shape = (batch_size, max_len, num_kv_heads)
-        self.layers: List[Tuple[torch.Tensor, ...]] = []
-        for _ in range(num_layers):
-            if kv_bits == 4:
-                self.layers.append(_int4_storage(shape, head_dim, device))
-            else:
-                self.layers.append((torch.zeros(*shape, head_dim, dtype=dtype, device=device),
-                                    torch.zeros(*shape, head_dim, dtype=dtype, device=device)))
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self._host_lens = [0] * batch_size
         self._graph_safe = False
@@ -326,25 +334,12 @@ class PagedKVCache(KVCache):
         if P < ops.KV_MIN_PAGE_SIZE or P & (P - 1):
             raise ValueError(f"PagedKVCache: page_size must be a power of two >= "
                              f"{ops.KV_MIN_PAGE_SIZE}, got {page_size}")
-        if batch_size < 1 or max_len < 1 or num_layers < 1:
-            raise ValueError(f"PagedKVCache: batch_size ({batch_size}), max_len ({max_len}) "
-                             f"and num_layers ({num_layers}) must be >= 1")
-        if head_dim not in ops.KV_HEAD_DIMS:
-            raise ValueError(f"PagedKVCache: the int4 KV cache supports head_dim in "
-                             f"{ops.KV_HEAD_DIMS}, got {head_dim}")
+        self._setup(num_layers, batch_size, max_len, num_kv_heads, head_dim, 4, dtype, device)
         max_pages = -(-max_len // P)
         if num_pages is None:
             num_pages = batch_size * max_pages
         if num_pages < 1:
             raise ValueError(f"PagedKVCache: num_pages must be >= 1, got {num_pages}")
-        self.num_layers = num_layers
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.kv_bits = 4
-        self.dtype = dtype
-        self.device = torch.device(device)
         self.page_size = P
         self.num_pages = int(num_pages)
         shape = (self.num_pages, P, num_kv_heads)
@@ -353,9 +348,6 @@ class PagedKVCache(KVCache):
                                       device=device)
         self._pages: List[List[int]] = [[] for _ in range(batch_size)]  # host copy of the table
         self._free: List[int] = list(range(self.num_pages - 1, -1, -1))  # pop() -> lowest id
-        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        self._host_lens = [0] * batch_size
-        self._graph_safe = False
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int,
