@@ -40,8 +40,8 @@ import torch
 if __package__ in (None, ""):  # python bench/ablation.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (base_parser, device_short, meta, print_table,  # noqa: E402
-                          results_path, tiny_model_and_text)
+from bench.common import (base_parser, device_short, print_table,  # noqa: E402
+                          results_path, tiny_model_and_text, write_json)
 
 #: (label, pairs switched on, loss) in the paper's Table 4 order, then the loss comparison
 STEPS = [
@@ -87,17 +87,6 @@ def parse_args(argv=None):
         ap.error(f"--rows: unknown {bad}; choose from {','.join(LABELS)}")
     args.rows = rows
     return args
-
-
-def _write(path, rows, partial):
-    doc = {"meta": {**meta("ablation"), "partial": partial} if partial else meta("ablation"),
-           "rows": rows}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -173,7 +162,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{label}: ppl {row['ppl']:.3f} ({row['calib_seconds']:.0f} s)", flush=True)
         if not args.dry_run:
-            _write(path, rows, partial=True)
+            write_json(path, "ablation", rows, partial=True)
         del qm
     order = {lab: i for i, lab in enumerate(LABELS)}
     rows.sort(key=lambda r: order.get(r["ablation"], 99))
@@ -183,7 +172,7 @@ def main(argv=None) -> int:
         assert all(v > 1 and v == v for v in ppl.values()), ppl
         print("dry run: all rows ran; nothing written")
         return 0
-    _write(path, rows, partial=False)
+    write_json(path, "ablation", rows)
     print(f"wrote {path}")
     return 0
 

@@ -130,14 +130,27 @@ def write_results(bench: str, device_short_name: str, rows: List[dict],
     bench/results. Replaces an older file for the same bench and device. Returns the path.
     """
     path = results_path(bench, device_short_name, out_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    doc = {"meta": meta(bench, device), "rows": rows}
+    write_json(path, bench, rows, device=device)
+    return path
+
+
+def write_json(path: str, bench: str, rows: List[dict], partial: bool = False,
+               device: Optional[str] = None, **extra_meta) -> None:
+    """Write ``{"meta": meta(bench) + extra_meta, "rows": rows}`` to ``path`` atomically (a
+    temporary file, then a rename: an interrupted write leaves the previous file whole).
+
+    ``partial=True`` marks a long run's file written after each row (``"partial": true`` in
+    meta). NaN and infinity are refused (not valid JSON)."""
+    m = meta(bench, device)
+    if partial:
+        m["partial"] = True
+    m.update(extra_meta)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
+        json.dump({"meta": m, "rows": rows}, f, indent=1, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
-    return path
 
 
 def num_sets(bytes_per_set: int) -> int:

@@ -36,8 +36,8 @@ import torch
 if __package__ in (None, ""):  # python bench/domain_check.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (base_parser, device_short, meta, print_table,  # noqa: E402
-                          results_path, tiny_model_and_text)
+from bench.common import (base_parser, device_short, print_table,  # noqa: E402
+                          results_path, tiny_model_and_text, write_json)
 
 DEFAULT_RECIPES = "ostquant:kl_top,ostquant:ce,spinquant:ce"
 GPL = "/usr/share/common-licenses/GPL-3"
@@ -163,30 +163,22 @@ def main(argv=None) -> int:
         evaluate(qm, method if loss is None else f"{method}:{loss}", extra)
         del qm
         if not args.dry_run:
-            _write(path, rows, args, partial=True)
+            _write(path, rows, partial=True)
     print_table(rows, ["recipe", "dataset", "ppl", "calib_seconds"])
     if args.dry_run:
         assert all(r["ppl"] > 1 and r["ppl"] == r["ppl"] for r in rows), rows
         assert len(rows) == len(windows) * (2 + len(args.recipes))
         print("dry run: all recipes ran; nothing written")
         return 0
-    _write(path, rows, args, partial=False)
+    _write(path, rows)
     print(f"wrote {path}")
     return 0
 
 
-def _write(path, rows, args, partial: bool) -> None:
-    m = meta("domain_check")
-    if partial:
-        m["partial"] = True
-    m["note"] = ("each recipe calibrated on the default calibration text (pydoc topics), "
-                 "evaluated on the held-out pydoc text and on out-of-domain texts")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"meta": m, "rows": rows}, f, indent=1, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+def _write(path, rows, partial: bool = False) -> None:
+    write_json(path, "domain_check", rows, partial=partial,
+               note="each recipe calibrated on the default calibration text (pydoc topics), "
+                    "evaluated on the held-out pydoc text and on out-of-domain texts")
 
 
 if __name__ == "__main__":

@@ -100,3 +100,19 @@ def test_device_description_takes_a_string_or_a_device():
     assert _device_name("cpu").startswith("cpu (") and _device_name(torch.device("cpu")) == \
         _device_name("cpu")
     assert common.meta("x")["device"]
+
+
+def test_write_json_is_atomic_and_marks_partial_runs(tmp_path):
+    from bench.common import write_json
+
+    path = str(tmp_path / "sub" / "x-cpu.json")
+    write_json(path, "x", [{"ppl": 1.5}], partial=True, note="hello")
+    doc = json.loads(open(path).read())
+    assert doc["rows"] == [{"ppl": 1.5}] and doc["meta"]["partial"] is True
+    assert doc["meta"]["bench"] == "x" and doc["meta"]["note"] == "hello"
+    write_json(path, "x", [{"ppl": 2.5}])
+    doc = json.loads(open(path).read())
+    assert "partial" not in doc["meta"] and doc["rows"][0]["ppl"] == 2.5
+    with pytest.raises(ValueError):
+        write_json(path, "x", [{"ppl": float("nan")}])
+    assert json.loads(open(path).read())["rows"][0]["ppl"] == 2.5  # the old file is whole
