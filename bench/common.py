@@ -130,17 +130,18 @@ def write_results(bench: str, device_short_name: str, rows: List[dict],
     bench/results. Replaces an older file for the same bench and device. Returns the path.
     """
     path = results_path(bench, device_short_name, out_dir)
-    write_json(path, bench, rows, device=device)
+    # NaN allowed here: a GPU round's measurements are never lost to one odd value
+    write_json(path, bench, rows, device=device, allow_nan=True)
     return path
 
 
 def write_json(path: str, bench: str, rows: List[dict], partial: bool = False,
-               device: Optional[str] = None, **extra_meta) -> None:
+               device: Optional[str] = None, allow_nan: bool = False, **extra_meta) -> None:
     """Write ``{"meta": meta(bench) + extra_meta, "rows": rows}`` to ``path`` atomically (a
     temporary file, then a rename: an interrupted write leaves the previous file whole).
 
     ``partial=True`` marks a long run's file written after each row (``"partial": true`` in
-    meta). NaN and infinity are refused (not valid JSON)."""
+    meta). NaN and infinity are refused (not valid JSON) unless ``allow_nan``."""
     m = meta(bench, device)
     if partial:
         m["partial"] = True
@@ -148,7 +149,7 @@ def write_json(path: str, bench: str, rows: List[dict], partial: bool = False,
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"meta": m, "rows": rows}, f, indent=1, allow_nan=False)
+        json.dump({"meta": m, "rows": rows}, f, indent=1, allow_nan=allow_nan)
         f.write("\n")
     os.replace(tmp, path)
 
