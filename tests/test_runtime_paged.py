@@ -87,6 +87,27 @@ def test_generate_with_a_paged_cache_gives_the_same_tokens(model):
     assert cache.pages_used == 2  # 16 and 11 positions written: one page each
 
 
+def test_generate_gives_back_the_pages_of_finished_sequences(model):
+    """A sequence that stops early (EOS) gives its pages back during generate(): a pool too
+    small for both sequences at full length serves the batch, with the same tokens as the
+    contiguous cache."""
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
+    free_run = generate(model, prompts, 30, stop_at_eos=False).tokens
+    # an EOS id that sequence 0 produces early and sequence 1 never does
+    eos = next(t for i, t in enumerate(free_run[0][:6])
+               if t not in free_run[1] and t not in free_run[0][:i])
+    want = generate(model, prompts, 30, eos_token_id=eos)
+    assert want.finish_reasons == ["eos", "length"] and len(want.tokens[0]) < 6
+    # without giving pages back: sequence 0 (fed padding) grows to 36 slots = 3 pages of 16,
+    # sequence 1 to 31 = 2 pages; with it: at most 1 + 2 pages
+    cache = model.new_cache(2, 40, paged=True, page_size=16, num_pages=3)
+    got = generate(model, prompts, 30, eos_token_id=eos, cache=cache)
+    assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
+    assert cache.lengths[1] == 2 + 29 and cache.lengths[0] <= 1
+    with pytest.raises(CacheFullError):  # the same pool without an early stop runs out
+        generate(model, prompts, 30, stop_at_eos=False, cache=cache)
+
+
 def test_reset_to_lengths_takes_pages(model):
     c = model.new_cache(2, 64, paged=True, page_size=16)
     c.reset([33, 0])

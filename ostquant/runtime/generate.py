@@ -262,6 +262,7 @@ def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
     nxt_host = nxt.tolist()
     timing["prefill_seconds"] = time.perf_counter() - t0
     finished = [False] * B
+    release = getattr(cache, "release", None)
     timing["decode_seconds"] = 0.0
     timing["decode_steps"] = 0
     for step in range(max_new_tokens):
@@ -277,6 +278,10 @@ def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
         yield Step(step, out, list(finished))
         if last:
             break
+        if release is not None:  # a paged cache: finished sequences hold no pages
+            for b in range(B):
+                if finished[b]:
+                    release(b)
         feed = torch.tensor([pad_token_id if t is None else t for t in out], dtype=torch.long)
         if use_graph and graph is None:
             graph = _graph_decoder(model, cache, timing, keep=user_cache)
@@ -315,7 +320,10 @@ def generate(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = Fals
             ``stop_at_eos=False`` never stops early.
         callback: called with every :class:`Step` as it is produced (streaming).
         cache: a :class:`~ostquant.runtime.KVCache` to reuse (reset first); otherwise one is
-            allocated with ``max_cache_len`` slots (default: exactly what is needed).
+            allocated with ``max_cache_len`` slots (default: exactly what is needed). With a
+            :class:`~ostquant.runtime.PagedKVCache` a finished sequence gives its pages back
+            to the pool at once (the others can grow into them; it keeps at most one page for
+            the padding it is fed until the batch ends).
         pad_token_id: id used for right padding and for finished sequences (never attended).
         cuda_graph: capture the decode step in a CUDA graph once (after the prefill) and replay
             it for every token (:class:`~ostquant.runtime.cuda_graph.CUDAGraphDecoder`; the
