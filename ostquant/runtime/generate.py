@@ -29,7 +29,7 @@ from ostquant import ops
 
 from .cuda_graph import (CUDAGraphDecoder, CUDAGraphFallbackWarning, CUDAGraphUnavailable,
                          graph_unavailable_reason)
-from .kv_cache import KVCache
+from .kv_cache import KVCache, PagedKVCache
 
 __all__ = ["SamplingConfig", "Step", "GenerationResult", "generate", "stream", "sample_next",
            "encode_prompts"]
@@ -146,7 +146,16 @@ def encode_prompts(prompts, tokenizer=None, add_special_tokens: bool = True
     return out
 
 
-def _eos_set(eos) -> set:
+def check_vocab(ids: List[List[int]], vocab: int) -> None:
+    """Raise ``ValueError`` naming the first prompt with a token id outside the vocabulary."""
+    for i, p in enumerate(ids):
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab}): "
+                             f"{bad[:5]}")
+
+
+def eos_set(eos) -> set:
     if eos is None:
         return set()
     if isinstance(eos, int):
@@ -204,12 +213,7 @@ def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
     cfg = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     ids = encode_prompts(prompts, tok, add_special_tokens)
-    vocab = model.spec.vocab_size
-    for i, p in enumerate(ids):
-        bad = [t for t in p if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab}): "
-                             f"{bad[:5]}")
+    check_vocab(ids, model.spec.vocab_size)
     B = len(ids)
     lens = [len(p) for p in ids]
     user_cache = cache is not None
@@ -232,7 +236,7 @@ def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
         raise ValueError(f"generate: prompt ({max(lens)} tokens) + max_new_tokens "
                          f"({max_new_tokens}) needs {need} cache slots, the cache has "
                          f"{cache.max_len}")
-    eos = _eos_set(model.eos_token_id if eos_token_id is None else eos_token_id)
+    eos = eos_set(model.eos_token_id if eos_token_id is None else eos_token_id)
     if not stop_at_eos:
         eos = set()
     dev = model.device
@@ -262,7 +266,7 @@ def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
     nxt_host = nxt.tolist()
     timing["prefill_seconds"] = time.perf_counter() - t0
     finished = [False] * B
-    release = getattr(cache, "release", None)
+    release = cache.release if isinstance(cache, PagedKVCache) else None
     timing["decode_seconds"] = 0.0
     timing["decode_steps"] = 0
     for step in range(max_new_tokens):

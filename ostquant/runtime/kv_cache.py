@@ -140,6 +140,16 @@ class KVCache:
         self._host_lens = lengths
         self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
 
+    def release(self, b: int) -> None:
+        """Sequence ``b`` is finished: set its length to 0 so the slot can take a new
+        sequence (the other sequences are untouched; :class:`PagedKVCache` also gives its
+        pages back)."""
+        if not 0 <= b < self.batch_size:
+            raise IndexError(f"{type(self).__name__}.release: sequence {b} not in "
+                             f"[0, {self.batch_size})")
+        self._host_lens[b] = 0
+        self.seqlens[b] = 0
+
     def _checked_lengths(self, lengths: Sequence[int]) -> List[int]:
         lengths = [int(x) for x in lengths]
         if len(lengths) != self.batch_size or any(x < 0 or x > self.max_len for x in lengths):
@@ -372,6 +382,12 @@ class PagedKVCache(KVCache):
         """Pages of the pool not held by any sequence."""
         return len(self._free)
 
+    def pages_to_grow(self, new_tokens: int) -> int:
+        """Pages the pool must give for ``new_tokens`` more positions in every sequence (what
+        a forward pass of ``[B, new_tokens]`` takes, right padding included)."""
+        return sum(max(0, self._pages_for(n + new_tokens) - len(p))
+                   for n, p in zip(self._host_lens, self._pages))
+
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
@@ -400,12 +416,9 @@ class PagedKVCache(KVCache):
     def release(self, b: int) -> None:
         """Sequence ``b`` is finished: give its pages back to the pool and set its length
         to 0 (the other sequences are untouched)."""
-        if not 0 <= b < self.batch_size:
-            raise IndexError(f"PagedKVCache.release: sequence {b} not in [0, {self.batch_size})")
+        super().release(b)
         self._free.extend(reversed(self._pages[b]))
         self._pages[b] = []
-        self._host_lens[b] = 0
-        self.seqlens[b] = 0
         self._sync_table()
 
     # ------------------------------------------------------------------ lengths
@@ -429,8 +442,7 @@ class PagedKVCache(KVCache):
         """Raise :class:`CacheFullError` if ``new_tokens`` more tokens exceed a sequence's
         capacity or the pages left in the pool."""
         super().check_room(new_tokens)
-        want = sum(max(0, self._pages_for(n + new_tokens) - len(p))
-                   for n, p in zip(self._host_lens, self._pages))
+        want = self.pages_to_grow(new_tokens)
         if want > len(self._free):
             raise CacheFullError(f"KV cache full: adding {new_tokens} tokens per sequence "
                                  f"needs {want} more pages of {self.page_size} tokens, the "

@@ -269,6 +269,13 @@ class QuantizedCausalLM(nn.Module):
 
         return generate(self, prompts, max_new_tokens, **kw)
 
+    def generate_continuous(self, prompts, max_new_tokens: int = 32, **kw):
+        """Continuous batching over many prompts; see
+        :func:`ostquant.runtime.serve.generate_continuous`."""
+        from .serve import generate_continuous
+
+        return generate_continuous(self, prompts, max_new_tokens, **kw)
+
     def stream(self, prompts, max_new_tokens: int = 32, **kw):
         """Iterator over decode steps; see :func:`ostquant.runtime.generate.stream`."""
         from .generate import stream

@@ -1,0 +1,111 @@
+"""Continuous batching (:func:`ostquant.runtime.generate_continuous`): the same tokens as
+generating each prompt alone, slots refilled as sequences finish, admission that waits for
+pages, clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ostquant.runtime import (CacheFullError, QuantizedCausalLM, generate,
+                              generate_continuous)
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [17, 30, 41, 5, 5], [100], [3, 1, 4, 1, 5, 9, 2, 6],
+           [200, 201]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return QuantizedCausalLM.random("tiny", "w4a4kv4", dtype=torch.float32, seed=5)
+
+
+def _alone(model, prompts, n, **kw):
+    return [generate(model, [p], n, **kw) for p in prompts]
+
+
+def test_same_tokens_as_each_prompt_alone_and_slots_are_refilled(model):
+    want = _alone(model, PROMPTS, 9, stop_at_eos=False)
+    got = generate_continuous(model, PROMPTS, 9, batch_size=2, stop_at_eos=False)
+    assert got.tokens == [w.tokens[0] for w in want]
+    assert got.finish_reasons == ["length"] * len(PROMPTS)
+    assert got.prompt_tokens == PROMPTS
+    # 6 prompts x 9 tokens through 2 slots: both slots finish in the same pass, so the next two
+    # prompts enter together (no slot decoding) -> 3 rounds of 9 passes
+    assert got.extra["admitted_late"] == 0 and got.extra["passes"] == 3 * 9
+    assert got.decode_steps == got.extra["passes"] - 1
+
+
+def test_early_stops_free_their_slot(model):
+    free_run = _alone(model, PROMPTS, 12, stop_at_eos=False)
+    # an EOS id that prompt 0 produces early and prompt 1 never does
+    toks0, toks1 = free_run[0].tokens[0], free_run[1].tokens[0]
+    eos = next(t for i, t in enumerate(toks0[:6]) if t not in toks1 and t not in toks0[:i])
+    want = _alone(model, PROMPTS, 12, eos_token_id=eos)
+    first = {}
+
+    def cb(step):
+        for i, t in enumerate(step.tokens):
+            if t is not None:
+                first.setdefault(i, step.index)
+
+    got = generate_continuous(model, PROMPTS, 12, batch_size=3, eos_token_id=eos, callback=cb)
+    assert got.tokens == [w.tokens[0] for w in want]
+    assert got.finish_reasons == [w.finish_reasons[0] for w in want]
+    assert got.finish_reasons[0] == "eos"
+    # prompt 3 took prompt 0's slot mid-stream, right after it stopped, while prompts 1 and 2
+    # (12 tokens each) were still decoding
+    n0 = len(got.tokens[0])
+    assert got.extra["admitted_late"] >= 1 and first[3] == n0 < first[1] + 11
+
+
+def test_admission_waits_for_pages(model):
+    """A pool of 5 pages of 16 tokens for 3 slots (each sequence may reach 2 pages): prompts
+    wait until a slot's pages come back; the tokens do not change."""
+    want = generate_continuous(model, PROMPTS, 20, batch_size=3, stop_at_eos=False,
+                               page_size=16)
+    got = generate_continuous(model, PROMPTS, 20, batch_size=3, stop_at_eos=False,
+                              page_size=16, num_pages=5)
+    assert got.tokens == want.tokens
+    assert got.extra["max_pages_used"] <= 5 < want.extra["max_pages_used"]
+    assert got.extra["passes"] > want.extra["passes"]
+
+
+def test_prompt_that_never_fits_is_a_clear_error(model):
+    with pytest.raises(CacheFullError, match="does not fit"):
+        generate_continuous(model, [[1] * 40, [2, 3]], 4, batch_size=2, page_size=16,
+                            num_pages=2)
+
+
+def test_float_kv_cache_model():
+    m = QuantizedCausalLM.random("tiny", "w4a16", dtype=torch.float32, seed=3)
+    want = _alone(m, PROMPTS[:4], 6, stop_at_eos=False)
+    got = m.generate_continuous(PROMPTS[:4], 6, batch_size=3, stop_at_eos=False)
+    assert got.tokens == [w.tokens[0] for w in want]
+    assert "max_pages_used" not in got.extra
+
+
+def test_streaming_callback_and_seeded_sampling(model):
+    seen = [[] for _ in PROMPTS]
+
+    def cb(step):
+        assert len(step.tokens) == len(PROMPTS)
+        for i, t in enumerate(step.tokens):
+            if t is not None:
+                seen[i].append(t)
+
+    kw = dict(batch_size=4, do_sample=True, temperature=0.9, top_k=20, seed=11,
+              stop_at_eos=False)
+    a = generate_continuous(model, PROMPTS, 7, callback=cb, **kw)
+    b = generate_continuous(model, PROMPTS, 7, **kw)
+    assert seen == a.tokens == b.tokens
+    assert all(len(t) == 7 for t in a.tokens)
+
+
+def test_bad_arguments(model):
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_continuous(model, PROMPTS, 4, batch_size=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_continuous(model, PROMPTS, 0)
+    with pytest.raises(ValueError, match="empty"):
+        generate_continuous(model, [], 4)
+    with pytest.raises(ValueError, match="outside"):
+        generate_continuous(model, [[1, 2], [10 ** 6]], 4)
