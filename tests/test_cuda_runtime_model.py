@@ -108,3 +108,14 @@ def test_paged_cache_on_cuda_equals_contiguous(quarot_dir):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3 * w.abs().max().item())
         feed = w.argmax(-1, keepdim=True)
     assert b.lengths == [49, 32, 17] and b.pages_used == 3 * 3 + 1
+
+
+def test_continuous_batching_on_cuda_matches_cpu(quarot_dir):
+    """Continuous batching on CUDA (mid-stream admissions through the paged kernels) gives the
+    CPU run's greedy tokens for a few short prompts."""
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [17, 30, 41, 5, 5], [100], [3, 1, 4, 1, 5]]
+    cpu = QuantizedCausalLM.from_quantized(quarot_dir)
+    gpu = QuantizedCausalLM.from_quantized(quarot_dir, device=DEVICE)
+    want = cpu.generate_continuous(prompts, 6, batch_size=2, page_size=16, stop_at_eos=False)
+    got = gpu.generate_continuous(prompts, 6, batch_size=2, page_size=16, stop_at_eos=False)
+    assert got.tokens == want.tokens
