@@ -527,10 +527,18 @@ def run_generate(args, argv) -> dict:
             text = tok.decode(done, skip_special_tokens=True) if tok is not None else ""
             print(text[len(shown[0]):], end="", flush=True)
             shown[0] = text
+    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, callback=callback)
     try:
-        res = rt.generate(prompts, args.max_new_tokens, do_sample=args.sample,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, callback=callback, cuda_graph=args.cuda_graph)
+        if args.batch_size is not None:
+            if args.cuda_graph:
+                raise CLIError("--cuda-graph and --batch-size do not go together (continuous "
+                               "batching changes the batch between steps)")
+            res = rt.generate_continuous(prompts, args.max_new_tokens,
+                                         batch_size=args.batch_size, **sampling)
+        else:
+            res = rt.generate(prompts, args.max_new_tokens, cuda_graph=args.cuda_graph,
+                              **sampling)
     except ValueError as e:
         raise CLIError(str(e)) from None
     if callback is not None:
@@ -540,6 +548,8 @@ def run_generate(args, argv) -> dict:
             print(f"{p}{text}")
             print("-" * 40)
     graph = " (CUDA graph)" if res.extra.get("cuda_graph") else ""
+    if "passes" in res.extra:
+        graph = f" (continuous batching: {len(prompts)} prompts through {args.batch_size} slots)"
     print(f"prefill {res.prefill_seconds:.2f}s, decode {res.decode_steps} steps in "
           f"{res.decode_seconds:.2f}s ({res.decode_tokens_per_second:.2f} tokens/s){graph}",
           file=sys.stderr)
@@ -694,6 +704,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stream", action="store_true", help="print tokens as they come (1 prompt)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="continuous batching: run the prompts through this many slots, a "
+                        "finished sequence's slot taking the next prompt (default: all prompts "
+                        "in one batch)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="replay the decode step as a CUDA graph (CUDA with the compiled "
                         "kernels; otherwise a warning and eager decoding)")

@@ -67,3 +67,17 @@ def test_generate_cuda_graph_flag_on_cpu_warns_and_runs(dirs, capsys):
                          "3", "--device", "cpu", "--cuda-graph"]) == 0
     err = capsys.readouterr().err
     assert "tokens/s" in err and "(CUDA graph)" not in err
+
+
+def test_generate_continuous_batching_flag(dirs, capsys):
+    args = ["generate", str(dirs / "q"), "--prompt", "ab", "--prompt", "hello", "--prompt",
+            "xyz", "--max-new-tokens", "4", "--device", "cpu"]
+    assert cli.main(args) == 0
+    plain = capsys.readouterr().out
+    assert cli.main(args + ["--batch-size", "2"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == plain and "3 prompts through 2 slots" in cap.err
+    assert cli.main(args + ["--batch-size", "0"]) == 2
+    assert "batch_size" in capsys.readouterr().err
+    assert cli.main(args + ["--batch-size", "2", "--cuda-graph"]) == 2
+    assert "do not go together" in capsys.readouterr().err
