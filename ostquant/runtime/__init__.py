@@ -31,7 +31,8 @@ from .serve import generate_continuous
 from .shapes import NAMED_SHAPES, shape_config
 
 __all__ = ["QuantizedCausalLM", "RuntimeSpec", "KVCache", "PagedKVCache", "CacheFullError",
-           "generate", "stream", "generate_continuous", "sample_next", "SamplingConfig", "Step", "GenerationResult",
+           "generate", "stream", "generate_continuous", "sample_next", "SamplingConfig", "Step",
+           "GenerationResult",
            "MemoryReport", "memory_report", "estimate_activation_bytes", "NAMED_SHAPES",
            "shape_config", "CUDAGraphDecoder", "CUDAGraphUnavailable",
            "CUDAGraphFallbackWarning", "graph_unavailable_reason"]

@@ -117,12 +117,13 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
         admit = _admit(cache, queue, slot_of, reserved, ids, reserve, paged)
         if not decoding and not admit:
             i = queue[0]
+            pad = -(-len(ids[i]) // page_size)
             raise CacheFullError(
                 f"generate_continuous: prompt {i} ({len(ids[i])} tokens) + max_new_tokens "
                 f"({max_new_tokens}) does not fit the KV cache's page pool even alone: it may "
-                f"need {reserve(len(ids[i]))} pages of {page_size} tokens (+{-(-len(ids[i]) // page_size)} "
-                f"per other slot), the pool has {cache.num_pages}; use more num_pages or a "
-                f"smaller batch_size")
+                f"need {reserve(len(ids[i]))} pages of {page_size} tokens (+{pad} per other "
+                f"slot), the pool has {cache.num_pages}; use more num_pages or a smaller "
+                f"batch_size")
         if decoding and admit:
             admitted_late += len(admit)
         rows, lens = [], []
