@@ -351,3 +351,33 @@ def test_qsur_with_too_few_tokens_is_skipped_not_fatal(tiny_dir):
     model, _ = load_model(str(tiny_dir / "model"))
     rec = layer_input_qsur(model, _data()[:1, :16])  # 16 tokens < d + 1 = 65
     assert all(r["attn_rel"] is None and r["ffn_log"] is None for r in rec)
+
+
+def test_directory_loads_without_its_source(tiny_dir, ids, tmp_path):
+    """A saved directory is self-contained (hf_config.json + tokenizer/): it loads after the
+    source model is gone, with empty (meta) weights filled from the checkpoint, and gives the
+    same logits; a directory without hf_config.json (older format) loads from the source."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir / "model", src)
+    model, tok = load_model(str(src))
+    d = tmp_path / "q"
+    qm, _ = quantize_model(model, tok, "quarot", "w4a4kv4", CALIB, out_dir=str(d),
+                           progress=False, calib_data=_data())
+    want = _logits(qm, ids)
+    assert (d / "hf_config.json").is_file() and (d / "tokenizer").is_dir()
+    old_format = tmp_path / "old"
+    shutil.copytree(d, old_format)
+    (old_format / "hf_config.json").unlink()
+    assert torch.equal(_logits(load_quantized(str(old_format))[0], ids), want)
+    shutil.rmtree(src)
+    m2, tok2 = load_quantized(str(d))
+    assert torch.equal(_logits(m2, ids), want)
+    assert tok2 is not None and tok2("ab")["input_ids"] == tok("ab")["input_ids"]
+    assert not any(t.is_meta for t in list(m2.parameters()) + list(m2.buffers()))
+    with pytest.raises(QuantizedModelError):  # the old format needs its (deleted) source
+        load_quantized(str(old_format))
+    (d / "hf_config.json").write_text("{not json")
+    with pytest.raises(QuantizedModelError, match="hf_config.json"):
+        load_quantized(str(d))

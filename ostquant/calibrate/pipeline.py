@@ -58,6 +58,8 @@ METHODS = ("rtn", "quarot", "spinquant", "ostquant")
 TRAINED_METHODS = ("spinquant", "ostquant")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+HF_CONFIG_NAME = "hf_config.json"   # the architecture (transformers config of the source)
+TOKENIZER_DIR = "tokenizer"
 FORMAT = "ostquant.quantized_model"
 FORMAT_VERSION = 1
 
@@ -314,7 +316,7 @@ def quantize_model(model: nn.Module, tokenizer, method: str, preset,
         info["qsur"] = compare_qsur(qsur_before, qsur_before if method == "rtn" else qsur_after)
     model.ostquant_info = info
     if out_dir is not None:
-        save_quantized(model, out_dir, info)
+        save_quantized(model, out_dir, info, tokenizer=tokenizer)
     return model, info
 
 
@@ -395,8 +397,12 @@ def _train(model, tokenizer, method, cfg, params, calib: CalibSettings, out_dir,
 
 
 # ------------------------------------------------------------------------------ save / load
-def save_quantized(model: nn.Module, out_dir: str, info: Optional[dict] = None) -> None:
-    """Write ``config.json`` and ``model.safetensors`` of a quantized model to ``out_dir``."""
+def save_quantized(model: nn.Module, out_dir: str, info: Optional[dict] = None,
+                   tokenizer=None) -> None:
+    """Write a quantized model to ``out_dir``: ``config.json`` (ostquant's record),
+    ``model.safetensors`` (every weight, projections packed int4), ``hf_config.json`` (the
+    architecture) and, when given, the ``tokenizer/`` — so the directory loads on its own,
+    without the source model (:func:`load_quantized`)."""
     from ostquant.nn import save_quantized_state
 
     info = info if info is not None else getattr(model, "ostquant_info", None)
@@ -407,12 +413,45 @@ def save_quantized(model: nn.Module, out_dir: str, info: Optional[dict] = None) 
                          "— load_quantized needs it to rebuild the architecture")
     os.makedirs(out_dir, exist_ok=True)
     save_quantized_state(model, os.path.join(out_dir, WEIGHTS_NAME))
-    path = os.path.join(out_dir, CONFIG_NAME)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict"):
+        hf = cfg.to_dict()
+        hf["tie_word_embeddings"] = False  # prepare_model unties them; the checkpoint has both
+        _write_json_atomic(os.path.join(out_dir, HF_CONFIG_NAME), hf)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(os.path.join(out_dir, TOKENIZER_DIR))
+    _write_json_atomic(os.path.join(out_dir, CONFIG_NAME), info)
+
+
+def _write_json_atomic(path: str, obj) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(info, f, indent=2, default=str)
+        json.dump(obj, f, indent=2, default=str)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def _empty_model(out_dir: str, dtype: str):
+    """The architecture of ``hf_config.json`` with its parameters on the ``meta`` device
+    (buffers real, on the CPU), and the saved tokenizer (None if the directory has none)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    path = os.path.join(out_dir, HF_CONFIG_NAME)
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        config = transformers.AutoConfig.for_model(**d)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QuantizedModelError(f"{path!r} is not a readable model config: {e}") from e
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, dtype))
+    tok = None
+    tdir = os.path.join(out_dir, TOKENIZER_DIR)
+    if os.path.isdir(tdir):
+        tok = transformers.AutoTokenizer.from_pretrained(tdir)
+    return model, tok
 
 
 def read_config(out_dir: str) -> dict:
@@ -446,12 +485,17 @@ def read_config(out_dir: str) -> dict:
 def load_quantized(out_dir: str, device="cpu", model_source: Optional[str] = None):
     """Rebuild a quantized model saved by :func:`quantize_model`: ``(model, tokenizer)``.
 
-    Loads the original architecture from the recorded source (or ``model_source``), unties
-    and folds it (:func:`~ostquant.transforms.prepare_model`) so names and shapes match, loads
-    ``model.safetensors`` (QuantLinear layers rebuilt from the stored layout, including the
-    down_proj online Hadamard), then re-installs the online-Hadamard record and the attention
-    hook (KV fake quantization, Q/K Hadamard). Raises :class:`QuantizedModelError` on a
-    missing, corrupt or mismatched directory.
+    A directory with ``hf_config.json`` (what :func:`save_quantized` writes) loads on its own: the architecture is built from it with empty (``meta``) weights, and
+    ``model.safetensors`` supplies every tensor, so no floating-point copy of the projections
+    is ever made (loading peaks at about the checkpoint's size); the tokenizer comes from
+    ``tokenizer/``. Otherwise (older directories, or ``model_source`` given) the original
+    architecture is loaded from the recorded source (or ``model_source``) with its weights and
+    then overwritten. Either way the model is untied and folded
+    (:func:`~ostquant.transforms.prepare_model`) so names and shapes match, the QuantLinear
+    layers are rebuilt from the stored layout (including the down_proj online Hadamard), and
+    the online-Hadamard record and the attention hook (KV fake quantization, Q/K Hadamard) are
+    re-installed. Raises :class:`QuantizedModelError` on a missing, corrupt or mismatched
+    directory.
     """
     from ostquant.models import load_model
     from ostquant.models.attention import AttentionHookConfig, install_attention_hook
@@ -468,13 +512,27 @@ def load_quantized(out_dir: str, device="cpu", model_source: Optional[str] = Non
         qcfg = QuantConfig(**cfg["quant_config"])
     except TypeError as e:
         raise QuantizedModelError(f"{out_dir}/{CONFIG_NAME}: bad quant_config: {e}") from e
-    model, tok = load_model(model_source or cfg["model_source"], dtype=cfg.get("dtype", "float32"),
-                            device=device)
+    standalone = model_source is None and os.path.isfile(os.path.join(out_dir, HF_CONFIG_NAME))
+    if standalone:
+        model, tok = _empty_model(out_dir, cfg.get("dtype", "float32"))
+    else:
+        from ostquant.models.loading import ModelLoadError
+
+        src = model_source or cfg["model_source"]
+        try:
+            model, tok = load_model(src, dtype=cfg.get("dtype", "float32"), device=device)
+        except ModelLoadError as e:
+            raise QuantizedModelError(
+                f"{out_dir}: its architecture comes from the model source {src!r} (the "
+                f"directory has no {HF_CONFIG_NAME}), which cannot be loaded: {e}; pass "
+                f"model_source= to name where it is now") from e
     prepare_model(model)
     try:
-        load_quantized_state(model, weights)
+        load_quantized_state(model, weights, assign=standalone, device=device)
     except CheckpointError as e:
         raise QuantizedModelError(f"{out_dir}: {e}") from e
+    if standalone:
+        model.to(device)  # the buffers built on the CPU (RoPE tables)
     spec = {"down_proj": bool(cfg["online_hadamards"].get("down_proj")),
             "q_k": bool(cfg["online_hadamards"].get("q_k"))}
     setattr(model, ONLINE_SPEC_ATTR, spec)

@@ -56,13 +56,19 @@ def read_layout(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path!r} has a corrupt layout record: {e}") from e
 
 
-def load_quantized_state(model: nn.Module, path: str) -> nn.Module:
+def load_quantized_state(model: nn.Module, path: str, assign: bool = False,
+                         device=None) -> nn.Module:
     """Turn the Linear layers named in the checkpoint into QuantLinear and load all weights.
 
     ``model`` must have the architecture the checkpoint was saved from (floating-point
-    weights are overwritten). Raises :class:`CheckpointError` on a corrupt or mismatched file.
+    weights are overwritten). With ``assign=True`` the checkpoint's tensors (read onto
+    ``device``) *replace* the model's instead of being copied into them: for a model whose
+    parameters are on the ``meta`` device (built without memory), which then holds no
+    floating-point copy of a quantized weight at any time; every parameter and buffer must
+    then come from the checkpoint or already be real. Raises :class:`CheckpointError` on a
+    corrupt or mismatched file.
     """
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file, load_model
 
     layout = read_layout(path)
     for name, cfg in layout.items():
@@ -76,9 +82,9 @@ def load_quantized_state(model: nn.Module, path: str) -> nn.Module:
                 raise CheckpointError(
                     f"checkpoint {path!r}: {name} is {cfg['in_features']}->{cfg['out_features']} "
                     f"but the model's is {old.in_features}->{old.out_features}")
-            dtype, device = old.weight.dtype, old.weight.device
+            dtype, where = old.weight.dtype, old.weight.device
         elif isinstance(old, QuantLinear):
-            dtype, device = old.qweight.dtype, old.qweight.device
+            dtype, where = old.qweight.dtype, old.qweight.device
             dtype = old.bias.dtype if old.bias is not None else dtype
         else:
             raise CheckpointError(f"checkpoint {path!r}: {name} is a {type(old).__name__}, "
@@ -87,13 +93,23 @@ def load_quantized_state(model: nn.Module, path: str) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         if not dtype.is_floating_point:
             dtype = None
-        new = QuantLinear(**cfg, device=device, **({"dtype": dtype} if dtype else {}))
+        new = QuantLinear(**cfg, device=where, **({"dtype": dtype} if dtype else {}))
         setattr(parent, child, new)
     try:
-        missing, unexpected = load_model(model, path, strict=False)
+        if assign:
+            sd = load_file(path, device=str(device or "cpu"))
+            missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+        else:
+            missing, unexpected = load_model(model, path, strict=False)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path!r} could not be loaded into the model: {e}") from e
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path!r} does not match the model: missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    if assign:
+        empty = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                 if t.is_meta]
+        if empty:
+            raise CheckpointError(f"checkpoint {path!r} leaves tensors of the model without "
+                                  f"data: {empty[:5]}")
     return model

@@ -391,12 +391,12 @@ class QuantizedCausalLM(nn.Module):
                        fuse: bool = True) -> "QuantizedCausalLM":
         """Load a quantized-model directory (``config.json`` + ``model.safetensors``).
 
-        Goes through :func:`ostquant.calibrate.pipeline.load_quantized` (which rebuilds the
-        architecture from the recorded model source, so that source must be loadable:
-        ``model_source`` overrides it) and keeps only what the runtime needs. Note: that
-        loader materialises the floating-point model once before swapping in the packed
-        weights, so loading peaks at the float model's size (a direct safetensors loader is a
-        TODO for large models).
+        Goes through :func:`ostquant.calibrate.pipeline.load_quantized` and keeps only what
+        the runtime needs. A directory with ``hf_config.json`` (what ``ostquant quantize``
+        writes) loads on its own with empty weights filled from the checkpoint (no float copy
+        of a projection is made; the source model is not needed); an older directory rebuilds
+        the architecture from its recorded model source (``model_source`` overrides it),
+        materialising the float model once.
         """
         from ostquant.calibrate.pipeline import load_quantized
 
