@@ -48,6 +48,18 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: Optional[int] = None
 
+    def generator(self, device) -> Optional[torch.Generator]:
+        """The ``torch.Generator`` that sampling draws from on ``device`` (seeded with
+        :attr:`seed`, else nondeterministically); None for greedy decoding."""
+        if not self.do_sample:
+            return None
+        gen = torch.Generator(device=device)
+        if self.seed is not None:
+            gen.manual_seed(int(self.seed))
+        else:
+            gen.seed()
+        return gen
+
     def __post_init__(self):
         if self.do_sample:
             if not self.temperature > 0:
@@ -146,6 +158,19 @@ def encode_prompts(prompts, tokenizer=None, add_special_tokens: bool = True
     return out
 
 
+def prepare_prompts(model, prompts, max_new_tokens: int, tokenizer=None,
+                    add_special_tokens: bool = True):
+    """``(tokenizer, token id lists)`` of a generation request, checked: ``max_new_tokens``
+    >= 1, prompts non-empty, ids in the model's vocabulary (``tokenizer`` defaults to the
+    model's)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    ids = encode_prompts(prompts, tok, add_special_tokens)
+    check_vocab(ids, model.spec.vocab_size)
+    return tok, ids
+
+
 def check_vocab(ids: List[List[int]], vocab: int) -> None:
     """Raise ``ValueError`` naming the first prompt with a token id outside the vocabulary."""
     for i, p in enumerate(ids):
@@ -163,7 +188,8 @@ def eos_set(eos) -> set:
     return {int(e) for e in eos}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -208,12 +234,8 @@ def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
     later one from a decode forward of one token per sequence (with ``cuda_graph``: a replay
     of the captured decode step).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cfg = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
-    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    ids = encode_prompts(prompts, tok, add_special_tokens)
-    check_vocab(ids, model.spec.vocab_size)
+    tok, ids = prepare_prompts(model, prompts, max_new_tokens, tokenizer, add_special_tokens)
     B = len(ids)
     lens = [len(p) for p in ids]
     user_cache = cache is not None
@@ -240,13 +262,7 @@ def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
     if not stop_at_eos:
         eos = set()
     dev = model.device
-    gen = None
-    if cfg.do_sample:
-        gen = torch.Generator(device=dev)
-        if seed is not None:
-            gen.manual_seed(int(seed))
-        else:
-            gen.seed()
+    gen = cfg.generator(dev)
     timing = _timing if _timing is not None else {}
     timing["cuda_graph"] = False
     use_graph = bool(cuda_graph)
@@ -259,7 +275,7 @@ def stream(model, prompts, max_new_tokens: int = 32, *, do_sample: bool = False,
     batch = torch.full((B, max(lens)), pad_token_id, dtype=torch.long)
     for b, p in enumerate(ids):
         batch[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     logits = model(batch.to(dev), cache, input_lengths=lens, logits="last")
     nxt = sample_next(logits, cfg, gen)

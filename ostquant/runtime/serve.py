@@ -27,16 +27,11 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from .generate import (GenerationResult, SamplingConfig, Step, check_vocab, encode_prompts,
-                       eos_set, sample_next)
+from .generate import (GenerationResult, SamplingConfig, Step, eos_set, prepare_prompts,
+                       sample_next, sync)
 from .kv_cache import CacheFullError, KVCache, PagedKVCache
 
 __all__ = ["generate_continuous"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size: int = 8,
@@ -71,14 +66,10 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
     ``batch_size < 1`` or ``max_new_tokens < 1``; :class:`CacheFullError` if a prompt does
     not fit the page pool even alone.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
-    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    ids = encode_prompts(prompts, tok, add_special_tokens)
-    check_vocab(ids, model.spec.vocab_size)
+    tok, ids = prepare_prompts(model, prompts, max_new_tokens, tokenizer, add_special_tokens)
     n = len(ids)
     B = min(batch_size, n)
     longest = max(len(p) for p in ids)
@@ -91,13 +82,7 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
     eos = eos_set(model.eos_token_id if eos_token_id is None else eos_token_id) \
         if stop_at_eos else set()
     dev = model.device
-    gen = None
-    if cfg.do_sample:
-        gen = torch.Generator(device=dev)
-        if seed is not None:
-            gen.manual_seed(int(seed))
-        else:
-            gen.seed()
+    gen = cfg.generator(dev)
 
     outs: List[List[int]] = [[] for _ in ids]
     reasons = ["length"] * n
@@ -142,7 +127,7 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
             batch[b, :len(r)] = torch.tensor(r, dtype=torch.long)
         for b, i in admit.items():
             slot_of[b] = i
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         logits = model(batch.to(dev), cache, input_lengths=lens, logits="last")
         nxt = sample_next(logits, cfg, gen).tolist()
