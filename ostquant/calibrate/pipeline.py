@@ -362,7 +362,7 @@ def _train(model, tokenizer, method, cfg, params, calib: CalibSettings, out_dir,
     from ostquant.calibrate.trainer import TrainConfig, Trainer
     from ostquant.transforms import apply_training_transforms
 
-    loss = calib.loss or loss_for(method, cfg)
+    loss = calib.loss  # resolved by quantize_model (loss_for) when not given
     ckpt_dir = calib.checkpoint_dir
     if ckpt_dir is None and out_dir is not None:
         ckpt_dir = os.path.join(out_dir, "calib")
@@ -485,7 +485,8 @@ def read_config(out_dir: str) -> dict:
 def load_quantized(out_dir: str, device="cpu", model_source: Optional[str] = None):
     """Rebuild a quantized model saved by :func:`quantize_model`: ``(model, tokenizer)``.
 
-    A directory with ``hf_config.json`` (what :func:`save_quantized` writes) loads on its own: the architecture is built from it with empty (``meta``) weights, and
+    A directory with ``hf_config.json`` (what :func:`save_quantized` writes) loads on its
+    own: the architecture is built from it with empty (``meta``) weights, and
     ``model.safetensors`` supplies every tensor, so no floating-point copy of the projections
     is ever made (loading peaks at about the checkpoint's size); the tokenizer comes from
     ``tokenizer/``. Otherwise (older directories, or ``model_source`` given) the original

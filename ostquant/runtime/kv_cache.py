@@ -385,15 +385,16 @@ class PagedKVCache(KVCache):
     def pages_to_grow(self, new_tokens: int) -> int:
         """Pages the pool must give for ``new_tokens`` more positions in every sequence (what
         a forward pass of ``[B, new_tokens]`` takes, right padding included)."""
-        return sum(max(0, self._pages_for(n + new_tokens) - len(p))
+        return sum(max(0, self.pages_for(n + new_tokens) - len(p))
                    for n, p in zip(self._host_lens, self._pages))
 
-    def _pages_for(self, tokens: int) -> int:
+    def pages_for(self, tokens: int) -> int:
+        """Pages that hold ``tokens`` positions of one sequence."""
         return -(-tokens // self.page_size)
 
     def _grow(self, needs: Sequence[int]) -> None:
         """Give sequence ``b`` pages until it holds ``needs[b]`` tokens' worth (all or none)."""
-        want = [max(0, self._pages_for(n) - len(p)) for n, p in zip(needs, self._pages)]
+        want = [max(0, self.pages_for(n) - len(p)) for n, p in zip(needs, self._pages)]
         if sum(want) == 0:
             return
         if sum(want) > len(self._free):

@@ -13,8 +13,8 @@ pages back to the pool) and refilled from the queue in the next pass.
 Admission waits when the page pool is short: a prompt enters only if the pool can hold every
 sequence in flight at its longest (prompt + ``max_new_tokens``, or further where a pass's
 padding reaches), so a run never runs out of pages midway; the sequences already decoding go
-first. A prompt that
-does not fit even in an otherwise idle cache raises :class:`~ostquant.runtime.CacheFullError`.
+first. A prompt that does not fit even in an otherwise idle cache raises
+:class:`~ostquant.runtime.CacheFullError`.
 
 Greedy tokens equal :func:`~ostquant.runtime.generate` run on each prompt alone, up to float
 rounding (a prompt admitted mid-stream is prefilled through the decode attention kernel
@@ -94,15 +94,15 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
     passes = admitted_late = max_pages = 0
     reserved = [0] * B  # pages a slot's sequence may come to hold (see _admit)
 
-    def reserve(prompt_len: int) -> int:
-        return -(-(prompt_len + max_new_tokens) // page_size)
+    def reserve(prompt_len: int) -> int:  # paged cache only
+        return cache.pages_for(prompt_len + max_new_tokens)
 
     while not all(done):
         decoding = [b for b in range(B) if slot_of[b] is not None]
         admit = _admit(cache, queue, slot_of, reserved, ids, reserve, paged)
         if not decoding and not admit:
             i = queue[0]
-            pad = -(-len(ids[i]) // page_size)
+            pad = cache.pages_for(len(ids[i]))
             raise CacheFullError(
                 f"generate_continuous: prompt {i} ({len(ids[i])} tokens) + max_new_tokens "
                 f"({max_new_tokens}) does not fit the KV cache's page pool even alone: it may "
@@ -182,9 +182,8 @@ def _admit(cache: KVCache, queue: List[int], slot_of: List[Optional[int]],
         for b in idle[:len(queue)]:
             admit[b] = queue.pop(0)
         return admit
-    P = cache.page_size
     lens = cache.lengths
-    for n_admitted, b in enumerate(idle):
+    for b in idle:
         if not queue:
             break
         trial = {**admit, b: queue[0]}
@@ -192,11 +191,11 @@ def _admit(cache: KVCache, queue: List[int], slot_of: List[Optional[int]],
         want = list(reserved)
         for d, i in enumerate(slot_of):
             if i is not None:  # decoding: its padding in this pass reaches lens[d] + S
-                want[d] = max(want[d], -(-(lens[d] + S) // P))
+                want[d] = max(want[d], cache.pages_for(lens[d] + S))
         for a, i in trial.items():
             want[a] = reserve(len(ids[i]))
         idle_after = len(idle) - len(trial)
-        if sum(want) + idle_after * -(-S // P) > cache.num_pages:
+        if sum(want) + idle_after * cache.pages_for(S) > cache.num_pages:
             break
         admit = trial
         queue.pop(0)
