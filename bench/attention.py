@@ -204,17 +204,22 @@ def _time_append(phase, model, heads, B, S, device, dry_run, rows):
                  / ours / 1e6})
 
 
-def run(models, batches, contexts, prefill_contexts, device, dry_run) -> List[dict]:
-    rows: List[dict] = []
+def run(models, batches, contexts, prefill_contexts, device, dry_run,
+        rows=None) -> List[dict]:
+    rows = rows if rows is not None else common.Rows(BENCH)
     for model, heads in models.items():
         for B in batches:
             for ctx in contexts:
-                _time_attention("decode", model, heads, B, ctx, device, dry_run, rows)
+                rows.guard(f"decode {model} batch={B} context={ctx}", _time_attention,
+                           "decode", model, heads, B, ctx, device, dry_run, rows)
         for ctx in prefill_contexts:
-            _time_attention("prefill", model, heads, 1, ctx, device, dry_run, rows)
-        _time_append("append_decode", model, heads, max(batches), 1, device, dry_run, rows)
-        _time_append("append_prefill", model, heads, 1, max(prefill_contexts), device, dry_run,
-                     rows)
+            rows.guard(f"prefill {model} context={ctx}", _time_attention,
+                       "prefill", model, heads, 1, ctx, device, dry_run, rows)
+        rows.guard(f"append_decode {model} batch={max(batches)}", _time_append,
+                   "append_decode", model, heads, max(batches), 1, device, dry_run, rows)
+        rows.guard(f"append_prefill {model} tokens={max(prefill_contexts)}", _time_append,
+                   "append_prefill", model, heads, 1, max(prefill_contexts), device, dry_run,
+                   rows)
     return rows
 
 
@@ -237,13 +242,11 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"the reference", file=sys.stderr)
     batches, contexts = (QUICK_BATCHES, QUICK_CONTEXTS) if args.quick else (BATCHES, CONTEXTS)
     prefill = PREFILL_CONTEXTS[:1] if args.quick else PREFILL_CONTEXTS
-    rows = run(MODELS, batches, contexts, prefill, "cuda", False)
-    short = args.device_short or common.device_short()
-    path = common.write_results(BENCH, short, rows, args.out_dir)
-    common.print_table(rows, ["phase", "model", "batch", "context", "ours_ms", "baseline",
-                              "baseline_ms", "speedup"])
-    print(f"wrote {path}")
-    return 0
+    rows, rc = common.collect(
+        BENCH, args, lambda r: run(MODELS, batches, contexts, prefill, "cuda", False, r))
+    common.print_table(common.measured(rows), ["phase", "model", "batch", "context", "ours_ms",
+                                               "baseline", "baseline_ms", "speedup"])
+    return rc
 
 
 if __name__ == "__main__":

@@ -398,29 +398,33 @@ def measure(lc: LayerCase, iters: int, reps: int) -> Dict[str, object]:
 
 
 def run(models: Sequence[str], case_list: Sequence[Case], preset: str, device: str,
-        iters: int, reps: int, dry_run: bool) -> List[dict]:
+        iters: int, reps: int, dry_run: bool, rows=None) -> List[dict]:
     """Rows for every model x case (printed as they come)."""
     dev = torch.device(device)
     dtype = torch.bfloat16
-    rows: List[dict] = []
+    rows = rows if rows is not None else common.Rows(BENCH)
+
+    def one(model: str, case: Case) -> None:
+        lc = LayerCase(model, preset, case, dtype, dev)
+        try:
+            m = measure(lc, iters, reps)
+        except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
+            m = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+        del lc
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        row = {"model": model, "phase": case.phase, "batch": case.batch,
+               "seqlen": case.seqlen, "context": case.context, "preset": preset,
+               "dtype": str(dtype).replace("torch.", ""), "iters": iters,
+               "profiler": "cuda" if dev.type == "cuda" else "cpu"}
+        row.update(m)
+        rows.append(row)
+        print_row(row)
+
     for model in models:
         for case in case_list:
-            lc = LayerCase(model, preset, case, dtype, dev)
-            try:
-                m = measure(lc, iters, reps)
-            except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
-                m = {"error": f"out of memory: {str(e).splitlines()[0]}"}
-            del lc
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            row = {"model": model, "phase": case.phase, "batch": case.batch,
-                   "seqlen": case.seqlen, "context": case.context, "preset": preset,
-                   "dtype": str(dtype).replace("torch.", ""), "iters": iters,
-                   "profiler": "cuda" if dev.type == "cuda" else "cpu"}
-            row.update(m)
-            rows.append(row)
-            print_row(row)
+            rows.guard(f"{model} {case.phase} batch={case.batch}", one, model, case)
     return rows
 
 
@@ -474,14 +478,12 @@ def main(argv=None) -> int:
         print(f"warning: no CUDA kernel for {sorted(missing)}: those run the reference",
               file=sys.stderr)
     cl = cases(args.seqlen or SEQLEN, batches or BATCHES, args.context or CONTEXT)
-    rows = run(models or (QUICK_MODELS if args.quick else MODELS), cl, args.preset, "cuda",
-               args.iters or ITERS, args.reps or REPS, False)
-    short = args.device_short or common.device_short()
-    path = common.write_results(BENCH, short, rows, args.out_dir)
-    common.print_table(rows, ["model", "phase", "batch", "layer_ms", "profiled_ms"] +
-                       [f"{c}_pct" for c in CATEGORIES])
-    print(f"wrote {path}")
-    return 0
+    rows, rc = common.collect(BENCH, args, lambda r: run(
+        models or (QUICK_MODELS if args.quick else MODELS), cl, args.preset, "cuda",
+        args.iters or ITERS, args.reps or REPS, False, r))
+    common.print_table(common.measured(rows), ["model", "phase", "batch", "layer_ms",
+                                               "profiled_ms"] + [f"{c}_pct" for c in CATEGORIES])
+    return rc
 
 
 if __name__ == "__main__":

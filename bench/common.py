@@ -4,8 +4,10 @@ Every benchmark script:
 
 * runs ``--dry-run`` on any device (tiny sizes, correctness checks only, no timing claims, no
   JSON written) so the CPU test suite can check it has not bit-rotted;
-* otherwise needs CUDA, times with :func:`time_ms` and writes its rows with
-  :func:`write_results` to ``bench/results/<bench>-<device>.json`` (or ``$OUT`` when set).
+* otherwise needs CUDA, times with :func:`time_ms` and collects its rows in a :class:`Rows`,
+  which writes ``bench/results/<bench>-<device>.json`` (or ``$OUT/...`` when set) after every
+  configuration: a run cut short by a time limit keeps what it measured, and a configuration
+  that fails (wrong output, an exception) becomes an ``error`` row instead of ending the run.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import shlex
 import subprocess
 import sys
+import traceback
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -152,6 +155,108 @@ def write_json(path: str, bench: str, rows: List[dict], partial: bool = False,
         json.dump({"meta": m, "rows": rows}, f, indent=1, allow_nan=allow_nan)
         f.write("\n")
     os.replace(tmp, path)
+
+
+class BenchAborted(RuntimeError):
+    """A benchmark stopped early because the CUDA context can no longer be used."""
+
+
+# Error texts after which a CUDA context is unusable (every later call fails the same way).
+_FATAL_CUDA = ("illegal memory access", "illegal instruction", "misaligned address",
+               "unspecified launch failure", "device-side assert", "an illegal",
+               "cudaErrorLaunchFailure", "uncorrectable ECC", "launch timed out")
+
+
+def cuda_context_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` means the process's CUDA context is poisoned (a kernel faulted)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(s.lower() in text.lower() for s in _FATAL_CUDA)
+
+
+class Rows(list):
+    """The rows of one benchmark run, written to its results file as they come.
+
+    ``flush()`` after each configuration writes ``{"meta": ..., "rows": ...}`` with
+    ``"partial": true`` (``finish()`` writes the final file without it), so a run stopped by
+    a time limit keeps every row it measured. ``guard(what, fn)`` runs one configuration: an
+    exception (wrong output, a kernel error, out of memory) is printed and recorded as a row
+    ``{"config": what, "error": ...}`` and the run goes on; after an error that leaves the CUDA
+    context unusable it writes what it has and raises :class:`BenchAborted`. With ``path=None``
+    (dry runs) nothing is written and ``guard`` lets exceptions through, so the CPU tests see
+    them.
+    """
+
+    def __init__(self, bench: str, path: Optional[str] = None):
+        super().__init__()
+        self.bench = bench
+        self.path = path
+        self.errors = 0
+
+    def flush(self, partial: bool = True) -> None:
+        """Write the rows so far (no-op without a path)."""
+        if self.path is not None:
+            # NaN allowed: a GPU round's measurements are never lost to one odd value
+            write_json(self.path, self.bench, list(self), partial=partial, allow_nan=True)
+
+    def finish(self) -> Optional[str]:
+        """Write the final results file; returns its path (None without one)."""
+        self.flush(partial=False)
+        return self.path
+
+    def guard(self, what: str, fn: Callable, *args, **kwargs):
+        """``fn(*args, **kwargs)`` for one configuration; its result, or None if it failed."""
+        if self.path is None:
+            return fn(*args, **kwargs)
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - recorded, and the run goes on
+            traceback.print_exc()
+            msg = f"{type(e).__name__}: {str(e).strip()[:600]}"
+            print(f"FAILED {what}: {msg.splitlines()[0]}", file=sys.stderr)
+            self.append({"config": what, "error": msg})
+            self.errors += 1
+            self.flush()
+            if cuda_context_lost(e):
+                raise BenchAborted(f"{self.bench}: stopped at {what}: the CUDA context is lost "
+                                   f"({msg.splitlines()[0]}); rows so far are in "
+                                   f"{self.path}") from e
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
+        self.flush()
+        return out
+
+
+def results_rows(bench: str, args, dry_run: bool) -> Rows:
+    """The :class:`Rows` of a run: written to ``<--out-dir|$OUT|bench/results>/<bench>-<device>.json``,
+    or not written at all in a dry run."""
+    if dry_run:
+        return Rows(bench)
+    short = args.device_short or device_short()
+    return Rows(bench, results_path(bench, short, args.out_dir))
+
+
+def collect(bench: str, args, fn: Callable[[Rows], object]):
+    """Run ``fn(rows)`` over a :class:`Rows` for ``bench`` and write the final results file.
+
+    Returns ``(rows, exit_status)``: 1 when a configuration failed or the run was aborted
+    (the file then keeps ``"partial": true``), else 0."""
+    rows = results_rows(bench, args, dry_run=False)
+    try:
+        fn(rows)
+    except BenchAborted as e:
+        print(f"ABORTED: {e}", file=sys.stderr)
+        return rows, 1
+    rows.finish()
+    failed = f" ({rows.errors} configurations FAILED: their rows hold the error)" \
+        if rows.errors else ""
+    print(f"wrote {rows.path}{failed}")
+    return rows, 1 if rows.errors else 0
+
+
+def measured(rows: Sequence[dict]) -> List[dict]:
+    """The rows that are measurements (not ``error`` rows)."""
+    return [r for r in rows if "error" not in r or "config" not in r]
 
 
 def num_sets(bytes_per_set: int) -> int:

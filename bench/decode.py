@@ -261,69 +261,78 @@ def _graph_fields(o: dict, b: Optional[dict]) -> dict:
     return row
 
 
-def run(models, batches, context: int, preset: str, dry_run: bool, device: str,
-        layers_override: Optional[int] = None, graph: bool = True) -> List[dict]:
+def _one(rows, model: str, batch: int, context: int, preset: str, check_first: bool,
+         dry_run: bool, device: str, layers_override: Optional[int], graph: bool) -> bool:
+    """Check (``check_first``) and time one decode step of ours and bf16 at (model, batch)."""
     from ostquant.runtime import shape_config
 
-    rows: List[dict] = []
+    full = shape_config(model).num_hidden_layers
+    if check_first:
+        check(model, preset, batch, device, graph=graph)
+        check(model, "w16a16kv16", batch, device, graph=graph)
+    if dry_run or layers_override:
+        layers = ours_fit = layers_override or full
+    else:
+        _empty_cache()
+        budget = int(torch.cuda.mem_get_info()[0] * MEMORY_FRACTION)
+        layers = fit_layers(model, "w16a16kv16", batch, context, budget)
+        ours_fit = fit_layers(model, preset, batch, context, budget)
+        if layers == 0:
+            print(f"{model} batch {batch}: not even one bf16 layer fits; skipped")
+            return True
+    res = {}
+    for side, p in (("ours", preset), ("baseline", "w16a16kv16")):
+        try:
+            res[side] = measure(model, p, layers, batch, context, device, dry_run, graph)
+        except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
+            res[side] = {"error": f"out of memory: {str(e).splitlines()[0]}",
+                         "weights": None, "kv": None}
+            _empty_cache()
+    if dry_run:
+        how = "eager and CUDA-graph" if graph else "eager"
+        print(f"[dry-run] {model} batch={batch} context={context} layers={layers}: "
+              f"ours ({preset}) and bf16 decode steps ran ({how})")
+        for side in ("ours", "baseline"):
+            if "graph_error" in res[side]:
+                print(f"[dry-run] {side}: {res[side]['graph_error']}")
+        return True
+    row = _row(model, layers, full, batch, context, preset, res["ours"], res["baseline"])
+    for side in ("ours", "baseline"):
+        if "error" in res[side]:
+            row[f"{side}_error"] = res[side]["error"]
+    rows.append(row)
+    rows.flush()
+    print(f"{model} layers={layers}/{full} batch={batch} context={context}: ours "
+          f"{row['ours_tok_s']} tok/s, bf16 {row['baseline_tok_s']} tok/s, speedup "
+          f"{row['speedup']}")
+    if "ours_graph_tok_s" in row:
+        print(f"  CUDA graph: ours {row['ours_graph_tok_s']} tok/s, bf16 "
+              f"{row['baseline_graph_tok_s']} tok/s, speedup {row['graph_speedup']} "
+              f"(ours graph vs eager {row['ours_graph_gain']})")
+    if layers < full and ours_fit == full:
+        try:
+            o = measure(model, preset, full, batch, context, device, False, graph)
+            row = _row(model, full, full, batch, context, preset, o, None)
+            row["note"] = "fits where the bf16 model does not"
+            rows.append(row)
+            print(f"{model} layers={full} batch={batch}: ours {o['tok_s']} tok/s "
+                  f"(bf16 does not fit)")
+        except torch.cuda.OutOfMemoryError:  # pragma: no cover - GPU only
+            _empty_cache()
+    sys.stdout.flush()
+    return True
+
+
+def run(models, batches, context: int, preset: str, dry_run: bool, device: str,
+        layers_override: Optional[int] = None, graph: bool = True, rows=None) -> List[dict]:
+    rows = rows if rows is not None else common.Rows(BENCH)
     graph = graph and torch.device(device).type == "cuda"
     for model in models:
-        full = shape_config(model).num_hidden_layers
-        for i, batch in enumerate(batches):
-            if i == 0:
-                check(model, preset, batch, device, graph=graph)
-                check(model, "w16a16kv16", batch, device, graph=graph)
-            if dry_run or layers_override:
-                layers = ours_fit = layers_override or full
-            else:
-                _empty_cache()
-                budget = int(torch.cuda.mem_get_info()[0] * MEMORY_FRACTION)
-                layers = fit_layers(model, "w16a16kv16", batch, context, budget)
-                ours_fit = fit_layers(model, preset, batch, context, budget)
-                if layers == 0:
-                    print(f"{model} batch {batch}: not even one bf16 layer fits; skipped")
-                    continue
-            res = {}
-            for side, p in (("ours", preset), ("baseline", "w16a16kv16")):
-                try:
-                    res[side] = measure(model, p, layers, batch, context, device, dry_run,
-                                        graph)
-                except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
-                    res[side] = {"error": f"out of memory: {str(e).splitlines()[0]}",
-                                 "weights": None, "kv": None}
-                    _empty_cache()
-            if dry_run:
-                how = "eager and CUDA-graph" if graph else "eager"
-                print(f"[dry-run] {model} batch={batch} context={context} layers={layers}: "
-                      f"ours ({preset}) and bf16 decode steps ran ({how})")
-                for side in ("ours", "baseline"):
-                    if "graph_error" in res[side]:
-                        print(f"[dry-run] {side}: {res[side]['graph_error']}")
-                continue
-            row = _row(model, layers, full, batch, context, preset, res["ours"],
-                       res["baseline"])
-            for side in ("ours", "baseline"):
-                if "error" in res[side]:
-                    row[f"{side}_error"] = res[side]["error"]
-            rows.append(row)
-            print(f"{model} layers={layers}/{full} batch={batch} context={context}: ours "
-                  f"{row['ours_tok_s']} tok/s, bf16 {row['baseline_tok_s']} tok/s, speedup "
-                  f"{row['speedup']}")
-            if "ours_graph_tok_s" in row:
-                print(f"  CUDA graph: ours {row['ours_graph_tok_s']} tok/s, bf16 "
-                      f"{row['baseline_graph_tok_s']} tok/s, speedup {row['graph_speedup']} "
-                      f"(ours graph vs eager {row['ours_graph_gain']})")
-            if layers < full and ours_fit == full:
-                try:
-                    o = measure(model, preset, full, batch, context, device, False, graph)
-                    row = _row(model, full, full, batch, context, preset, o, None)
-                    row["note"] = "fits where the bf16 model does not"
-                    rows.append(row)
-                    print(f"{model} layers={full} batch={batch}: ours {o['tok_s']} tok/s "
-                          f"(bf16 does not fit)")
-                except torch.cuda.OutOfMemoryError:  # pragma: no cover - GPU only
-                    _empty_cache()
-            sys.stdout.flush()
+        checked = False  # the float32 checks run until they have passed once for the model
+        for batch in batches:
+            checked = bool(rows.guard(f"{model} batch={batch} context={context}", _one, rows,
+                                      model, batch, context, preset, not checked, dry_run,
+                                      device, layers_override, graph)) or checked
     return rows
 
 
@@ -355,18 +364,16 @@ def main(argv=None) -> int:
     if missing:
         print(f"warning: no CUDA kernel for {sorted(missing)}: those run the reference",
               file=sys.stderr)
-    rows = run(models or (QUICK_MODELS if args.quick else MODELS), batches or BATCHES,
-               args.context or CONTEXT, args.preset, False, "cuda", args.layers,
-               not args.no_graph)
-    short = args.device_short or common.device_short()
-    path = common.write_results(BENCH, short, rows, args.out_dir)
-    common.print_table(rows, ["model", "layers", "batch", "context", "ours_tok_s",
-                              "baseline_tok_s", "speedup", "ours_bytes", "baseline_bytes"])
+    rows, rc = common.collect(BENCH, args, lambda r: run(
+        models or (QUICK_MODELS if args.quick else MODELS), batches or BATCHES,
+        args.context or CONTEXT, args.preset, False, "cuda", args.layers, not args.no_graph, r))
+    ok = common.measured(rows)
+    common.print_table(ok, ["model", "layers", "batch", "context", "ours_tok_s",
+                            "baseline_tok_s", "speedup", "ours_bytes", "baseline_bytes"])
     if not args.no_graph:
-        common.print_table(rows, ["model", "layers", "batch", "ours_graph_tok_s",
-                                  "baseline_graph_tok_s", "graph_speedup", "ours_graph_gain"])
-    print(f"wrote {path}")
-    return 0
+        common.print_table(ok, ["model", "layers", "batch", "ours_graph_tok_s",
+                                "baseline_graph_tok_s", "graph_speedup", "ours_graph_gain"])
+    return rc
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ rows: W4A4 bit-identical, W4A16 within rounding.
 from __future__ import annotations
 
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -132,37 +132,41 @@ def _sets(M, N, K, device, key, nbytes):
     return out
 
 
-def run(models, ms, dry_run: bool, device: str) -> List[dict]:
-    rows: List[dict] = []
-    timed: Dict[Tuple[int, int, int], Dict[str, float]] = {}
+def _measure(M: int, N: int, K: int, what: str, dry_run: bool, device: str) -> Dict[str, float]:
+    """Check ours against the reference at (M, N, K), then time ours and the baselines."""
     fns = {"w4a4": ours_w4a4, "w4a16": ours_w4a16, "bf16": base_bf16, "int8": base_int8}
+    d = make_inputs(M, N, K, device)
+    check(d, what)
+    if dry_run:
+        base_bf16(d)
+        base_int8(d)  # CPU _int_mm takes any M; CUDA needs M > 16
+        print(f"[dry-run] {what}: w4a4 and w4a16 match the reference")
+        return {}
+    del d
+    t = {}
+    for name, nbytes in _set_bytes(M, N, K).items():
+        if name == "int8" and M <= SMALL_M_MAX:
+            continue  # torch._int_mm needs M > 16 on CUDA
+        sets = _sets(M, N, K, device, name, nbytes)
+        t[name] = common.time_ms(fns[name], sets)
+        del sets
+        torch.cuda.empty_cache()
+    return t
+
+
+def run(models, ms, dry_run: bool, device: str, rows=None) -> List[dict]:
+    rows = rows if rows is not None else common.Rows(BENCH)
+    timed: Dict[Tuple[int, int, int], Optional[Dict[str, float]]] = {}
     for model, layers in models.items():
         for layer, (N, K) in layers.items():
             for M in ms:
                 what = f"{model} {layer} M={M} N={N} K={K}"
                 key = (M, N, K)
                 if key not in timed:
-                    d = make_inputs(M, N, K, device)
-                    check(d, what)
-                    if dry_run:
-                        base_bf16(d)
-                        base_int8(d)  # CPU _int_mm takes any M; CUDA needs M > 16
-                        print(f"[dry-run] {what}: w4a4 and w4a16 match the reference")
-                        timed[key] = {}
-                        continue
-                    del d
-                    t = {}
-                    for name, nbytes in _set_bytes(M, N, K).items():
-                        if name == "int8" and M <= SMALL_M_MAX:
-                            continue  # torch._int_mm needs M > 16 on CUDA
-                        sets = _sets(M, N, K, device, name, nbytes)
-                        t[name] = common.time_ms(fns[name], sets)
-                        del sets
-                        torch.cuda.empty_cache()
-                    timed[key] = t
-                if dry_run:
-                    continue
+                    timed[key] = rows.guard(what, _measure, M, N, K, what, dry_run, device)
                 t = timed[key]
+                if dry_run or not t:
+                    continue  # dry run, or this shape failed (its error row is written)
                 flop = 2.0 * M * N * K
                 for op in ("w4a4", "w4a16"):
                     for base in ("bf16", "int8"):
@@ -176,6 +180,7 @@ def run(models, ms, dry_run: bool, device: str) -> List[dict]:
                             "speedup": None if bms is None else bms / t[op],
                             **({"note": "torch._int_mm needs M > 16"} if bms is None else {}),
                         })
+                rows.flush()
                 print(f"{what}: w4a4 {t['w4a4']:.4f} ms, w4a16 {t['w4a16']:.4f} ms, bf16 "
                       f"{t['bf16']:.4f} ms" + (f", int8 {t['int8']:.4f} ms" if "int8" in t
                                                else ""))
@@ -198,14 +203,11 @@ def main(argv=None) -> int:
         print(f"warning: no CUDA kernel for {sorted(missing)} (ostquant._C not built?); timing "
               f"the reference", file=sys.stderr)
     models, ms = (QUICK_MODELS, QUICK_MS) if args.quick else (MODELS, MS)
-    rows = run(models, ms, False, "cuda")
-    short = args.device_short or common.device_short()
-    path = common.write_results(BENCH, short, rows, args.out_dir)
-    common.print_table([r for r in rows if r["baseline"] == "bf16"],
+    rows, rc = common.collect(BENCH, args, lambda r: run(models, ms, False, "cuda", r))
+    common.print_table([r for r in common.measured(rows) if r["baseline"] == "bf16"],
                        ["op", "model", "layer", "M", "ours_ms", "ours_tops", "baseline_ms",
                         "speedup"])
-    print(f"wrote {path}")
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

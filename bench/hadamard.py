@@ -82,45 +82,48 @@ def check(x: torch.Tensor, scale: float) -> float:
     return rel
 
 
-def run(sizes, batches, dtypes, dry_run: bool, device: str):
-    rows = []
+def _one(rows, n: int, batch: int, dtype, dry_run: bool, device: str) -> None:
+    """Check and time one (n, batch, dtype); appends its rows."""
+    scale = n ** -0.5
+    x = torch.randn(batch, n, device=device).to(dtype)
+    rel = check(x, scale)
+    if dry_run:
+        print(f"[dry-run] n={n} batch={batch} {str(dtype)[6:]}: max rel err {rel:.2e}")
+        return
+    bytes_set = x.numel() * x.element_size()
+    sets = [(torch.randn(batch, n, device=device).to(dtype),)
+            for _ in range(common.num_sets(bytes_set))]
+    ours = common.time_ms(lambda a: O.hadamard_transform(a, scale), sets)
+    base = {"n": n, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
+            "K": hadamard_factor(n)[0], "ours_ms": ours,
+            "ours_gbps": 2 * bytes_set / ours / 1e6, "max_rel_err": rel}
+    if n <= DENSE_MAX_N:
+        hs = _dense(n, dtype, device)
+        ms = common.time_ms(lambda a: torch.matmul(a, hs.T), sets)
+        rows.append({**base, "baseline": "dense", "baseline_ms": ms, "speedup": ms / ours})
+        del hs
+    fht = _fht_fn(n)
+    if fht is not None:
+        try:
+            ms = common.time_ms(lambda a: fht(a, scale), sets)
+        except Exception as e:  # noqa: BLE001  (a size it has no kernel for)
+            print(f"fast_hadamard_transform failed at n={n}: {e}", file=sys.stderr)
+            fht = None
+        else:
+            rows.append({**base, "baseline": "fht", "baseline_ms": ms, "speedup": ms / ours})
+    if n > DENSE_MAX_N and fht is None:
+        rows.append({**base, "baseline": "none", "baseline_ms": None, "speedup": None})
+    del sets
+    torch.cuda.empty_cache()
+
+
+def run(sizes, batches, dtypes, dry_run: bool, device: str, rows=None):
+    rows = rows if rows is not None else common.Rows(BENCH)
     for dtype in dtypes:
         for n in sizes:
-            scale = n ** -0.5
             for batch in batches:
-                x = torch.randn(batch, n, device=device).to(dtype)
-                rel = check(x, scale)
-                if dry_run:
-                    print(f"[dry-run] n={n} batch={batch} {str(dtype)[6:]}: max rel err {rel:.2e}")
-                    continue
-                bytes_set = x.numel() * x.element_size()
-                sets = [(torch.randn(batch, n, device=device).to(dtype),)
-                        for _ in range(common.num_sets(bytes_set))]
-                ours = common.time_ms(lambda a: O.hadamard_transform(a, scale), sets)
-                base = {"n": n, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
-                        "K": hadamard_factor(n)[0], "ours_ms": ours,
-                        "ours_gbps": 2 * bytes_set / ours / 1e6, "max_rel_err": rel}
-                if n <= DENSE_MAX_N:
-                    hs = _dense(n, dtype, device)
-                    ms = common.time_ms(lambda a: torch.matmul(a, hs.T), sets)
-                    rows.append({**base, "baseline": "dense", "baseline_ms": ms,
-                                 "speedup": ms / ours})
-                    del hs
-                fht = _fht_fn(n)
-                if fht is not None:
-                    try:
-                        ms = common.time_ms(lambda a: fht(a, scale), sets)
-                    except Exception as e:  # noqa: BLE001  (a size it has no kernel for)
-                        print(f"fast_hadamard_transform failed at n={n}: {e}", file=sys.stderr)
-                        fht = None
-                    else:
-                        rows.append({**base, "baseline": "fht", "baseline_ms": ms,
-                                     "speedup": ms / ours})
-                if n > DENSE_MAX_N and fht is None:
-                    rows.append({**base, "baseline": "none", "baseline_ms": None,
-                                 "speedup": None})
-                del sets
-                torch.cuda.empty_cache()
+                rows.guard(f"n={n} batch={batch} {str(dtype)[6:]}", _one, rows, n, batch,
+                           dtype, dry_run, device)
     return rows
 
 
@@ -137,13 +140,11 @@ def main(argv=None) -> int:
         print("warning: no CUDA kernel for hadamard_transform (ostquant._C not built?); "
               "timing the reference", file=sys.stderr)
     sizes, batches = (QUICK_SIZES, QUICK_BATCHES) if args.quick else (SIZES, BATCHES)
-    rows = run(sizes, batches, DTYPES, False, "cuda")
-    short = args.device_short or common.device_short()
-    path = common.write_results(BENCH, short, rows, args.out_dir)
-    common.print_table(rows, ["n", "batch", "dtype", "ours_ms", "ours_gbps", "baseline",
-                              "baseline_ms", "speedup"])
-    print(f"wrote {path}")
-    return 0
+    rows, rc = common.collect(BENCH, args,
+                              lambda r: run(sizes, batches, DTYPES, False, "cuda", r))
+    common.print_table(common.measured(rows), ["n", "batch", "dtype", "ours_ms", "ours_gbps",
+                                               "baseline", "baseline_ms", "speedup"])
+    return rc
 
 
 if __name__ == "__main__":

@@ -130,51 +130,58 @@ def measure(lay: Layer, seqlen: int, dry_run: bool) -> Dict[str, float]:
     return {"ms": ms, "peak": peak}
 
 
-def run(models, seqlens, preset: str, dry_run: bool, device: str) -> List[dict]:
-    rows: List[dict] = []
+def _one(rows, model: str, seqlen: int, preset: str, check_first: bool, dry_run: bool,
+         device: str) -> None:
+    """Check (``check_first``) and time ours and the bf16 layer at one (model, seqlen)."""
     dtype = torch.bfloat16
     tol = 1e-2 if "a4" in preset else 1e-3
+    res = {}
+    for side, p in (("ours", preset), ("baseline", "w16a16kv16")):
+        if check_first:
+            lay = Layer(model, p, torch.float32, device, CHECK_LEN)
+            check(lay, min(CHECK_LEN, seqlen), f"{model} {side} ({p})",
+                  tol if side == "ours" else 1e-3)
+            del lay
+        lay = Layer(model, p, dtype, device, seqlen)
+        try:
+            m = measure(lay, seqlen, dry_run)
+        except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
+            m = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+        m["weights"] = lay.weight_bytes()
+        m["kv"] = lay.cache.nbytes
+        res[side] = m
+        del lay
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if dry_run:
+        print(f"[dry-run] {model} seqlen={seqlen}: ours ({preset}) and bf16 layers ran")
+        return True
+    o, b = res["ours"], res["baseline"]
+    row = {"model": model, "seqlen": seqlen, "batch": 1, "preset": preset,
+           "ours_ms": o.get("ms"), "baseline": "bf16", "baseline_ms": b.get("ms"),
+           "speedup": b["ms"] / o["ms"] if "ms" in o and "ms" in b else None,
+           "ours_peak_bytes": o.get("peak"), "baseline_peak_bytes": b.get("peak"),
+           "memory_saving": b["peak"] / o["peak"] if "peak" in o and "peak" in b else None,
+           "ours_weight_bytes": o["weights"], "baseline_weight_bytes": b["weights"],
+           "ours_kv_bytes": o["kv"], "baseline_kv_bytes": b["kv"]}
+    for side in ("ours", "baseline"):
+        if "error" in res[side]:
+            row[f"{side}_error"] = res[side]["error"]
+    rows.append(row)
+    print(f"{model} seqlen={seqlen}: ours {row['ours_ms']} ms, bf16 {row['baseline_ms']} ms, "
+          f"speedup {row['speedup']}, memory saving {row['memory_saving']}")
+    sys.stdout.flush()
+    return True
+
+
+def run(models, seqlens, preset: str, dry_run: bool, device: str, rows=None) -> List[dict]:
+    rows = rows if rows is not None else common.Rows(BENCH)
     for model in models:
+        checked = False  # the float32 check runs until it has passed once for the model
         for seqlen in seqlens:
-            res = {}
-            for side, p in (("ours", preset), ("baseline", "w16a16kv16")):
-                if seqlen == seqlens[0]:
-                    lay = Layer(model, p, torch.float32, device, CHECK_LEN)
-                    check(lay, min(CHECK_LEN, seqlen), f"{model} {side} ({p})",
-                          tol if side == "ours" else 1e-3)
-                    del lay
-                lay = Layer(model, p, dtype, device, seqlen)
-                try:
-                    m = measure(lay, seqlen, dry_run)
-                except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
-                    m = {"error": f"out of memory: {str(e).splitlines()[0]}"}
-                m["weights"] = lay.weight_bytes()
-                m["kv"] = lay.cache.nbytes
-                res[side] = m
-                del lay
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            if dry_run:
-                print(f"[dry-run] {model} seqlen={seqlen}: ours ({preset}) and bf16 layers ran")
-                continue
-            o, b = res["ours"], res["baseline"]
-            row = {"model": model, "seqlen": seqlen, "batch": 1, "preset": preset,
-                   "ours_ms": o.get("ms"), "baseline": "bf16", "baseline_ms": b.get("ms"),
-                   "speedup": b["ms"] / o["ms"] if "ms" in o and "ms" in b else None,
-                   "ours_peak_bytes": o.get("peak"), "baseline_peak_bytes": b.get("peak"),
-                   "memory_saving": b["peak"] / o["peak"] if "peak" in o and "peak" in b
-                   else None,
-                   "ours_weight_bytes": o["weights"], "baseline_weight_bytes": b["weights"],
-                   "ours_kv_bytes": o["kv"], "baseline_kv_bytes": b["kv"]}
-            for side in ("ours", "baseline"):
-                if "error" in res[side]:
-                    row[f"{side}_error"] = res[side]["error"]
-            rows.append(row)
-            print(f"{model} seqlen={seqlen}: ours {row['ours_ms']} ms, bf16 "
-                  f"{row['baseline_ms']} ms, speedup {row['speedup']}, memory saving "
-                  f"{row['memory_saving']}")
-            sys.stdout.flush()
+            checked = bool(rows.guard(f"{model} seqlen={seqlen}", _one, rows, model, seqlen,
+                                      preset, not checked, dry_run, device)) or checked
     return rows
 
 
@@ -203,13 +210,12 @@ def main(argv=None) -> int:
         models = QUICK_MODELS if args.quick else MODELS
     if seqlens is None:
         seqlens = QUICK_SEQLENS if args.quick else SEQLENS
-    rows = run(models, seqlens, args.preset, False, "cuda")
-    short = args.device_short or common.device_short()
-    path = common.write_results(BENCH, short, rows, args.out_dir)
-    common.print_table(rows, ["model", "seqlen", "ours_ms", "baseline_ms", "speedup",
-                              "ours_peak_bytes", "baseline_peak_bytes", "memory_saving"])
-    print(f"wrote {path}")
-    return 0
+    rows, rc = common.collect(
+        BENCH, args, lambda r: run(models, seqlens, args.preset, False, "cuda", r))
+    common.print_table(common.measured(rows), ["model", "seqlen", "ours_ms", "baseline_ms",
+                                               "speedup", "ours_peak_bytes",
+                                               "baseline_peak_bytes", "memory_saving"])
+    return rc
 
 
 if __name__ == "__main__":

@@ -109,37 +109,42 @@ def check(op: str, x: torch.Tensor, w: torch.Tensor) -> None:
                                  f"reference")
 
 
-def run(cases, dtype, dry_run: bool, device: str):
-    rows = []
+def _one(rows, op: str, M: int, K: int, dtype, dry_run: bool, device: str) -> None:
+    """Check and time one (op, M, K); appends its row."""
+    x = torch.randn(M, K, device=device).to(dtype)
+    w = _weight(K, dtype, device)
+    check(op, x, w)
+    if dry_run:
+        print(f"[dry-run] {op} M={M} K={K}: matches the reference")
+        return
+    nbytes = _bytes(op, M, K, x.element_size())
+    sets = [(torch.randn(M, K, device=device).to(dtype), w)
+            for _ in range(common.num_sets(M * K * x.element_size()))]
+    ours = common.time_ms(_call(op), sets)
+    unfused = _unfused(op)
+    unfused_ms = common.time_ms(unfused, sets) if unfused is not None else None
+    half = max(1, nbytes // 2)
+    csets = [(torch.empty(half, dtype=torch.uint8, device=device),
+              torch.empty(half, dtype=torch.uint8, device=device))
+             for _ in range(common.num_sets(2 * half))]
+    copy = common.time_ms(lambda dst, src: dst.copy_(src), csets)
+    gbps, copy_gbps = nbytes / ours / 1e6, nbytes / copy / 1e6
+    row = {"op": op, "M": M, "K": K, "dtype": str(dtype).replace("torch.", ""),
+           "bytes": nbytes, "ours_ms": ours, "gbps": gbps, "copy_ms": copy,
+           "copy_gbps": copy_gbps, "fraction_of_copy": gbps / copy_gbps}
+    if unfused is not None:
+        row["unfused_ms"] = unfused_ms
+        row["speedup_vs_unfused"] = unfused_ms / ours
+    rows.append(row)
+    del sets, csets
+    torch.cuda.empty_cache()
+
+
+def run(cases, dtype, dry_run: bool, device: str, rows=None):
+    rows = rows if rows is not None else common.Rows(BENCH)
     for op, shapes in cases:
         for M, K in shapes:
-            x = torch.randn(M, K, device=device).to(dtype)
-            w = _weight(K, dtype, device)
-            check(op, x, w)
-            if dry_run:
-                print(f"[dry-run] {op} M={M} K={K}: matches the reference")
-                continue
-            nbytes = _bytes(op, M, K, x.element_size())
-            sets = [(torch.randn(M, K, device=device).to(dtype), w)
-                    for _ in range(common.num_sets(M * K * x.element_size()))]
-            ours = common.time_ms(_call(op), sets)
-            unfused = _unfused(op)
-            unfused_ms = common.time_ms(unfused, sets) if unfused is not None else None
-            half = max(1, nbytes // 2)
-            csets = [(torch.empty(half, dtype=torch.uint8, device=device),
-                      torch.empty(half, dtype=torch.uint8, device=device))
-                     for _ in range(common.num_sets(2 * half))]
-            copy = common.time_ms(lambda dst, src: dst.copy_(src), csets)
-            gbps, copy_gbps = nbytes / ours / 1e6, nbytes / copy / 1e6
-            row = {"op": op, "M": M, "K": K, "dtype": str(dtype).replace("torch.", ""),
-                   "bytes": nbytes, "ours_ms": ours, "gbps": gbps, "copy_ms": copy,
-                   "copy_gbps": copy_gbps, "fraction_of_copy": gbps / copy_gbps}
-            if unfused is not None:
-                row["unfused_ms"] = unfused_ms
-                row["speedup_vs_unfused"] = unfused_ms / ours
-            rows.append(row)
-            del sets, csets
-            torch.cuda.empty_cache()
+            rows.guard(f"{op} M={M} K={K}", _one, rows, op, M, K, dtype, dry_run, device)
     return rows
 
 
@@ -159,14 +164,12 @@ def main(argv=None) -> int:
               f"the reference", file=sys.stderr)
     pt, kv, fused = ((QUICK_PER_TOKEN, QUICK_KV, QUICK_FUSED) if args.quick
                      else (PER_TOKEN, KV, FUSED))
-    rows = run([("quantize_per_token", pt), ("quantize_kv", kv)]
-               + [(op, fused) for op in FUSED_OPS], torch.bfloat16, False, "cuda")
-    short = args.device_short or common.device_short()
-    path = common.write_results(BENCH, short, rows, args.out_dir)
-    common.print_table(rows, ["op", "M", "K", "ours_ms", "gbps", "copy_gbps",
-                              "fraction_of_copy", "speedup_vs_unfused"])
-    print(f"wrote {path}")
-    return 0
+    cases = [("quantize_per_token", pt), ("quantize_kv", kv)] + [(op, fused) for op in FUSED_OPS]
+    rows, rc = common.collect(BENCH, args,
+                              lambda r: run(cases, torch.bfloat16, False, "cuda", r))
+    common.print_table(common.measured(rows), ["op", "M", "K", "ours_ms", "gbps", "copy_gbps",
+                                               "fraction_of_copy", "speedup_vs_unfused"])
+    return rc
 
 
 if __name__ == "__main__":
