@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One GPU session round: install carried wheels, build ostquant._C, run the CUDA tests (plus one
-# compute-sanitizer memcheck pass over the CUDA kernel tests), run the benchmarks, print a summary.
+# One GPU session round: install carried wheels, install a carried prebuilt ostquant._C or build
+# it, run the CUDA tests, the benchmarks, one compute-sanitizer memcheck pass over the CUDA
+# kernel tests, print a summary.
 #
-#   bash bench/gpu_round.sh                 # everything
+#   bash bench/gpu_round.sh --budget 540 --quick   # one device call: all of it, in 540 s
+#   bash bench/gpu_round.sh                 # everything, no time limit
 #   bash bench/gpu_round.sh --no-sanitizer  # skip the compute-sanitizer pass
 #   bash bench/gpu_round.sh --no-bench      # build + tests only
 #   bash bench/gpu_round.sh --quick         # fewer benchmark sizes
@@ -10,40 +12,80 @@
 #   bash bench/gpu_round.sh --only-sanitizer  # build + the compute-sanitizer pass only
 #   bash bench/gpu_round.sh --only-bench --benches gemm,attention   # a subset of benchmarks
 #
-# A device call is limited to 10 minutes: split a round, e.g. (1) --no-bench --no-sanitizer,
-# (2) --only-sanitizer, (3) --only-bench --benches hadamard,quant,gemm, (4) --only-bench
-# --benches attention,prefill,decode,breakdown (the build is incremental once done in a warm machine).
+# --budget S: the whole round ends within S seconds. Stages run in order of value (build,
+# tests, benchmarks in the order given, sanitizer) and each is stopped by `timeout` when the
+# budget runs out (a hung kernel cannot eat the session); a stage that would start with too
+# little time left is skipped and named in the summary. Set it ~60 s under the call's timeout_s.
 #
-# Results (JSON, logs) go to $OUT when set (the device machine's output folder), else to
-# bench/results (JSON) and bench/out (logs). Exits non-zero if the build or a test failed; the
-# benchmarks still run after failed tests (their own correctness checks stop them on bad output).
+# Prebuilt extension: if .prebuilt/ holds a build made for these sources and this torch
+# (bench/prebuilt.py save/use), it is installed and nothing is compiled. The
+# fast_hadamard_transform baseline (.whl/fast-hadamard-transform-src.tar.gz) builds in the
+# background while the tests run.
+#
+# Output: on the device machine ($OUT set) at most 8 files come back, so the results JSON
+# (one per benchmark, <= 7) are copied to $OUT and every log is packed into $OUT/logs.tar.gz,
+# refreshed after each stage (a call killed from outside still returns what was done). Without
+# $OUT: JSON to bench/results, logs to bench/out. Exits non-zero if the build, a test or a
+# benchmark configuration failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-SANITIZER=1; BENCH=1; TESTS=1; QUICK=""
+SANITIZER=1; BENCH=1; TESTS=1; QUICK=""; BUDGET=0
 BENCHES="hadamard,quant,gemm,attention,prefill,decode,breakdown"
-expect_benches=0
+expect=""
 for a in "$@"; do
-  if [ "$expect_benches" = 1 ]; then BENCHES="$a"; expect_benches=0; continue; fi
+  if [ -n "$expect" ]; then printf -v "$expect" '%s' "$a"; expect=""; continue; fi
   case "$a" in
     --only-sanitizer) TESTS=0; BENCH=0; SANITIZER=1 ;;
-    --benches) expect_benches=1 ;;
+    --benches) expect=BENCHES ;;
+    --budget) expect=BUDGET ;;
     --no-sanitizer) SANITIZER=0 ;;
     --no-bench) BENCH=0 ;;
     --only-bench) TESTS=0; SANITIZER=0 ;;
     --quick) QUICK="--quick" ;;
-    -h|--help) sed -n 2,19p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,30p "$0"; exit 0 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
 done
+[[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "--budget takes whole seconds" >&2; exit 2; }
 
-LOG_DIR="${OUT:-bench/out}"
-mkdir -p "$LOG_DIR"
+FINAL_OUT="${OUT:-}"
+if [ -n "$FINAL_OUT" ]; then
+  WORK=/tmp/ostquant-round; rm -rf "$WORK"
+  LOG_DIR="$WORK/logs"; RES_DIR="$WORK/results"
+else
+  LOG_DIR=bench/out; RES_DIR=bench/results
+fi
+mkdir -p "$LOG_DIR" "$RES_DIR"
+export OUT="$RES_DIR"   # where the benchmarks write their JSON
 export PYTHONUNBUFFERED=1
 PY=python3
 status=0
+skipped=()
 t0=$(date +%s)
+RESERVE=20  # seconds kept for the summary and packing
 say() { echo; echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
+left() {
+  if [ "$BUDGET" = 0 ]; then echo 1000000; else echo $(( BUDGET - ($(date +%s) - t0) - RESERVE )); fi
+}
+# limited NAME MIN_SECONDS CMD...: run CMD under the budget; 98 = skipped (too little time left)
+limited() {
+  local name=$1 min=$2; shift 2
+  local l; l=$(left)
+  if [ "$l" -lt "$min" ]; then
+    echo "SKIPPED $name: ${l}s of the budget left (needs ~${min}s)"; skipped+=("$name"); return 98
+  fi
+  timeout --kill-after=10 "$l" "$@"
+  local rc=$?
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then echo "TIMED OUT $name (budget)"; skipped+=("$name (cut)"); fi
+  return $rc
+}
+sync_out() {  # copy results and packed logs to the device's $OUT
+  [ -n "$FINAL_OUT" ] || return 0
+  cp -f "$RES_DIR"/*.json "$FINAL_OUT"/ 2>/dev/null
+  tar -czf "$FINAL_OUT/logs.tar.gz.tmp" -C "$WORK" logs 2>/dev/null \
+    && mv -f "$FINAL_OUT/logs.tar.gz.tmp" "$FINAL_OUT/logs.tar.gz"
+}
 
 # 1. carried wheels (device README: they go to a --target dir on PYTHONPATH)
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -53,46 +95,86 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-# 1b. the fast_hadamard_transform baseline, if its source was carried (bench/build_fht.py)
-if [ "$BENCH" = 1 ] && [ -f /tmp/fht/build/fast_hadamard_transform_cuda.so ]; then
-  echo "fast_hadamard_transform baseline already built in /tmp/fht"
-  export PYTHONPATH=/tmp/fht/build:/tmp/fht/src/fast-hadamard-transform${PYTHONPATH:+:$PYTHONPATH}
-elif [ "$BENCH" = 1 ] && [ -f .whl/fast-hadamard-transform-src.tar.gz ]; then
-  say "building the fast_hadamard_transform baseline (sm_90a; one big file, ~3 min)"
-  if MAX_JOBS="${MAX_JOBS:-16}" $PY bench/build_fht.py .whl/fast-hadamard-transform-src.tar.gz \
-      /tmp/fht > "$LOG_DIR/build-fht.log" 2>&1; then
-    export PYTHONPATH=/tmp/fht/build:/tmp/fht/src/fast-hadamard-transform${PYTHONPATH:+:$PYTHONPATH}
-    echo "fast_hadamard_transform baseline ok"
-  else
-    tail -20 "$LOG_DIR/build-fht.log"; echo "fast_hadamard_transform baseline build failed (bench goes on without it)"
+# 1b. the fast_hadamard_transform baseline, built in the background (bench/build_fht.py)
+FHT_PID=""
+if [ "$BENCH" = 1 ] && [[ ",$BENCHES," == *",hadamard,"* ]]; then
+  if [ -f /tmp/fht/build/fast_hadamard_transform_cuda.so ]; then
+    echo "fast_hadamard_transform baseline already built in /tmp/fht"
+  elif [ -f .whl/fast-hadamard-transform-src.tar.gz ]; then
+    say "building the fast_hadamard_transform baseline in the background (sm_90a, ~3 min)"
+    MAX_JOBS=4 $PY bench/build_fht.py .whl/fast-hadamard-transform-src.tar.gz /tmp/fht \
+      > "$LOG_DIR/build-fht.log" 2>&1 &
+    FHT_PID=$!
   fi
 fi
 
-# 2. build
+# 2. the extension: prebuilt if it fits, else build
 say "nvidia-smi"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
-say "building ostquant._C"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
-tb=$(date +%s)
-if ! TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}" \
-    $PY -m pip install --no-build-isolation --no-deps -e . > "$LOG_DIR/build.log" 2>&1; then
-  tail -40 "$LOG_DIR/build.log"; echo "BUILD FAILED"; exit 1
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
+if [ -d .prebuilt ] && $PY bench/prebuilt.py use .prebuilt; then
+  echo "using the prebuilt extension (nothing compiled)"
+else
+  say "building ostquant._C"
+  tb=$(date +%s)
+  if ! limited build 60 env MAX_JOBS="${MAX_JOBS:-16}" \
+      $PY -m pip install --no-build-isolation --no-deps -e . > "$LOG_DIR/build.log" 2>&1; then
+    tail -40 "$LOG_DIR/build.log"; echo "BUILD FAILED"; sync_out; exit 1
+  fi
+  echo "build ok in $(( $(date +%s) - tb ))s"
 fi
-echo "build ok in $(( $(date +%s) - tb ))s"
-$PY -c "import ostquant.ops as O; print('extension:', O.extension_loaded(), O.extension_error() or ''); print('cuda ops:', O.cuda_ops())"
+$PY -c "import ostquant.ops as O; print('extension:', O.extension_loaded(), O.extension_error() or ''); print('cuda ops:', O.cuda_ops())" 2>&1 | tee "$LOG_DIR/extension.log"
+sync_out
 
 # 3. tests
 if [ "$TESTS" = 1 ]; then
   say "pytest -m cuda"
-  $PY -m pytest -q -m cuda -p no:cacheprovider 2>&1 | tee "$LOG_DIR/pytest-cuda.log" | tail -30
-  rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "CUDA TESTS FAILED (rc=$rc)"; status=1; }
+  # pytest-timeout caps each test (a hung kernel); pytest-xdist runs 4 workers on the one GPU
+  TO=(); $PY -c "import pytest_timeout" 2>/dev/null && TO=(--timeout=180 --timeout-method=thread)
+  $PY -c "import xdist" 2>/dev/null && TO+=(-n "${TEST_WORKERS:-4}")
+  limited tests 60 $PY -m pytest -q -m cuda -p no:cacheprovider --tb=short -rfE \
+      --durations=15 "${TO[@]}" > "$LOG_DIR/pytest-cuda.log" 2>&1
+  rc=$?
+  tail -45 "$LOG_DIR/pytest-cuda.log"
+  [ "$rc" = 0 ] || { echo "CUDA TESTS FAILED (rc=$rc)"; status=1; }
+  sync_out
 fi
+
+# 4. benchmarks
+if [ "$BENCH" = 1 ]; then
+  for b in ${BENCHES//,/ }; do
+    if [ "$b" = hadamard ] && [ -n "$FHT_PID" ]; then
+      say "waiting for the fast_hadamard_transform build"
+      l=$(left); [ "$l" -gt 200 ] && l=200
+      for _ in $(seq "$l"); do kill -0 "$FHT_PID" 2>/dev/null || break; sleep 1; done
+      if kill -0 "$FHT_PID" 2>/dev/null; then
+        kill "$FHT_PID" 2>/dev/null; echo "fast_hadamard_transform build not done; bench goes on without it"
+      elif wait "$FHT_PID"; then echo "fast_hadamard_transform baseline ok"
+      else tail -20 "$LOG_DIR/build-fht.log"; echo "fast_hadamard_transform build failed (bench goes on without it)"
+      fi
+      FHT_PID=""
+    fi
+    if [ -f /tmp/fht/build/fast_hadamard_transform_cuda.so ]; then
+      export PYTHONPATH=/tmp/fht/build:/tmp/fht/src/fast-hadamard-transform${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    say "bench.$b $QUICK"
+    limited "bench.$b" 30 $PY -m bench.$b $QUICK > "$LOG_DIR/bench-$b.log" 2>&1
+    rc=$?
+    tail -40 "$LOG_DIR/bench-$b.log"
+    [ "$rc" = 0 ] || [ "$rc" = 98 ] || { echo "BENCH $b FAILED (rc=$rc)"; status=1; }
+    sync_out
+  done
+fi
+[ -z "$FHT_PID" ] || kill "$FHT_PID" 2>/dev/null
+
+# 5. compute-sanitizer (memcheck) over the kernel tests
 if [ "$SANITIZER" = 1 ]; then
   say "compute-sanitizer memcheck on the CUDA kernel tests"
   SAN=$(command -v compute-sanitizer || true)
   [ -n "$SAN" ] || { [ -x "$CUDA_HOME/bin/compute-sanitizer" ] && SAN="$CUDA_HOME/bin/compute-sanitizer"; }
   if [ -n "$SAN" ]; then
-    "$SAN" --tool memcheck --error-exitcode 99 --print-limit 20 \
+    limited sanitizer 60 "$SAN" --tool memcheck --error-exitcode 99 --print-limit 20 \
         $PY -m pytest -q -x -m cuda -p no:cacheprovider tests/test_cuda_hadamard.py \
         tests/test_cuda_quant.py tests/test_cuda_fused_quant.py tests/test_cuda_gemm.py tests/test_cuda_kv.py \
         -k "not long_rows and not model_shapes and not llama3 and not matches_cpu_reference_op" \
@@ -101,33 +183,34 @@ if [ "$SANITIZER" = 1 ]; then
     tail -15 "$LOG_DIR/sanitizer.log"
     if grep -q "Device not supported" "$LOG_DIR/sanitizer.log"; then
       echo "compute-sanitizer cannot run on this machine's runtime (gVisor?); not a test failure"
+    elif [ "$rc" = 98 ]; then
+      :  # skipped: too little budget left
+    elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+      echo "sanitizer pass cut by the budget (see the log for how far it got)"
     elif [ "$rc" != 0 ]; then
-      echo "SANITIZER/TESTS FAILED (rc=$rc)"; status=1
+      echo "SANITIZER/TESTS FAILED (rc=$rc; 99 = memcheck found errors)"; status=1
     fi
   else
     echo "compute-sanitizer not found; skipped"
   fi
+  sync_out
 fi
 
-# 4. benchmarks
-if [ "$BENCH" = 1 ]; then
-  for b in ${BENCHES//,/ }; do
-    say "bench.$b $QUICK"
-    $PY -m bench.$b $QUICK 2>&1 | tee "$LOG_DIR/bench-$b.log" | tail -60
-    [ "${PIPESTATUS[0]}" = 0 ] || { echo "BENCH $b FAILED"; status=1; }
-  done
-fi
-
-# 5. summary
+# 6. summary
 say "summary"
-$PY - "$LOG_DIR" <<'PYEOF'
+$PY - "$RES_DIR" <<'PYEOF' | tee "$LOG_DIR/summary.log"
 import glob, json, os, sys
-out = os.environ.get("OUT") or "bench/results"
+out = sys.argv[1]
 for path in sorted(glob.glob(os.path.join(out, "*.json"))):
     doc = json.load(open(path))
     m, rows = doc["meta"], doc["rows"]
+    errs = [r for r in rows if "config" in r and "error" in r]
+    rows = [r for r in rows if not ("config" in r and "error" in r)]
     print(f"{os.path.basename(path)}: {m['device']}, torch {m['torch']}, commit {m['commit']}, "
-          f"{len(rows)} rows")
+          f"{len(rows)} rows" + (f", {len(errs)} FAILED configurations" if errs else "")
+          + (" (PARTIAL: the run stopped early)" if m.get("partial") else ""))
+    for r in errs:
+        print(f"  FAILED {r['config']}: {r['error'].splitlines()[0][:160]}")
     if m["bench"] == "hadamard":
         for r in rows:
             if r.get("speedup") is not None:
@@ -169,5 +252,7 @@ for path in sorted(glob.glob(os.path.join(out, "*.json"))):
             print(f"  {r['op']:>18} M={r['M']:>6} K={r['K']:>5}: {r['gbps']:.0f} GB/s = "
                   f"{r['fraction_of_copy']:.2f} of copy")
 PYEOF
+[ "${#skipped[@]}" = 0 ] || echo "skipped or cut by the budget: ${skipped[*]}"
+sync_out
 say "done (status $status)"
 exit $status
