@@ -15,6 +15,9 @@ Environment:
   ``OSTQUANT_HAS_CUTLASS=0`` (kernels that need it are left out). The CUTLASS Hopper GEMMs
   (csrc/gemm/sm90/, ``OSTQUANT_SM90_GEMM=1``) are compiled only when ``9.0a`` is in the arch
   list; they are the slowest files to compile (~1.5-2 min of CPU each), so use ``MAX_JOBS``.
+  The CUTLASS 2.x int4 IMMA GEMMs for Ampere/Ada (csrc/gemm/sm80/, ``OSTQUANT_SM80_GEMM=1``)
+  are compiled when an arch >= 8.0 is in the list (9.0a included, so a Hopper machine can test
+  them).
 * ``MAX_JOBS`` — parallel compile jobs (ninja). ``OSTQUANT_NVCC_THREADS`` — ``nvcc --threads``
   per file (useful with several archs).
 * ``OSTQUANT_PERSISTENT_BUILD=0`` — compile in pip's temporary dir instead of
@@ -37,6 +40,13 @@ EXT_NAME = "ostquant._C"
 
 def _say(msg: str) -> None:
     print(f"[ostquant setup] {msg}", file=sys.stderr, flush=True)
+
+
+def _arch_major(arch: str) -> int:
+    """The major compute capability of an arch-list entry ('8.6', '9.0a', '9.0a+PTX'); 0 if
+    unparsable."""
+    m = re.match(r"\s*(\d+)\.", arch)
+    return int(m.group(1)) if m else 0
 
 
 def _load_find_cutlass():
@@ -157,7 +167,10 @@ def _cuda_extension():
     sm90_gemm = int(bool(has_cutlass) and has_sm90a)
     if not sm90_gemm:
         _say("CUTLASS sm_90a GEMM kernels left out (need CUTLASS and 9.0a in the arch list).")
-    defines = [f"-DOSTQUANT_HAS_CUTLASS={has_cutlass}", f"-DOSTQUANT_SM90_GEMM={sm90_gemm}"]
+    # The CUTLASS 2.x int4 IMMA GEMMs (csrc/gemm/sm80/): mma.sync on int4 needs sm_80 or newer.
+    sm80_gemm = int(bool(has_cutlass) and any(_arch_major(a) >= 8 for a in archs))
+    defines = [f"-DOSTQUANT_HAS_CUTLASS={has_cutlass}", f"-DOSTQUANT_SM90_GEMM={sm90_gemm}",
+               f"-DOSTQUANT_SM80_GEMM={sm80_gemm}"]
     cxx_flags = ["-O3", "-std=c++20", "-DNDEBUG"] + defines
     nvcc_flags = ["-O3", "-std=c++20", "-DNDEBUG", "--expt-relaxed-constexpr", "-lineinfo"] + defines + gencode
     nvcc_threads = os.environ.get("OSTQUANT_NVCC_THREADS")

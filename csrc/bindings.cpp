@@ -19,6 +19,12 @@
 #ifndef OSTQUANT_HAS_CUTLASS
 #define OSTQUANT_HAS_CUTLASS 0
 #endif
+#ifndef OSTQUANT_SM90_GEMM
+#define OSTQUANT_SM90_GEMM 0
+#endif
+#ifndef OSTQUANT_SM80_GEMM
+#define OSTQUANT_SM80_GEMM 0
+#endif
 
 TORCH_LIBRARY_IMPL(ostquant, CUDA, m) {
   m.impl("pack_int4", &ostquant::pack_int4_cuda);
@@ -70,7 +76,11 @@ PyMODINIT_FUNC PyInit__C(void) {
   };
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
-  if (PyModule_AddIntConstant(m, "has_cutlass", OSTQUANT_HAS_CUTLASS) < 0) {
+  // What the build compiled in: CUTLASS at all, the Hopper GEMMs (sm90/), the int4 IMMA GEMMs
+  // (sm80/).
+  if (PyModule_AddIntConstant(m, "has_cutlass", OSTQUANT_HAS_CUTLASS) < 0 ||
+      PyModule_AddIntConstant(m, "sm90_gemm", OSTQUANT_SM90_GEMM) < 0 ||
+      PyModule_AddIntConstant(m, "sm80_gemm", OSTQUANT_SM80_GEMM) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -113,6 +113,13 @@ def test_setup_gencode_flags(setup_globals):
         gencode(["sm90"])
 
 
+def test_setup_arch_major(setup_globals):
+    """The int4 IMMA GEMMs (OSTQUANT_SM80_GEMM) are built when an arch >= 8.0 is listed."""
+    major = setup_globals["_arch_major"]
+    assert [major(a) for a in ("7.5", "8.0", "8.6", "8.9+PTX", "9.0a", "12.0", "sm90")] == \
+        [7, 8, 8, 8, 9, 12, 0]
+
+
 def test_setup_arch_default(setup_globals, monkeypatch):
     archs = setup_globals["_arch_list_from_env_or_gpu"]
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
@@ -142,6 +149,7 @@ def test_extension_loads_and_registers_cuda_kernels():
     import ostquant._C as C
 
     assert C.has_cutlass in (0, 1)
+    assert C.sm90_gemm in (0, C.has_cutlass) and C.sm80_gemm in (0, C.has_cutlass)
 
 
 @pytest.mark.skipif(not _extension_built(), reason="ostquant._C was not built (pure-Python install)")

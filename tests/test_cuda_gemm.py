@@ -275,6 +275,60 @@ def test_large_m_uses_cutlass_on_sm90():
     assert any("cutlass" in n and "GemmUniversal" in n for n in names), names
 
 
+def _sm80_gemm_built():
+    try:
+        import ostquant._C as C
+    except ImportError:
+        return False
+    return bool(getattr(C, "sm80_gemm", 0))
+
+
+# Shapes of the int4 IMMA path (128-token x 256-channel tiles, 128-k stages): K = 32 and
+# K % 128 != 0, N below / not a multiple of 256, M around one and two token tiles.
+IMMA_NK = [(8, 32), (136, 96), (264, 160), (520, 416), (1024, 4096)]
+IMMA_M = [17, 127, 128, 129, 300]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("NK", IMMA_NK, ids=lambda s: f"N{s[0]}-K{s[1]}")
+@pytest.mark.parametrize("M", IMMA_M)
+def test_int4_gemm_imma_shapes(M, NK, monkeypatch):
+    """The CUTLASS 2.x int4 IMMA kernel (sm80/, Ampere/Ada), forced with OSTQUANT_GEMM_IMMA=1 so
+    a Hopper machine runs it too (int4 mma.sync emulated there): bit-identical to the
+    reference, every epilogue variant; float32 output falls back to the portable path."""
+    if not _sm80_gemm_built():
+        pytest.skip("extension built without the CUTLASS int4 IMMA kernels")
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("int4 mma.sync needs sm_80+")
+    monkeypatch.setenv("OSTQUANT_GEMM_IMMA", "1")
+    N, K = NK
+    for sym, bias_dtype, out_dtype in ((True, None, torch.bfloat16),
+                                       (False, torch.bfloat16, torch.bfloat16),
+                                       (False, torch.float32, torch.float16),
+                                       (True, torch.float16, torch.float32),
+                                       (False, None, torch.float16)):
+        _check_int4_gemm(M, N, K, sym, bias_dtype, out_dtype)
+    _check_int4_gemm(M, N, K, False, torch.float16, torch.bfloat16, with_wsum=False)
+
+
+@pytest.mark.cuda
+def test_int4_gemm_imma_runs_the_imma_kernel(monkeypatch):
+    """OSTQUANT_GEMM_IMMA=1 runs the CUTLASS 2.x visitor kernel (no widening pass, no cuBLAS);
+    =0 keeps it off."""
+    if not _sm80_gemm_built():
+        pytest.skip("extension built without the CUTLASS int4 IMMA kernels")
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("int4 mma.sync needs sm_80+")
+    args = _w4a4_inputs(256, 512, 512, False, None, True)
+    monkeypatch.setenv("OSTQUANT_GEMM_IMMA", "1")
+    names = _ran_kernels(lambda: O.int4_gemm(*args, out_dtype=torch.bfloat16))
+    assert any("GemmWithEpilogueVisitor" in n for n in names), names
+    assert not any("unpack" in n.lower() for n in names), names
+    monkeypatch.setenv("OSTQUANT_GEMM_IMMA", "0")
+    names = _ran_kernels(lambda: O.int4_gemm(*args, out_dtype=torch.bfloat16))
+    assert not any("GemmWithEpilogueVisitor" in n for n in names), names
+
+
 # --------------------------------------------------------------------------- w4a16_gemm
 
 @pytest.mark.cuda

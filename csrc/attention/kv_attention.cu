@@ -23,8 +23,9 @@
 //
 // Variable lengths: sequence b has seqlens[b] tokens; tokens past a row's (causal) limit are
 // masked, and loads clamp to the last valid token so nothing out of bounds or uninitialised is
-// read. Bad lengths / unallocated pages are recorded in the status word (kv_status.h) and give a
-// NaN output for that sequence.
+// read. Bad lengths / unallocated pages are recorded in the status word (kv_status.h), so the
+// next KV call raises; a bad length gives a NaN output for that sequence, an unallocated page is
+// read as page 0 (in bounds, wrong values).
 //
 // fp32 q takes a plain CUDA-core kernel (one CTA per query row and head), exact to float32
 // rounding — the reference's precision, for tests and tools, not for speed.

@@ -58,9 +58,10 @@ std::string describe(int code) {
     default:
       os << "unknown KV kernel status " << code;
   }
-  os << " (found on the device by an earlier CUDA KV-cache call: lengths are checked on the "
-        "GPU without a host sync; that call wrote nothing for the sequence / returned NaN for "
-        "it)";
+  os << " (found on the device by an earlier CUDA KV-cache call: lengths and pages are checked "
+        "on the GPU without a host sync; that call wrote nothing for the sequence (append), "
+        "returned NaN for it (bad length) or read page 0 in place of the missing page (its "
+        "attention output for the sequence is wrong: discard it))";
   return os.str();
 }
 

@@ -14,6 +14,12 @@
 //    activations to int8 (unpack_int4, M·K bytes); the weights stay packed. Conditions:
 //    N % 8 == 0, K > 0, fp16/bf16 activations for W4A16 (sm90_gemm_supported); the
 //    environment variable OSTQUANT_GEMM_SM90=0 turns the path off (read once).
+//  * W4A4 at M > 16 on Ampere/Ada (compute capability 8.x), when built with CUTLASS for an
+//    arch >= 8.0: the CUTLASS 2.x int4 IMMA kernel of sm80/ (int4 x int4 mma.sync on the packed
+//    operands as they are, exact int32, dequantization epilogue fused as an Sm80 EVT;
+//    fp16/bf16 output, N % 8 == 0). OSTQUANT_GEMM_IMMA (read on every call): "0" never, "1" on
+//    any sm_80+ device and ahead of the Hopper path (on Hopper int4 mma.sync is emulated:
+//    correct but slow, for testing the path there), unset: compute capability 8.x only.
 //  * Otherwise (M > 16 elsewhere, or a shape the CUTLASS path does not take): a PORTABLE path,
 //    correct but not fast:
 //      W4A4:  widen int4 -> int8 (unpack_int4 kernel) for x and w, at::_int_mm (cuBLASLt int8
@@ -45,6 +51,7 @@
 #include "common/torch_utils.h"
 #include "gemm/launch.h"
 #include "gemm/ops.h"
+#include "gemm/sm80/launch.h"
 #include "gemm/sm90/launch.h"
 #include "quant/launch.h"
 
@@ -182,6 +189,34 @@ bool use_sm90(int device, int64_t M, int64_t N, int64_t K) {
   return major == 9 && minor == 0;
 }
 
+// ------------------------------------------------------------------ CUTLASS 2.x IMMA path
+
+// The W4A4 int4 IMMA kernels take this call: compiled in, shape supported, and the device and
+// OSTQUANT_GEMM_IMMA agree (see the top of this file).
+bool use_imma(int device, int64_t M, int64_t N, int64_t K) {
+  if (!sm80_gemm_built() || !sm80_gemm_supported(M, N, K)) return false;
+  const char* e = std::getenv("OSTQUANT_GEMM_IMMA");
+  if (e != nullptr && std::strcmp(e, "0") == 0) return false;
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (e != nullptr && std::strcmp(e, "1") == 0) return major >= 8;
+  return major == 8;
+}
+
+// The M <= 16 kernels use mma.sync on int4/int8/fp16/bf16 operands, which need sm_80 or newer
+// (compiled for older archs they trap, which would lose the CUDA context).
+bool device_has_mma(int device) {
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major >= 8;
+}
+
 int device_sm_count(int device) {
   int n = 0;
   if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) {
@@ -193,8 +228,8 @@ int device_sm_count(int device) {
 
 // The per-channel vectors as the CUTLASS epilogue reads them (float32, 16-byte aligned: it loads
 // 4 at a time). Fills `prob.epi` from `epi`, keeping the converted tensors alive in `keep`.
-void sm90_epilogue(const GemmEpilogue& epi, const std::optional<at::Tensor>& bias,
-                   Sm90GemmProblem& prob, at::Tensor& keep_bias) {
+void cutlass_epilogue(const GemmEpilogue& epi, const std::optional<at::Tensor>& bias,
+                      CutlassGemmProblem& prob, at::Tensor& keep_bias) {
   prob.epi = epi;
   if (bias.has_value()) {
     keep_bias = contiguous_aligned(bias->to(at::kFloat));
@@ -203,10 +238,10 @@ void sm90_epilogue(const GemmEpilogue& epi, const std::optional<at::Tensor>& bia
   }
 }
 
-// Query (can the kernel take the problem, how much stream-K workspace), then launch.
+// Query (can the kernel take the problem, how much (stream-K) workspace), then launch.
 // Returns false, having launched nothing, when the kernel cannot take the problem.
 template <class Run>
-bool run_sm90(const char* op, const at::Tensor& like, Run&& run) {
+bool run_cutlass(const char* op, const at::Tensor& like, Run&& run) {
   size_t bytes = 0;
   const cudaError_t q = run(nullptr, &bytes);
   if (q == cudaErrorNotSupported) return false;
@@ -258,6 +293,9 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
   }
 
   if (M <= kSmallMMax) {
+    TORCH_CHECK(device_has_mma(x.get_device()), op, ": M <= ", kSmallMMax,
+                " needs an sm_80 or newer GPU (int4 tensor-core mma); device ", x.get_device(),
+                " is older");
     const SmallMPlan plan = plan_small_m(N, K);
     at::Tensor partial;
     if (plan.splits > 1) partial = at::empty({plan.splits, M, N}, x.options().dtype(at::kInt));
@@ -267,10 +305,28 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
     return out;
   }
 
-  if (use_sm90(x.get_device(), M, N, K)) {
+  if (epi.out_type != FloatType::kFloat32 && use_imma(x.get_device(), M, N, K)) {
+    CutlassGemmProblem prob;
+    at::Tensor bias_f32;
+    cutlass_epilogue(epi, bias_in, prob, bias_f32);
+    prob.x = xp;  // packed int4 as is
+    prob.w = wp;
+    prob.M = M;
+    prob.N = N;
+    prob.K = K;
+    prob.device = x.get_device();
+    prob.sm_count = device_sm_count(prob.device);
+    if (run_cutlass(op, x, [&](void* ws, size_t* ws_bytes) {
+          return sm80_w4a4_gemm(epi.out_type, prob, ws, ws_bytes, stream);
+        })) {
+      return out;
+    }
+  }
+
+  if (epi.out_type != FloatType::kFloat32 && use_sm90(x.get_device(), M, N, K)) {
     Sm90GemmProblem prob;
     at::Tensor bias_f32;
-    sm90_epilogue(epi, bias_in, prob, bias_f32);
+    cutlass_epilogue(epi, bias_in, prob, bias_f32);
     const at::Tensor x8 = at::empty({M, K}, x.options().dtype(at::kChar));
     prob.x = x8.const_data_ptr();
     prob.w = wp;
@@ -280,7 +336,7 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
     prob.device = x.get_device();
     prob.sm_count = device_sm_count(prob.device);
     bool unpacked = false;
-    const bool ran = run_sm90(op, x, [&](void* ws, size_t* ws_bytes) {
+    const bool ran = run_cutlass(op, x, [&](void* ws, size_t* ws_bytes) {
       if (ws_bytes == nullptr && !unpacked) {  // launching: widen the activations first
         unpacked = true;
         const cudaError_t e = launch_unpack_int4(xp, static_cast<int8_t*>(x8.data_ptr()),
@@ -333,7 +389,7 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& w_packed_in
   epi.out_type = to_float_type(x.scalar_type());
   set_bias(epi, bias_in, bias);
 
-  if (M <= kSmallMMax && x.scalar_type() != at::kFloat) {
+  if (M <= kSmallMMax && x.scalar_type() != at::kFloat && device_has_mma(x.get_device())) {
     const SmallMPlan plan = plan_small_m(N, K);
     at::Tensor partial;
     if (plan.splits > 1) partial = at::empty({plan.splits, M, N}, x.options().dtype(at::kFloat));
@@ -347,7 +403,7 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& w_packed_in
   if (x.scalar_type() != at::kFloat && use_sm90(x.get_device(), M, N, K)) {
     Sm90GemmProblem prob;
     at::Tensor bias_f32;
-    sm90_epilogue(epi, bias_in, prob, bias_f32);
+    cutlass_epilogue(epi, bias_in, prob, bias_f32);
     prob.x = x.const_data_ptr();
     prob.w = wp;
     prob.M = M;
@@ -356,7 +412,7 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& w_packed_in
     prob.device = x.get_device();
     prob.sm_count = device_sm_count(prob.device);
     const FloatType x_type = to_float_type(x.scalar_type());
-    if (run_sm90(op, x, [&](void* ws, size_t* ws_bytes) {
+    if (run_cutlass(op, x, [&](void* ws, size_t* ws_bytes) {
           return sm90_w4a16_gemm(x_type, prob, ws, ws_bytes, stream);
         })) {
       return out;

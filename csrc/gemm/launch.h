@@ -27,6 +27,19 @@ struct GemmEpilogue {
   FloatType out_type = FloatType::kBFloat16;
 };
 
+// One large-M GEMM call for the CUTLASS paths (sm90/, sm80/): out[M, N] = epi(x · wᵀ).
+//   x: the activations as that path takes them (see its launch.h); w: packed int4 [N, K/2],
+//   canonical layout. Row-major, contiguous, 16-byte aligned. epi.bias, if set, is float32;
+//   x_zero and w_sum are both set or both null.
+struct CutlassGemmProblem {
+  const void* x = nullptr;
+  const uint8_t* w = nullptr;
+  int64_t M = 0, N = 0, K = 0;
+  GemmEpilogue epi;
+  int device = 0;
+  int sm_count = 132;
+};
+
 // ---------------------------------------------------------------- small M (decode) kernels
 
 // Largest M the small-M kernels take (one 16-row MMA tile). Larger M goes to the portable

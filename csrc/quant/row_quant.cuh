@@ -50,6 +50,7 @@ __device__ __forceinline__ void row_reduce_max_min(float& mx, float& mn) {
       mx = nan_max(mx, s_max[base + w]);
       mn = nan_min(mn, s_min[base + w]);
     }
+    __syncthreads();  // the scratch may be written again by a later call in the same kernel
   }
 }
 
@@ -71,6 +72,7 @@ __device__ __forceinline__ double row_reduce_sum(double v) {
     __syncthreads();
     v = s_sum[base];
     for (int w = 1; w < nwarps; ++w) v += s_sum[base + w];
+    __syncthreads();  // the scratch may be written again by a later call in the same kernel
   }
   return v;
 }

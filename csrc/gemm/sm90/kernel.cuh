@@ -52,42 +52,15 @@
 #include "cutlass/util/packed_stride.hpp"
 #pragma nv_diag_default 2908
 
+#include "gemm/cutlass_epilogue.cuh"
 #include "gemm/launch.h"
 #include "gemm/sm90/launch.h"
 
 namespace ostquant {
 namespace sm90 {
 
-// ------------------------------------------------------------------ epilogue compute nodes
-// Sm90Compute calls ComputeFn<Array<float, V>> with its children's fragments, already
-// converted to float (int32 -> float is round-to-nearest, like __int2float_rn).
-
-template <class FragT>
-struct W4A4EpilogueFn {
-  template <class F>
-  CUTLASS_DEVICE F operator()(F const& acc, F const& zx, F const& ws, F const& sx, F const& sw,
-                              F const& b) const {
-    F y;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < F::kElements; ++i) {
-      float a = __fsub_rn(acc[i], __fmul_rn(zx[i], ws[i]));
-      float v = __fmul_rn(__fmul_rn(a, sx[i]), sw[i]);
-      y[i] = __fadd_rn(v, b[i]);
-    }
-    return y;
-  }
-};
-
-template <class FragT>
-struct W4A16EpilogueFn {
-  template <class F>
-  CUTLASS_DEVICE F operator()(F const& acc, F const& sw, F const& b) const {
-    F y;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < F::kElements; ++i) y[i] = __fadd_rn(__fmul_rn(acc[i], sw[i]), b[i]);
-    return y;
-  }
-};
+// The epilogue compute nodes (W4A4EpilogueFn, W4A16EpilogueFn) are in gemm/cutlass_epilogue.cuh,
+// shared with the sm80 path.
 
 // ------------------------------------------------------------------ the kernel type
 

@@ -20,19 +20,9 @@
 
 namespace ostquant {
 
-// One GEMM call: out[M, N] = epilogue(x[M, K] · w[N, K]ᵀ).
+// One GEMM call (gemm/launch.h): out[M, N] = epilogue(x[M, K] · w[N, K]ᵀ), with
 //   x: W4A4: int8 [M, K] (int4 codes widened, see launch_unpack_int4); W4A16: fp16/bf16 [M, K].
-//   w: packed int4 [N, K/2], canonical layout. All row-major, contiguous, 16-byte aligned.
-//   epi: as for the other paths, except that bias (if any) must be float32 here; x_zero and
-//   w_sum are both set or both null.
-struct Sm90GemmProblem {
-  const void* x = nullptr;
-  const uint8_t* w = nullptr;
-  int64_t M = 0, N = 0, K = 0;
-  GemmEpilogue epi;
-  int device = 0;
-  int sm_count = 132;
-};
+using Sm90GemmProblem = CutlassGemmProblem;
 
 // True when the CUTLASS kernels were compiled in (OSTQUANT_SM90_GEMM).
 bool sm90_gemm_built();

@@ -1,0 +1,44 @@
+// The dequantization epilogue as CUTLASS epilogue-visitor compute nodes, shared by the Hopper
+// (sm90/, Sm90Compute) and Ampere (sm80/, VisitorCompute) paths. Both call
+// ComputeFn<Array<float, V>>{}(children...) with the children's fragments already converted to
+// float (int32 -> float is round-to-nearest, like __int2float_rn).
+//
+// Explicitly rounded float ops in the reference's order (no FMA contraction), so W4A4 stays
+// bit-identical to reference.int4_gemm (and to the small-M kernels' w4a4_epilogue_value):
+//   W4A4:  a = float(acc); a = a - zx[m]·ws[n]; y = (a·sx[m])·sw[n]; y = y + b[n]
+//   W4A16: y = acc·sw[n] + b[n]
+// Null optional vectors reach here as zeros (a - 0·0 = a, y + 0 = y for every non-NaN value).
+#pragma once
+
+#include "cutlass/cutlass.h"
+
+namespace ostquant {
+
+template <class FragT>
+struct W4A4EpilogueFn {
+  template <class F>
+  CUTLASS_DEVICE F operator()(F const& acc, F const& zx, F const& ws, F const& sx, F const& sw,
+                              F const& b) const {
+    F y;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < F::kElements; ++i) {
+      float a = __fsub_rn(acc[i], __fmul_rn(zx[i], ws[i]));
+      float v = __fmul_rn(__fmul_rn(a, sx[i]), sw[i]);
+      y[i] = __fadd_rn(v, b[i]);
+    }
+    return y;
+  }
+};
+
+template <class FragT>
+struct W4A16EpilogueFn {
+  template <class F>
+  CUTLASS_DEVICE F operator()(F const& acc, F const& sw, F const& b) const {
+    F y;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < F::kElements; ++i) y[i] = __fadd_rn(__fmul_rn(acc[i], sw[i]), b[i]);
+    return y;
+  }
+};
+
+}  // namespace ostquant
