@@ -38,3 +38,39 @@ def test_int4_kv_attention_cuda_matches_cpu():
     out = O.int4_kv_attention(q.cuda(), *[c.cuda() for c in caches], *[c.cuda() for c in vcaches],
                               lens.cuda())
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [512, 1536])  # 2^9 and 12·2^7 (a K×K stage)
+def test_quant_linear_fused_hadamard_quant_equals_unfused(dtype, in_features):
+    """On CUDA, an A4 QuantLinear with an online Hadamard runs one fused Hadamard + quantize +
+    pack kernel; it must give exactly the unfused kernels' result."""
+    torch.manual_seed(0)
+    lin = nn.Linear(in_features, 96).cuda()
+    q = QuantLinear.from_linear(lin, abits=4, online_hadamard=True).to(dtype)
+    x = (torch.randn(37, in_features, device="cuda") * 3).to(dtype)
+    got = q(x)
+    h = O.hadamard_transform(x, in_features ** -0.5)
+    c, s, z = O.quantize_per_token(h, 4, q.act_sym, q.act_clip_ratio)
+    want = O.int4_gemm(O.pack_int4(c), s, None if q.act_sym else z, q.qweight, q.w_scale,
+                       q.w_sum, q.bias, out_dtype=dtype)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("preset", ["w4a4kv4", "w4a4kv16"])
+def test_decoder_fused_norm_quant_on_cuda(preset):
+    """CUDA's default fuses RMSNorm + quantization for the qkv and gate|up inputs: logits close
+    to the unfused path (codes move by one step only where the float64 and float32 mean squares
+    round differently)."""
+    from ostquant.runtime import QuantizedCausalLM
+    m = QuantizedCausalLM.random("tiny", preset, num_layers=2, dtype=torch.bfloat16,
+                                 device="cuda")
+    ids = torch.randint(0, 256, (2, 24), device="cuda", generator=torch.Generator(
+        "cuda").manual_seed(3))
+    fused = m(ids, m.new_cache(2, 24))
+    for lay in m.layers:
+        lay.fused_norm_quant = False
+    plain = m(ids, m.new_cache(2, 24))
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=0,
+                               atol=0.05 * plain.float().abs().max().item())

@@ -25,6 +25,7 @@ import copy
 import pytest
 import torch
 
+from ostquant import ops
 from ostquant.calibrate.pipeline import CalibSettings, load_quantized, quantize_model
 from ostquant.models import UnsupportedModelError, load_model
 from ostquant.runtime import (CacheFullError, KVCache, QuantizedCausalLM, generate,
@@ -194,6 +195,53 @@ def test_unfused_projections_give_the_same_logits(quantized):
     assert torch.equal(fused(ids, c1), plain(ids, c2))
     assert torch.equal(fused(ids[:, :1], c1), plain(ids[:, :1], c2))  # a decode step
     assert all(torch.equal(a, b) for a, b in zip(c1.layers[0], c2.layers[0]))
+
+
+def _count_calls(monkeypatch, name):
+    from ostquant import ops
+    calls = []
+    real = getattr(ops, name)
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+    monkeypatch.setattr(ops, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("preset", ["w4a4kv4", "w4a16kv16"])
+def test_fused_norm_quant(quantized, monkeypatch, preset):
+    """RMSNorm + int4 quantization as one op (fused_norm_quant; CUDA's default) feeds the qkv
+    and gate|up GEMMs of A4 layers. Its float64 mean square can move a code by one step now and
+    then, so against the unfused path (the CPU default, = the calibrated model) the logits
+    agree closely, and most tokens' exactly; W4A16 layers are left alone."""
+    d = quantized("llama", "ostquant", preset)
+    plain = QuantizedCausalLM.from_quantized(d)
+    fused = QuantizedCausalLM.from_quantized(d)
+    for lay in fused.layers:
+        lay.fused_norm_quant = True
+    ids = _ids(40, seed=11)
+    want = plain(ids, plain.new_cache(1, 40))
+    calls = _count_calls(monkeypatch, "rmsnorm_quantize_per_token")
+    got = fused(ids, fused.new_cache(1, 40))
+    if preset == "w4a16kv16":
+        assert calls == [] and torch.equal(got, want)
+        return
+    assert calls == [(40, 128)] * (2 * fused.spec.num_layers), calls
+    same = (got == want).all(-1).float().mean().item()
+    assert same >= 0.3, f"only {same:.0%} of the tokens' logits bit-identical"
+    # float32 model: mostly last-bit differences of the normalised values (seen: 2.4e-7)
+    torch.testing.assert_close(got, want, rtol=0, atol=0.01 * want.abs().max().item())
+    # and it is exactly the composition of the ops
+    lay = fused.layers[0]
+    x = torch.randn(1, 5, 128)
+    xp, s, z = ops.rmsnorm_quantize_per_token(x.reshape(5, 128), lay.input_norm.weight,
+                                              lay.input_norm.eps, 4, lay.qkv.act_sym,
+                                              lay.qkv.act_clip_ratio)
+    assert torch.equal(lay._norm_proj(lay.input_norm, lay.qkv, x)[0],
+                       ops.int4_gemm(xp, s, None if lay.qkv.act_sym else z, lay.qkv.qweight,
+                                     lay.qkv.w_scale, lay.qkv.w_sum, lay.qkv.bias,
+                                     out_dtype=torch.float32))
 
 
 # ----------------------------------------------------------------------------- generation

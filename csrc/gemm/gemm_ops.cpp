@@ -226,16 +226,27 @@ int device_sm_count(int device) {
   return n;
 }
 
-// The per-channel vectors as the CUTLASS epilogue reads them (float32, 16-byte aligned: it loads
-// 4 at a time). Fills `prob.epi` from `epi`, keeping the converted tensors alive in `keep`.
-void cutlass_epilogue(const GemmEpilogue& epi, const std::optional<at::Tensor>& bias,
-                      CutlassGemmProblem& prob, at::Tensor& keep_bias) {
+// One call of a CUTLASS path: operands, sizes, device, and the epilogue with the bias as the
+// CUTLASS epilogues read it (float32, 16-byte aligned: they load 4 at a time), kept alive in
+// `keep_bias`.
+CutlassGemmProblem cutlass_problem(const GemmEpilogue& epi, const std::optional<at::Tensor>& bias,
+                                   const void* x, const uint8_t* w, int64_t M, int64_t N,
+                                   int64_t K, int device, at::Tensor& keep_bias) {
+  CutlassGemmProblem prob;
   prob.epi = epi;
   if (bias.has_value()) {
     keep_bias = contiguous_aligned(bias->to(at::kFloat));
     prob.epi.bias = keep_bias.const_data_ptr();
     prob.epi.bias_type = FloatType::kFloat32;
   }
+  prob.x = x;
+  prob.w = w;
+  prob.M = M;
+  prob.N = N;
+  prob.K = K;
+  prob.device = device;
+  prob.sm_count = device_sm_count(device);
+  return prob;
 }
 
 // Query (can the kernel take the problem, how much (stream-K) workspace), then launch.
@@ -306,16 +317,9 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
   }
 
   if (epi.out_type != FloatType::kFloat32 && use_imma(x.get_device(), M, N, K)) {
-    CutlassGemmProblem prob;
-    at::Tensor bias_f32;
-    cutlass_epilogue(epi, bias_in, prob, bias_f32);
-    prob.x = xp;  // packed int4 as is
-    prob.w = wp;
-    prob.M = M;
-    prob.N = N;
-    prob.K = K;
-    prob.device = x.get_device();
-    prob.sm_count = device_sm_count(prob.device);
+    at::Tensor bias_f32;  // x: the packed int4 activations as they are
+    const CutlassGemmProblem prob =
+        cutlass_problem(epi, bias_in, xp, wp, M, N, K, x.get_device(), bias_f32);
     if (run_cutlass(op, x, [&](void* ws, size_t* ws_bytes) {
           return sm80_w4a4_gemm(epi.out_type, prob, ws, ws_bytes, stream);
         })) {
@@ -324,17 +328,10 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
   }
 
   if (epi.out_type != FloatType::kFloat32 && use_sm90(x.get_device(), M, N, K)) {
-    Sm90GemmProblem prob;
     at::Tensor bias_f32;
-    cutlass_epilogue(epi, bias_in, prob, bias_f32);
     const at::Tensor x8 = at::empty({M, K}, x.options().dtype(at::kChar));
-    prob.x = x8.const_data_ptr();
-    prob.w = wp;
-    prob.M = M;
-    prob.N = N;
-    prob.K = K;
-    prob.device = x.get_device();
-    prob.sm_count = device_sm_count(prob.device);
+    const Sm90GemmProblem prob = cutlass_problem(epi, bias_in, x8.const_data_ptr(), wp, M, N, K,
+                                                 x.get_device(), bias_f32);
     bool unpacked = false;
     const bool ran = run_cutlass(op, x, [&](void* ws, size_t* ws_bytes) {
       if (ws_bytes == nullptr && !unpacked) {  // launching: widen the activations first
@@ -401,16 +398,9 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& w_packed_in
   }
 
   if (x.scalar_type() != at::kFloat && use_sm90(x.get_device(), M, N, K)) {
-    Sm90GemmProblem prob;
     at::Tensor bias_f32;
-    cutlass_epilogue(epi, bias_in, prob, bias_f32);
-    prob.x = x.const_data_ptr();
-    prob.w = wp;
-    prob.M = M;
-    prob.N = N;
-    prob.K = K;
-    prob.device = x.get_device();
-    prob.sm_count = device_sm_count(prob.device);
+    const Sm90GemmProblem prob = cutlass_problem(epi, bias_in, x.const_data_ptr(), wp, M, N, K,
+                                                 x.get_device(), bias_f32);
     const FloatType x_type = to_float_type(x.scalar_type());
     if (run_cutlass(op, x, [&](void* ws, size_t* ws_bytes) {
           return sm90_w4a16_gemm(x_type, prob, ws, ws_bytes, stream);

@@ -131,15 +131,39 @@ class QuantLinear(nn.Module):
             return x.new_empty(*lead, self.out_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
+        if self.online_hadamard and self.abits == 4 and x2.is_cuda:
+            # One fused kernel (Hadamard + per-token quantization + packing), bit-identical on
+            # CUDA to the unfused kernels below. CPU keeps the unfused reference sequence,
+            # whose K×K Hadamard stage is the calibration's (BLAS order).
+            xp, s, z = ops.hadamard_quantize_per_token(x2, self.in_features ** -0.5, self.abits,
+                                                       self.act_sym, self.act_clip_ratio)
+            y = self.forward_packed(xp, s, z, x.dtype)
+            return y.reshape(*lead, self.out_features)
         if self.online_hadamard:
             x2 = _hadamard_rows(x2)
         if self.abits == 16:
             y = ops.w4a16_gemm(x2, self.qweight, self.w_scale, self.bias)
         else:
             q, s, z = ops.quantize_per_token(x2, self.abits, self.act_sym, self.act_clip_ratio)
-            y = ops.int4_gemm(ops.pack_int4(q), s, None if self.act_sym else z, self.qweight,
-                              self.w_scale, self.w_sum, self.bias, out_dtype=x.dtype)
+            y = self.forward_packed(ops.pack_int4(q), s, z, x.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def forward_packed(self, x_packed: torch.Tensor, x_scale: torch.Tensor,
+                       x_zero: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        """The W4A4 GEMM on activations already quantized per token (``abits=4`` layers).
+
+        ``x_packed`` uint8 ``[M, in_features/2]`` (packed int4 codes, in the rotated basis if
+        ``online_hadamard``), ``x_scale`` / ``x_zero`` float32 ``[M]`` as
+        :func:`ostquant.ops.quantize_per_token` (or a fused quantizer such as
+        ``rmsnorm_quantize_per_token``) returns them with this layer's ``act_sym`` /
+        ``act_clip_ratio``; ``x_zero`` is ignored for symmetric activations. Returns
+        ``[M, out_features]`` in ``out_dtype``.
+        """
+        if self.abits != 4:
+            raise OpInputError(f"QuantLinear.forward_packed: the layer has abits={self.abits}; "
+                               f"pre-quantized activations need abits=4")
+        return ops.int4_gemm(x_packed, x_scale, None if self.act_sym else x_zero, self.qweight,
+                             self.w_scale, self.w_sum, self.bias, out_dtype=out_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

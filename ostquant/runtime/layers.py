@@ -165,10 +165,11 @@ class DecoderLayer(nn.Module):
     """One pre-norm LLaMA decoder layer over a :class:`~ostquant.runtime.KVCache`.
 
     ``RMSNorm → qkv (one fused projection; per-token int4 activations inside QuantLinear for
-    A4) → RoPE → online Q/K Hadamard (if the checkpoint has it; for K of an int4 cache fused
-    into the append) → KV append (int4 or float) →
-    attention over the cache → o_proj → residual → RMSNorm → gate|up (fused) → SiLU·mul →
-    down_proj (online Hadamard inside QuantLinear when flagged) → residual``.
+    A4, or RMSNorm + quantization as one op: ``fused_norm_quant``) → RoPE → online Q/K
+    Hadamard (if the checkpoint has it; for K of an int4 cache fused into the append) → KV
+    append (int4 or float) → attention over the cache → o_proj → residual → RMSNorm → gate|up
+    (fused; same norm fusion) → SiLU·mul → down_proj (online Hadamard inside QuantLinear when
+    flagged; on CUDA one fused Hadamard + quantization kernel) → residual``.
     """
 
     def __init__(self, index: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -186,6 +187,13 @@ class DecoderLayer(nn.Module):
         #: int4 cache: RoPE + Hadamard on K fused into the append (ops.kv_cache_append_fused);
         #: False: RoPE / Hadamard first, then ops.kv_cache_append (same numbers)
         self.fused_kv_append = True
+        #: RMSNorm + per-token int4 quantization in one op (ops.rmsnorm_quantize_per_token,
+        #: packed codes straight into the W4A4 GEMM) for the qkv and gate|up inputs when those
+        #: are A4 QuantLinears without an online Hadamard. None (default): on CUDA only. Its
+        #: mean square is summed in float64 where the RMSNorm module (= transformers') sums in
+        #: float32, so once in a while a code differs from the unfused path by one step; the
+        #: CPU default keeps the unfused path, bit-identical to the calibrated model.
+        self.fused_norm_quant = None
         self.input_norm = input_norm
         self.qkv = qkv
         self.o_proj = o_proj
@@ -196,12 +204,23 @@ class DecoderLayer(nn.Module):
     def _hadamard(self, x: torch.Tensor) -> torch.Tensor:
         return ops.hadamard_transform(x, self.head_dim ** -0.5).to(x.dtype)
 
+    def _norm_proj(self, norm: RMSNorm, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``proj(norm(x))``, through the fused RMSNorm + quantization op when it applies."""
+        fused = self.fused_norm_quant if self.fused_norm_quant is not None else x.is_cuda
+        if (fused and isinstance(proj, QuantLinear) and proj.abits == 4
+                and not proj.online_hadamard and norm.weight.dtype == x.dtype):
+            lead = x.shape[:-1]
+            xp, s, z = ops.rmsnorm_quantize_per_token(
+                x.reshape(-1, x.shape[-1]), norm.weight, norm.eps, proj.abits, proj.act_sym,
+                proj.act_clip_ratio)
+            return proj.forward_packed(xp, s, z, x.dtype).reshape(*lead, proj.out_features)
+        return proj(norm(x))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
                 fresh: bool) -> torch.Tensor:
         B, S, _ = x.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        h = self.input_norm(x)
-        qkv = self.qkv(h)
+        qkv = self._norm_proj(self.input_norm, self.qkv, x)
         q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
         q = apply_rope(q.view(B, S, hq, d), cos, sin)
         if self.q_k_hadamard:
@@ -219,8 +238,8 @@ class DecoderLayer(nn.Module):
             cache.append(self.index, k, v)
         a = cache.attend(self.index, q, self.sm_scale, fresh)
         x = x + self.o_proj(a.reshape(B, S, hq * d))
-        h = self.post_norm(x)
-        gate, up = self.gate_up(h).split([self.intermediate_size] * 2, dim=-1)
+        gate, up = self._norm_proj(self.post_norm, self.gate_up, x).split(
+            [self.intermediate_size] * 2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
 

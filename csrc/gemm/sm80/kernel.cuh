@@ -12,7 +12,7 @@
 //   D = out [M, N] RowMajor
 // which is the "TN" layout int4 tensor-core GEMMs need. In the epilogue a row m is a token
 // (x_scale, x_zero: column-broadcast vectors) and a column n an output channel (w_scale, w_sum,
-// bias: row-broadcast vectors). The compute node is gemm/cutlass_epilogue.cuh's
+// bias: row-broadcast vectors). The compute node is gemm/cutlass_common.cuh's
 // W4A4EpilogueFn, so the output is bit-identical to reference.int4_gemm, like every other path.
 //
 // Tile: CUTLASS's default configuration for int4 x int4 on sm_80 (128 x 256 x 128 threadblock,
@@ -33,7 +33,7 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/threadblock/threadblock_swizzle.h"
 
-#include "gemm/cutlass_epilogue.cuh"
+#include "gemm/cutlass_common.cuh"
 #include "gemm/launch.h"
 #include "gemm/sm80/launch.h"
 
@@ -125,22 +125,7 @@ struct Sm80Int4Gemm {
   // workspace_bytes != nullptr: query (can_implement + workspace size), launches nothing.
   static cudaError_t run(const CutlassGemmProblem& p, void* workspace, size_t* workspace_bytes,
                          cudaStream_t stream) {
-    const typename Gemm::Arguments args = arguments(p);
-    if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-    if (workspace_bytes != nullptr) {
-      *workspace_bytes = Gemm::get_workspace_size(args);
-      return cudaSuccess;
-    }
-    Gemm gemm;
-    cutlass::Status st = gemm.initialize(args, workspace, stream);
-    if (st != cutlass::Status::kSuccess) {
-      const cudaError_t err = cudaGetLastError();
-      return err != cudaSuccess ? err : cudaErrorInvalidValue;
-    }
-    st = gemm.run(stream);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    return st == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorLaunchFailure;
+    return run_cutlass_gemm<Gemm>(arguments(p), workspace, workspace_bytes, stream);
   }
 };
 

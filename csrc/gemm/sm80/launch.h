@@ -31,7 +31,7 @@ bool sm80_gemm_supported(int64_t M, int64_t N, int64_t K);
 
 // W4A4: p.x = the packed int4 activations [M, K/2] as they are (no widening pass: the
 // canonical packing is cutlass::int4b_t's RowMajor layout), p.w = packed int4 weights [N, K/2]
-// (= ColumnMajor [K, N]). Exact int32 sums, the fused epilogue of gemm/cutlass_epilogue.cuh,
+// (= ColumnMajor [K, N]). Exact int32 sums, the fused epilogue of gemm/cutlass_common.cuh,
 // fp16/bf16 output (float32: cudaErrorNotSupported, the caller takes the portable path).
 // With workspace_bytes != nullptr: checks the problem and stores the workspace it needs (0),
 // launching nothing; otherwise launches on `stream`.

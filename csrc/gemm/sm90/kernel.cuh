@@ -52,14 +52,14 @@
 #include "cutlass/util/packed_stride.hpp"
 #pragma nv_diag_default 2908
 
-#include "gemm/cutlass_epilogue.cuh"
+#include "gemm/cutlass_common.cuh"
 #include "gemm/launch.h"
 #include "gemm/sm90/launch.h"
 
 namespace ostquant {
 namespace sm90 {
 
-// The epilogue compute nodes (W4A4EpilogueFn, W4A16EpilogueFn) are in gemm/cutlass_epilogue.cuh,
+// The epilogue compute nodes (W4A4EpilogueFn, W4A16EpilogueFn) are in gemm/cutlass_common.cuh,
 // shared with the sm80 path.
 
 // ------------------------------------------------------------------ the kernel type
@@ -164,24 +164,9 @@ struct Sm90Int4Gemm {
   }
 
   // workspace_bytes != nullptr: query (can_implement + workspace size), launches nothing.
-  static cudaError_t run(const Sm90GemmProblem& p, void* workspace, size_t* workspace_bytes,
+  static cudaError_t run(const CutlassGemmProblem& p, void* workspace, size_t* workspace_bytes,
                          cudaStream_t stream) {
-    const typename Gemm::Arguments args = arguments(p);
-    if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-    if (workspace_bytes != nullptr) {
-      *workspace_bytes = Gemm::get_workspace_size(args);
-      return cudaSuccess;
-    }
-    Gemm gemm;
-    cutlass::Status st = gemm.initialize(args, workspace, stream);
-    if (st != cutlass::Status::kSuccess) {
-      const cudaError_t err = cudaGetLastError();
-      return err != cudaSuccess ? err : cudaErrorInvalidValue;
-    }
-    st = gemm.run(stream);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    return st == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorLaunchFailure;
+    return run_cutlass_gemm<Gemm>(arguments(p), workspace, workspace_bytes, stream);
   }
 };
 

@@ -1,5 +1,7 @@
-// The dequantization epilogue as CUTLASS epilogue-visitor compute nodes, shared by the Hopper
-// (sm90/, Sm90Compute) and Ampere (sm80/, VisitorCompute) paths. Both call
+// What the CUTLASS GEMM paths share (sm90/: Hopper, sm80/: Ampere/Ada int4 IMMA).
+//
+// The dequantization epilogue as epilogue-visitor compute nodes (Sm90Compute /
+// VisitorCompute). Both call
 // ComputeFn<Array<float, V>>{}(children...) with the children's fragments already converted to
 // float (int32 -> float is round-to-nearest, like __int2float_rn).
 //
@@ -9,6 +11,10 @@
 //   W4A16: y = acc·sw[n] + b[n]
 // Null optional vectors reach here as zeros (a - 0·0 = a, y + 0 = y for every non-NaN value).
 #pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
 
 #include "cutlass/cutlass.h"
 
@@ -40,5 +46,29 @@ struct W4A16EpilogueFn {
     return y;
   }
 };
+
+// Query or launch a CUTLASS device GEMM (GemmUniversalAdapter). With workspace_bytes != nullptr:
+// can_implement + the workspace size, nothing launched. Otherwise initialize with `workspace`
+// and run on `stream`. cudaErrorNotSupported when the kernel cannot run the problem (the
+// caller then takes another path).
+template <class Gemm>
+cudaError_t run_cutlass_gemm(const typename Gemm::Arguments& args, void* workspace,
+                             size_t* workspace_bytes, cudaStream_t stream) {
+  if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+  if (workspace_bytes != nullptr) {
+    *workspace_bytes = Gemm::get_workspace_size(args);
+    return cudaSuccess;
+  }
+  Gemm gemm;
+  cutlass::Status st = gemm.initialize(args, workspace, stream);
+  if (st != cutlass::Status::kSuccess) {
+    const cudaError_t err = cudaGetLastError();
+    return err != cudaSuccess ? err : cudaErrorInvalidValue;
+  }
+  st = gemm.run(stream);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return st == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorLaunchFailure;
+}
 
 }  // namespace ostquant
