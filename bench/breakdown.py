@@ -103,8 +103,8 @@ OP_TABLE: List[Tuple[str, str]] = [
     (re.escape(SCOPE_ATTENTION), "attention"),
     (re.escape(SCOPE_KV_APPEND), "kv_append"),
     (r"ostquant::(int4_gemm|w4a16_gemm)", "gemm"),
-    (r"ostquant::(quantize_per_token|pack_int4|hadamard_quantize_per_token"
-     r"|rmsnorm_quantize_per_token)", "act_quant"),
+    (r"ostquant::(quantize_per_token|quantize_per_token_packed|pack_int4"
+     r"|hadamard_quantize_per_token|rmsnorm_quantize_per_token)", "act_quant"),
     (r"ostquant::hadamard_transform", "hadamard"),
     (r"ostquant::(kv_cache_append|kv_cache_append_fused|paged_kv_cache_append|quantize_kv)",
      "kv_append"),

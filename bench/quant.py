@@ -20,6 +20,8 @@ copy_ms`` and ``fraction_of_copy = gbps / copy_gbps`` (target ≥ 0.7, DESIGN.md
 * ``rmsnorm_quantize_per_token``: x [M, K] (bf16) + bf16 weight [K] -> RMSNorm -> packed int4
   + float32 scale/zero (bytes include the weight). ``unfused_ms``: a torch RMSNorm
   (transformers' formula) → ``quantize_per_token`` → ``pack_int4``.
+* ``quantize_per_token_packed``: x [M, K] (bf16) -> packed int4 + float32 scale/zero (the
+  o_proj input). ``unfused_ms``: ``quantize_per_token`` → ``pack_int4``.
 
 Each configuration is first compared with the reference kernel (bit-exact codes and scales).
 """
@@ -43,7 +45,8 @@ QUICK_FUSED = [(2048, 4096), (8192, 11008), (8192, 14336)]
 DRY_PER_TOKEN = [(3, 64), (5, 576)]
 DRY_KV = [(6, 128)]
 DRY_FUSED = [(3, 64), (5, 576), (2, 11008)]
-FUSED_OPS = ("hadamard_quantize_per_token", "rmsnorm_quantize_per_token")
+FUSED_OPS = ("hadamard_quantize_per_token", "rmsnorm_quantize_per_token",
+             "quantize_per_token_packed")
 ALL_OPS = ("quantize_per_token", "quantize_kv") + FUSED_OPS
 RMS_EPS = 1e-6
 
@@ -70,6 +73,8 @@ def _call(op: str):
         return lambda a, w: O.quantize_kv(a)
     if op == "hadamard_quantize_per_token":
         return lambda a, w: O.hadamard_quantize_per_token(a, a.shape[-1] ** -0.5, 4, False, 1.0)
+    if op == "quantize_per_token_packed":
+        return lambda a, w: O.quantize_per_token_packed(a, 4, False, 1.0)
     return lambda a, w: O.rmsnorm_quantize_per_token(a, w, RMS_EPS, 4, False, 1.0)
 
 
@@ -88,6 +93,8 @@ def _unfused(op: str):
         return lambda a, w: quant_pack(O.hadamard_transform(a, a.shape[-1] ** -0.5))
     if op == "rmsnorm_quantize_per_token":
         return lambda a, w: quant_pack(_llama_rmsnorm(a, w))
+    if op == "quantize_per_token_packed":
+        return lambda a, w: quant_pack(a)
     return None
 
 
@@ -98,6 +105,8 @@ def _reference(op: str, x: torch.Tensor, w: torch.Tensor):
         return ref.quantize_kv(x)
     if op == "hadamard_quantize_per_token":
         return ref.hadamard_quantize_per_token(x, x.shape[-1] ** -0.5, 4, False, 1.0)
+    if op == "quantize_per_token_packed":
+        return ref.quantize_per_token_packed(x, 4, False, 1.0)
     return ref.rmsnorm_quantize_per_token(x, w, RMS_EPS, 4, False, 1.0)
 
 

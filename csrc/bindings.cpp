@@ -33,6 +33,7 @@ TORCH_LIBRARY_IMPL(ostquant, CUDA, m) {
   m.impl("quantize_kv", &ostquant::quantize_kv_cuda);
   m.impl("hadamard_quantize_per_token", &ostquant::hadamard_quantize_per_token_cuda);
   m.impl("rmsnorm_quantize_per_token", &ostquant::rmsnorm_quantize_per_token_cuda);
+  m.impl("quantize_per_token_packed", &ostquant::quantize_per_token_packed_cuda);
   m.impl("hadamard_transform", &ostquant::hadamard_transform_cuda);
   m.impl("int4_gemm", &ostquant::int4_gemm_cuda);
   m.impl("w4a16_gemm", &ostquant::w4a16_gemm_cuda);

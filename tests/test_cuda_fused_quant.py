@@ -10,6 +10,9 @@
   of squares rounding to a different float32 mean square because its order differs — has a
   probability of order 1e-7 per row and did not occur in these sweeps' design.)
 
+* ``quantize_per_token_packed`` (the packed mode of csrc/quant/row_quant.cuh): bit-identical to
+  the reference and to the unfused CUDA ``quantize_per_token`` → ``pack_int4``.
+
 Outputs are poisoned before each call (the caching allocator's free blocks are filled with
 junk) so unwritten elements fail. Tests marked ``cuda`` skip without a GPU or the extension.
 """
@@ -25,7 +28,8 @@ pytestmark = pytest.mark.cuda
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 DT_IDS = ["bf16", "fp16", "fp32"]
-FUSED_OPS = {"hadamard_quantize_per_token", "rmsnorm_quantize_per_token"}
+FUSED_OPS = {"hadamard_quantize_per_token", "rmsnorm_quantize_per_token",
+             "quantize_per_token_packed"}
 
 # Hadamard sizes n = K·m: powers of two 2..32768, every base order K (with m = 1, 2, small and
 # large), LLaMA sizes 576 = 36·16, 11008 = 172·64, 14336 = 28·512, 28672 = 28·1024.
@@ -178,6 +182,38 @@ def test_hadamard_quant_misaligned_and_strided_views():
     _check_triplet(O.hadamard_quantize_per_token(xt), want, "transposed view")
 
 
+# --------------------------------------------------------------------------- plain, packed
+
+PACKED_SIZES = [2, 6, 64, 130, 576, 4096, 11008, 14336, 40000]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("rows", RMS_ROWS)
+@pytest.mark.parametrize("K", PACKED_SIZES)
+def test_quantize_per_token_packed_matches_reference(K, rows, dtype):
+    x = _data((rows, K), dtype, seed=3 * K + rows)
+    xc = x.cuda()
+    for (bits, sym, clip), sid in zip(SETTINGS, SET_IDS):
+        _poison_cuda_cache()
+        got = O.quantize_per_token_packed(xc, bits, sym, clip)
+        what = f"quantize_per_token_packed K={K} M={rows} {dtype} {sid}"
+        _check_triplet(got, ref.quantize_per_token_packed(x, bits, sym, clip),
+                       what + " vs cpu reference")
+        q, sc, z = O.quantize_per_token(xc, bits, sym, clip)
+        _check_triplet(got, (O.pack_int4(q), sc, z), what + " vs unfused cuda")
+
+
+def test_quantize_per_token_packed_views_and_leading_dims():
+    x = _data((3, 5, 4096), torch.bfloat16, seed=5)
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")
+    xv = buf[1:].view(3, 5, 4096)
+    xv.copy_(x.cuda())
+    want = ref.quantize_per_token_packed(x, 4, False, 1.0)
+    _check_triplet(O.quantize_per_token_packed(xv), want, "misaligned view")
+    _check_triplet(O.quantize_per_token_packed(x.cuda().transpose(0, 1).contiguous()
+                                               .transpose(0, 1)), want, "non-contiguous")
+
+
 # --------------------------------------------------------------------------- RMSNorm + quant
 
 @pytest.mark.parametrize("with_weight", [True, False], ids=["w", "now"])
@@ -247,10 +283,12 @@ def _opcheck_cases():
         ("hadamard_quantize_per_token", (_data((2, 64), torch.float32), 0.125, 4, False, 1.0)),
         ("rmsnorm_quantize_per_token", (xb, torch.rand(576).to(torch.bfloat16), 1e-6)),
         ("rmsnorm_quantize_per_token", (_data((3, 4096), torch.float16), None, 1e-5, 4, True)),
+        ("quantize_per_token_packed", (xb,)),
+        ("quantize_per_token_packed", (_data((3, 130), torch.float32), 3, True, 0.9)),
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck_cuda(case):
     name, args = _opcheck_cases()[case]
     args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
@@ -261,7 +299,13 @@ def test_opcheck_cuda(case):
 
 _H = "hadamard_quantize_per_token"
 _R = "rmsnorm_quantize_per_token"
+_P = "quantize_per_token_packed"
 BAD_INPUTS = [
+    (_P, lambda: (torch.zeros(4, 64, dtype=torch.int8),), "x must have dtype in"),
+    (_P, lambda: (torch.randn(0, 64),), "x is empty"),
+    (_P, lambda: (torch.randn(4, 33),), "last dim of x must be even"),
+    (_P, lambda: (torch.randn(4, 64), 8), "bits must be one of (2, 3, 4), got 8"),
+    (_P, lambda: (torch.randn(4, 64), 4, False, 0.0), "clip_ratio must be in (0, 1]"),
     (_H, lambda: (torch.zeros(4, 64, dtype=torch.int32), 1.0), "x must have dtype in"),
     (_H, lambda: (torch.tensor(1.0), 1.0), "x must have at least 1 dims"),
     (_H, lambda: (torch.randn(0, 64), 1.0), "x is empty"),

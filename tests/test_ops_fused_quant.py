@@ -1,5 +1,6 @@
-"""Fused per-token quantization ops on CPU: hadamard_quantize_per_token and
-rmsnorm_quantize_per_token (reference kernels, the specification).
+"""Per-token quantization ops with packed codes on CPU: quantize_per_token_packed,
+hadamard_quantize_per_token and rmsnorm_quantize_per_token (reference kernels, the
+specification).
 
 * the fused references are exactly the unfused op sequences they replace
   (``hadamard_transform`` / RMSNorm → ``quantize_per_token`` → ``pack_int4``);
@@ -208,9 +209,26 @@ def test_sym_zero_is_zero_and_codes_in_range():
             assert int(q.min()) >= -(1 << (bits - 1)) and int(q.max()) <= (1 << (bits - 1)) - 1
 
 
+# --------------------------------------------------------------------------- plain, packed
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("K", [2, 64, 576, 11008])
+def test_quantize_per_token_packed_is_quantize_then_pack(K, dtype):
+    """quantize_per_token_packed == pack_int4(quantize_per_token codes), same scale/zero, for
+    every bits / sym / clip (rows: outliers, a zero row, a constant row)."""
+    x = _data((2, 3, K), dtype, seed=K)
+    for bits, sym, clip in ((4, False, 1.0), (4, True, 0.9), (3, False, 0.8), (2, True, 1.0)):
+        q, s, z = O.quantize_per_token(x, bits, sym, clip)
+        got = O.quantize_per_token_packed(x, bits, sym, clip)
+        _assert_triplet_equal(got, (O.pack_int4(q), s, z), f"K={K} {dtype} {bits} {sym} {clip}")
+        assert got[0].shape == (2, 3, K // 2)
+
+
 # --------------------------------------------------------------------------- schema / fake
 
 OPCHECK_CASES = [
+    ("quantize_per_token_packed", lambda: (_data((4, 5, 576), torch.bfloat16),)),
+    ("quantize_per_token_packed", lambda: (_data((3, 64), torch.float32), 3, True, 0.9)),
     ("hadamard_quantize_per_token", lambda: (_data((4, 5, 576), torch.bfloat16), 576 ** -0.5)),
     ("hadamard_quantize_per_token", lambda: (_data((3, 64), torch.float32), 0.125, 3, True, 0.9)),
     ("rmsnorm_quantize_per_token",
@@ -234,13 +252,22 @@ def test_fake_shapes_under_torch_compile_tracing():
         assert p.shape == (3, 7, 5504) and p.dtype == torch.uint8 and s.shape == (3, 7)
         p, s, z = torch.ops.ostquant.rmsnorm_quantize_per_token(x, None, 1e-6)
         assert p.shape == (3, 7, 5504) and z.dtype == torch.float32
+        p, s, z = torch.ops.ostquant.quantize_per_token_packed(x)
+        assert p.shape == (3, 7, 5504) and p.dtype == torch.uint8 and s.shape == (3, 7)
 
 
 # --------------------------------------------------------------------------- bad input
 
 _H = "hadamard_quantize_per_token"
 _R = "rmsnorm_quantize_per_token"
+_P = "quantize_per_token_packed"
 BAD_INPUTS = [
+    (_P, lambda: (torch.zeros(4, 64, dtype=torch.int8),), "x must have dtype in (float16, bfloat16, float32)"),
+    (_P, lambda: (torch.tensor(1.0),), "x must have at least 1 dims"),
+    (_P, lambda: (torch.randn(0, 64),), "x is empty (shape (0, 64)); nothing to compute"),
+    (_P, lambda: (torch.randn(4, 33),), "last dim of x must be even to pack two int4 codes per byte, got 33"),
+    (_P, lambda: (torch.randn(4, 64), 8), "bits must be one of (2, 3, 4), got 8"),
+    (_P, lambda: (torch.randn(4, 64), 4, False, 0.0), "clip_ratio must be in (0, 1], got 0.0"),
     (_H, lambda: (torch.zeros(4, 64, dtype=torch.int32), 1.0), "x must have dtype in (float16, bfloat16, float32)"),
     (_H, lambda: (torch.tensor(1.0), 1.0), "x must have at least 1 dims"),
     (_H, lambda: (torch.randn(0, 64), 1.0), "x is empty (shape (0, 64)); nothing to compute"),
@@ -273,10 +300,10 @@ def test_bad_input_raises_value_error(case):
     assert msg in str(e.value)
 
 
-@pytest.mark.parametrize("name", [_H, _R])
+@pytest.mark.parametrize("name", [_H, _R, _P])
 def test_nonfinite_input_rejected_on_cpu(name):
     x = torch.randn(4, 64)
     x[2, 5] = float("nan")
-    args = (x, 1.0) if name == _H else (x, None, 1e-6)
+    args = {_H: (x, 1.0), _R: (x, None, 1e-6), _P: (x,)}[name]
     with pytest.raises(O.OpInputError, match="non-finite"):
         getattr(torch.ops.ostquant, name)(*args)

@@ -1,5 +1,6 @@
-// Host side of the fused per-token quantization CUDA ops (hadamard_quantize_per_token,
-// rmsnorm_quantize_per_token): argument checks in the order and wording of
+// Host side of the per-token quantization CUDA ops with packed int4 codes
+// (quantize_per_token_packed, hadamard_quantize_per_token, rmsnorm_quantize_per_token): argument
+// checks in the order and wording of
 // ostquant/ops/checks.py, output allocation, device guard, current stream. The kernels live in
 // hadamard_quant.cu and rmsnorm_quant.cu.
 //
@@ -62,6 +63,34 @@ Triplet alloc_outputs(const at::Tensor& x, FusedQuantArgs& a) {
 }
 
 }  // namespace
+
+Triplet quantize_per_token_packed_cuda(const at::Tensor& x_in, int64_t bits, bool sym,
+                                       double clip_ratio) {
+  constexpr const char* op = "quantize_per_token_packed";
+  check_float_dtype(op, "x", x_in);
+  check_min_ndim(op, "x", x_in, 1);
+  check_nonempty(op, "x", x_in);
+  check_packed_qargs(op, x_in, bits, clip_ratio);
+  check_cuda(op, "x", x_in);
+
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = contiguous_aligned(x_in);
+  FusedQuantArgs a;
+  Triplet out = alloc_outputs(x, a);
+  RowQuantArgs r;
+  r.rows = a.rows;
+  r.K = a.K;
+  r.bits = static_cast<int>(bits);
+  r.sym = sym;
+  r.clip = static_cast<float>(clip_ratio);
+  r.q = a.q;
+  r.scale = a.scale;
+  r.zero = a.zero;
+  OSTQ_CHECK_LAUNCH(op, launch_quantize_per_token_packed(to_float_type(x.scalar_type()),
+                                                         x.const_data_ptr(), r,
+                                                         c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
 
 Triplet hadamard_quantize_per_token_cuda(const at::Tensor& x_in, double scale, int64_t bits,
                                          bool sym, double clip_ratio) {

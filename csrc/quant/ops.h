@@ -18,7 +18,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token_cuda(const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_kv_cuda(const at::Tensor& x);
 
-// Fused per-token quantization, packed int4 codes (fused_quant_ops.cpp).
+// Per-token quantization with packed int4 codes, plain or fused (fused_quant_ops.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token_packed_cuda(
+    const at::Tensor& x, int64_t bits, bool sym, double clip_ratio);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hadamard_quantize_per_token_cuda(
     const at::Tensor& x, double scale, int64_t bits, bool sym, double clip_ratio);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_quantize_per_token_cuda(

@@ -143,9 +143,10 @@ class QuantLinear(nn.Module):
             x2 = _hadamard_rows(x2)
         if self.abits == 16:
             y = ops.w4a16_gemm(x2, self.qweight, self.w_scale, self.bias)
-        else:
-            q, s, z = ops.quantize_per_token(x2, self.abits, self.act_sym, self.act_clip_ratio)
-            y = self.forward_packed(ops.pack_int4(q), s, z, x.dtype)
+        else:  # per-token quantization straight to packed codes (one kernel on CUDA)
+            xp, s, z = ops.quantize_per_token_packed(x2, self.abits, self.act_sym,
+                                                     self.act_clip_ratio)
+            y = self.forward_packed(xp, s, z, x.dtype)
         return y.reshape(*lead, self.out_features)
 
     def forward_packed(self, x_packed: torch.Tensor, x_scale: torch.Tensor,

@@ -203,6 +203,18 @@ def paged_int4_kv_attention(q, k_pool, k_scale, k_zero, v_pool, v_scale, v_zero,
                                                       sm_scale, causal, max_seqlen)
 
 
+def quantize_per_token_packed(x: torch.Tensor, bits: int = 4, sym: bool = False,
+                              clip_ratio: float = 1.0
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_per_token` with the codes packed two per byte, in one pass on CUDA.
+
+    Returns ``(packed, scale, zero)``: uint8 ``[..., K/2]`` (low nibble first, ready for
+    :func:`int4_gemm`) and float32 ``[...]``; exactly ``pack_int4`` of
+    :func:`quantize_per_token`'s codes and its scale/zero. ``K`` even, ``bits`` in (2, 3, 4).
+    """
+    return torch.ops.ostquant.quantize_per_token_packed(x, bits, sym, clip_ratio)
+
+
 def hadamard_quantize_per_token(x: torch.Tensor, scale: Optional[float] = None, bits: int = 4,
                                 sym: bool = False, clip_ratio: float = 1.0
                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -253,6 +265,6 @@ __all__ = [
     "extension_error", "pack_int4", "unpack_int4", "quantize_per_token", "quantize_per_channel",
     "int4_gemm", "w4a16_gemm", "hadamard_transform", "quantize_kv", "kv_cache_append",
     "int4_kv_attention", "kv_cache_append_fused", "paged_kv_cache_append",
-    "paged_int4_kv_attention", "kv_check_errors", "hadamard_quantize_per_token",
-    "rmsnorm_quantize_per_token",
+    "paged_int4_kv_attention", "kv_check_errors", "quantize_per_token_packed",
+    "hadamard_quantize_per_token", "rmsnorm_quantize_per_token",
 ]

@@ -299,6 +299,13 @@ def _check_packed_qargs(op, x, bits, clip_ratio):
         fail(op, f"clip_ratio must be in (0, 1], got {clip_ratio}")
 
 
+def quantize_per_token_packed(x, bits, sym, clip_ratio):
+    op = "quantize_per_token_packed"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_nonempty(op, "x", x)
+    _check_packed_qargs(op, x, bits, clip_ratio)
+
+
 def hadamard_quantize_per_token(x, scale, bits, sym, clip_ratio):
     from ostquant.transforms.hadamard_matrices import hadamard_factor
 

@@ -54,6 +54,9 @@ SCHEMAS = {
         "paged_int4_kv_attention(Tensor q, Tensor k_pool, Tensor k_scale, Tensor k_zero,"
         " Tensor v_pool, Tensor v_scale, Tensor v_zero, Tensor block_table, Tensor seqlens,"
         " float sm_scale, bool causal=True, int max_seqlen=-1) -> Tensor"),
+    "quantize_per_token_packed": (
+        "quantize_per_token_packed(Tensor x, int bits=4, bool sym=False, float clip_ratio=1.0)"
+        " -> (Tensor, Tensor, Tensor)"),
     "hadamard_quantize_per_token": (
         "hadamard_quantize_per_token(Tensor x, float scale, int bits=4, bool sym=False,"
         " float clip_ratio=1.0) -> (Tensor, Tensor, Tensor)"),
@@ -266,6 +269,17 @@ def _packed_qparams_fake(x):
     lead = x.shape[:-1]
     return (x.new_empty(*lead, x.shape[-1] // 2, dtype=torch.uint8),
             x.new_empty(lead, dtype=torch.float32), x.new_empty(lead, dtype=torch.float32))
+
+
+@_impl("quantize_per_token_packed")
+def _quantize_per_token_packed(x, bits=4, sym=False, clip_ratio=1.0):
+    checks.quantize_per_token_packed(x, bits, sym, clip_ratio)
+    return ref.quantize_per_token_packed(x, bits, sym, clip_ratio)
+
+
+@_fake("quantize_per_token_packed")
+def _quantize_per_token_packed_fake(x, bits=4, sym=False, clip_ratio=1.0):
+    return _packed_qparams_fake(x)
 
 
 @_impl("hadamard_quantize_per_token")

@@ -264,6 +264,14 @@ def hadamard_transform_ordered(x: torch.Tensor, scale: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 
 
+def quantize_per_token_packed(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_per_token` with the codes packed two per byte (:func:`pack_int4`):
+    uint8 ``[..., K/2]`` and float32 scale/zero ``[...]``, what :func:`int4_gemm` takes."""
+    q, s, z = quantize_per_token(x, bits, sym, clip_ratio)
+    return pack_int4(q), s, z
+
+
 def hadamard_quantize_per_token(x: torch.Tensor, scale: float, bits: int, sym: bool,
                                 clip_ratio: float
                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
