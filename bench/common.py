@@ -117,6 +117,8 @@ def meta(bench: str, device: Optional[str] = None) -> Dict[str, str]:
         "date": _dt.date.today().isoformat(),
         "commit": git_commit(),
         "command": " ".join(["python -m bench." + bench] + [shlex.quote(a) for a in sys.argv[1:]]),
+        # settings that change which kernels run (e.g. OSTQUANT_GEMM_SM90=0)
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("OSTQUANT_")},
     }
 
 

@@ -138,6 +138,12 @@ if [ "$TESTS" = 1 ]; then
   rc=$?
   tail -45 "$LOG_DIR/pytest-cuda.log"
   [ "$rc" = 0 ] || { echo "CUDA TESTS FAILED (rc=$rc)"; status=1; }
+  # A CUTLASS path that gave wrong numbers must not be timed as if it were right: the
+  # benchmarks then run with it off (the gemm bench's own checks still show the failure).
+  if grep -Eq "FAILED tests/test_cuda_gemm.py::test_(int4|w4a16)_gemm_sm90_shapes" "$LOG_DIR/pytest-cuda.log"; then
+    export OSTQUANT_GEMM_SM90=0
+    echo "!!! CUTLASS sm90 GEMM tests failed: benchmarks run with OSTQUANT_GEMM_SM90=0 (portable path)"
+  fi
   sync_out
 fi
 
