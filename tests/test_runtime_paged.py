@@ -136,3 +136,48 @@ def test_bad_paged_cache_arguments(model):
             pass
     assert "paged" in (graph_unavailable_reason(model, c) or "")
     assert "PagedKVCache(int4" in repr(c) and c.nbytes > 0
+
+
+def test_row_views_write_through_to_the_cache(model):
+    """A forward through ``cache.rows(slots)`` serves only those sequences and is the cache's
+    own: the same logits as the whole batch, the parent's lengths, pages and block table
+    follow, and later passes (views or the whole cache) see what it wrote."""
+    ids = _ids(3, 21, seed=4)
+    lens = [21, 9, 14]
+    full = model.new_cache(3, 48, paged=True, page_size=16)
+    want = model(ids, full, input_lengths=lens)
+    c = model.new_cache(3, 48, paged=True, page_size=16)
+    v = c.rows([2, 0])
+    assert v.batch_size == 2 and v.lengths == [0, 0]
+    got20 = model(ids[[2, 0]], v, input_lengths=[lens[2], lens[0]])
+    assert c.lengths == [21, 0, 14] and c.seqlens.tolist() == [21, 0, 14]
+    assert torch.equal(got20[0, :14], want[2, :14]) and torch.equal(got20[1], want[0])
+    got1 = model(ids[[1]], c.rows([1]), input_lengths=[9])
+    assert torch.equal(got1[0, :9], want[1, :9])
+    assert c.lengths == full.lengths
+    # the parent's block table rows map to the pages the views took (every row wrote 21 slots,
+    # right padding included: 2 pages of 16 each)
+    assert c.pages_used == 6 and [len(p) for p in c._pages] == [2, 2, 2]
+    for b in range(3):
+        pages = c.block_table[b].tolist()
+        assert pages[:len(c._pages[b])] == c._pages[b] and -1 not in pages[:len(c._pages[b])]
+    # decode: the whole cache and a view over some rows continue from the same state
+    feed = want[torch.arange(3), torch.tensor(lens) - 1].argmax(-1, keepdim=True)
+    w = model(feed, full, logits="last")
+    g = model(feed[[0, 2]], c.rows([0, 2]), logits="last")
+    assert torch.equal(g, w[[0, 2]])
+    assert c.lengths == [22, 9, 15]
+
+
+def test_row_view_errors(model):
+    c = model.new_cache(3, 32, paged=True, page_size=16)
+    for bad in ([], [0, 0], [3], [-1]):
+        with pytest.raises(ValueError, match="distinct sequence indices"):
+            c.rows(bad)
+    v = c.rows([1])
+    with pytest.raises(RuntimeError, match="parent cache"):
+        v.release(0)
+    with pytest.raises(RuntimeError, match="parent cache"):
+        v.reset()
+    # a view of a view maps to the parent's sequences
+    assert c.rows([2, 1]).rows([1]).slots == [1]

@@ -57,6 +57,25 @@ def test_early_stops_free_their_slot(model):
     assert got.extra["admitted_late"] >= 1 and first[3] == n0 < first[1] + 11
 
 
+def test_late_prefill_runs_apart_from_the_decoding_slots(model):
+    """A 40-token prompt admitted while another slot decodes is prefilled in a pass of its own
+    (the paged cache's row views): the decoding slot is not padded to 40 tokens, so it keeps
+    the single page its 2 + 12 tokens need; tokens as each prompt alone."""
+    short_a, short_b, long_p = [5, 6], [7, 8], list(range(10, 50))
+    free_run = _alone(model, [short_a, short_b], 12, stop_at_eos=False)
+    ta, tb = free_run[0].tokens[0], free_run[1].tokens[0]
+    eos = next(t for i, t in enumerate(ta[:6]) if t not in tb and t not in ta[:i])
+    prompts = [short_a, short_b, long_p]
+    want = _alone(model, prompts, 12, eos_token_id=eos)
+    got = generate_continuous(model, prompts, 12, batch_size=2, eos_token_id=eos,
+                              page_size=16)
+    assert got.tokens == [w.tokens[0] for w in want]
+    assert got.extra["admitted_late"] == 1
+    assert got.extra["forwards"] > got.extra["passes"]  # prefill and decode passes apart
+    # short_b: 1 page (2 + 12 tokens); long_p: 4 pages (40 + 12): nothing padded further
+    assert got.extra["max_pages_used"] <= 1 + 4
+
+
 def test_admission_waits_for_pages(model):
     """A pool of 5 pages of 16 tokens for 3 slots (each sequence may reach 2 pages): prompts
     wait until a slot's pages come back; the tokens do not change."""

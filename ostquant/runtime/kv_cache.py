@@ -422,6 +422,16 @@ class PagedKVCache(KVCache):
         self._pages[b] = []
         self._sync_table()
 
+    def rows(self, slots: Sequence[int]) -> "PagedKVCache":
+        """A cache over sequences ``slots`` of this one (in that order), for a forward pass that
+        serves only them: it shares this cache's page pool, so what the pass writes and the
+        pages it takes are this cache's, and advancing its lengths advances theirs here.
+        Continuous batching runs a newly admitted prompt's prefill, and the decoding
+        sequences' next tokens, as separate passes through such views, so no sequence is
+        padded to another's length. Sequences are released (and lengths reset) on this cache,
+        not on the view."""
+        return _PagedRows(self, slots)
+
     # ------------------------------------------------------------------ lengths
     def reset(self, lengths: Optional[Sequence[int]] = None) -> None:
         """Forget the contents and give every page back (``lengths=None``), or set the lengths
@@ -495,3 +505,62 @@ class PagedKVCache(KVCache):
                 f"max_len={self.max_len}, kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, pages {self.pages_used}/{self.num_pages} x "
                 f"{self.page_size}, lengths={self._host_lens}, {self.nbytes / 2**20:.1f} MiB)")
+
+
+class _PagedRows(PagedKVCache):
+    """Sequences ``slots`` of a :class:`PagedKVCache` as a cache of their own
+    (:meth:`PagedKVCache.rows`): the same pool tensors, free list and per-sequence page lists
+    (the list objects themselves, so pages taken here are the parent's), a block table and
+    lengths of its own that are written back to the parent's rows as they change."""
+
+    def __init__(self, parent: PagedKVCache, slots: Sequence[int]):
+        slots = [int(b) for b in slots]
+        if not slots or len(set(slots)) != len(slots) or \
+                not all(0 <= b < parent.batch_size for b in slots):
+            raise ValueError(f"PagedKVCache.rows: need distinct sequence indices in "
+                             f"[0, {parent.batch_size}), got {slots}")
+        if isinstance(parent, _PagedRows):
+            slots = [parent.slots[b] for b in slots]
+            parent = parent.parent
+        self.parent = parent
+        self.slots = slots
+        for name in ("num_layers", "max_len", "num_kv_heads", "head_dim", "kv_bits", "dtype",
+                     "device", "page_size", "num_pages", "layers", "_free"):
+            setattr(self, name, getattr(parent, name))
+        self.batch_size = len(slots)
+        self._idx = torch.tensor(slots, dtype=torch.long, device=parent.device)
+        self._pages = [parent._pages[b] for b in slots]
+        self.block_table = parent.block_table.index_select(0, self._idx)
+        self.seqlens = parent.seqlens.index_select(0, self._idx)
+        self._host_lens = [parent._host_lens[b] for b in slots]
+        self._graph_safe = False
+
+    def _sync_table(self) -> None:
+        super()._sync_table()
+        self.parent._sync_table()
+
+    def advance(self, counts: Sequence[int], counts_t: Optional[torch.Tensor] = None) -> None:
+        super().advance(counts, counts_t)
+        for b, n in zip(self.slots, self._host_lens):
+            self.parent._host_lens[b] = n
+        self.parent.seqlens.index_copy_(0, self._idx, self.seqlens)
+
+    def _parent_only(self, what: str):
+        raise RuntimeError(f"PagedKVCache.rows view: {what} the parent cache")
+
+    def release(self, b: int) -> None:
+        self._parent_only("release sequences on")
+
+    def reset(self, lengths: Optional[Sequence[int]] = None) -> None:
+        self._parent_only("reset")
+
+    def rewind(self, n: int = 1) -> None:
+        self._parent_only("rewind")
+
+    def advance_host(self, counts: Sequence[int]) -> None:
+        self._parent_only("advance_host on")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the parent cache (the view holds no storage of its own)."""
+        return self.parent.nbytes

@@ -3,22 +3,28 @@ pages) taken over by the next prompt at once.
 
 :func:`generate_continuous` keeps ``batch_size`` slots in one KV cache (a
 :class:`~ostquant.runtime.PagedKVCache` for an int4 KV cache, so sequences share one page
-pool; the contiguous float cache for KV16 models). Every forward pass runs one token for each
-decoding slot; a slot that has just been given a new prompt runs the whole prompt in the same
-pass (its prefill: the other slots' single tokens are right-padded to the prompt's length,
-and real tokens never attend to padding, see :meth:`QuantizedCausalLM.forward`). A slot whose
-sequence stops (EOS or ``max_new_tokens``) is released (:meth:`KVCache.release`: length 0,
-pages back to the pool) and refilled from the queue in the next pass.
+pool; the contiguous float cache for KV16 models). Each step gives every decoding slot one
+token, and a slot that has just been given a new prompt its first token. With the paged cache
+the step is two forward passes through row views of the cache
+(:meth:`~ostquant.runtime.PagedKVCache.rows`): the admitted prompts' prefill (from an empty
+cache: one causal SDPA, exactly :func:`~ostquant.runtime.generate`'s prefill), then one token
+for each decoding slot, so nobody is padded to anybody else's length and idle slots cost
+nothing. With the contiguous float cache the step is one pass over every slot (the decoding
+slots' single tokens right-padded to the admitted prompt's length; real tokens never attend
+to padding, see :meth:`QuantizedCausalLM.forward`). A slot whose sequence stops (EOS or
+``max_new_tokens``) is released (:meth:`KVCache.release`: length 0, pages back to the pool)
+and refilled from the queue in the next step.
 
 Admission waits when the page pool is short: a prompt enters only if the pool can hold every
-sequence in flight at its longest (prompt + ``max_new_tokens``, or further where a pass's
-padding reaches), so a run never runs out of pages midway; the sequences already decoding go
-first. A prompt that does not fit even in an otherwise idle cache raises
-:class:`~ostquant.runtime.CacheFullError`.
+sequence in flight at its longest (prompt + ``max_new_tokens``, or the admitted prompts'
+common prefill length if that is more), so a run never runs out of pages midway; the
+sequences already decoding go first. A prompt that does not fit even in an otherwise idle
+cache raises :class:`~ostquant.runtime.CacheFullError`.
 
 Greedy tokens equal :func:`~ostquant.runtime.generate` run on each prompt alone, up to float
-rounding (a prompt admitted mid-stream is prefilled through the decode attention kernel
-rather than one causal SDPA call: the same math, another summation order).
+rounding (batching changes the shapes the GEMMs see; with the contiguous cache a prompt
+admitted mid-stream is also prefilled through the decode attention kernel rather than one
+causal SDPA call: the same math, another summation order).
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import torch
 
 from .generate import (GenerationResult, SamplingConfig, Step, eos_set, prepare_prompts,
                        sample_next, sync)
-from .kv_cache import CacheFullError, KVCache, PagedKVCache
+from .kv_cache import CacheFullError, PagedKVCache
 
 __all__ = ["generate_continuous"]
 
@@ -54,13 +60,14 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
             waits for pages). Ignored for a KV16 model (contiguous float cache).
         do_sample, temperature, top_k, top_p, seed, eos_token_id, stop_at_eos, tokenizer,
             add_special_tokens, pad_token_id: as for :func:`~ostquant.runtime.generate`.
-        callback: called after every forward pass with a :class:`Step` over the *prompts*
-            (``tokens[i]`` the token prompt ``i`` got in this pass, None if none).
+        callback: called after every step with a :class:`Step` over the *prompts*
+            (``tokens[i]`` the token prompt ``i`` got in this step, None if none).
 
     Returns a :class:`GenerationResult` in prompt order; ``prefill_seconds`` is the first
-    pass, ``decode_seconds`` all later passes (which include the prefills of prompts admitted
-    later); ``extra`` holds ``passes`` (forward passes), ``admitted_late`` (prompts prefilled
-    in a pass with other slots decoding) and ``max_pages_used`` (paged cache).
+    step, ``decode_seconds`` all later steps (which include the prefills of prompts admitted
+    later); ``extra`` holds ``passes`` (steps), ``forwards`` (forward passes: up to two a step
+    with the paged cache), ``admitted_late`` (prompts admitted while other slots were
+    decoding) and ``max_pages_used`` (paged cache).
 
     Raises ``ValueError`` for an empty batch or prompt, token ids outside the vocabulary,
     ``batch_size < 1`` or ``max_new_tokens < 1``; :class:`CacheFullError` if a prompt does
@@ -73,10 +80,13 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
     n = len(ids)
     B = min(batch_size, n)
     longest = max(len(p) for p in ids)
-    # a decoding slot (up to longest + max_new_tokens - 1 tokens) may carry the padding of
-    # another slot's prompt (up to `longest` tokens) in the pass that admits it
-    max_len = 2 * longest + max_new_tokens
     paged = model.spec.kv_bits == 4
+    # Paged (int4) cache: each pass serves only its sequences, through row views of the cache
+    # (the admitted prompts' prefill, then the decoding slots' next tokens): a sequence never
+    # holds another's padding. Contiguous float cache: one pass for every slot, where a
+    # decoding slot carries the padding of a prompt admitted in the same pass (up to
+    # `longest` tokens).
+    max_len = longest + max_new_tokens if paged else 2 * longest + max_new_tokens
     cache = model.new_cache(B, max_len, paged=paged, page_size=page_size, num_pages=num_pages) \
         if paged else model.new_cache(B, max_len)
     eos = eos_set(model.eos_token_id if eos_token_id is None else eos_token_id) \
@@ -91,46 +101,52 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
     feed: List[Optional[int]] = [None] * B         # next token of a decoding slot
     queue = list(range(n))
     timing = {"prefill_seconds": 0.0, "decode_seconds": 0.0}
-    passes = admitted_late = max_pages = 0
-    reserved = [0] * B  # pages a slot's sequence may come to hold (see _admit)
+    passes = forwards = admitted_late = max_pages = 0
+    reserved = [0] * B  # pages a slot's sequence may come to hold (paged; see _admit_paged)
 
-    def reserve(prompt_len: int) -> int:  # paged cache only
-        return cache.pages_for(prompt_len + max_new_tokens)
+    def forward(rows: List[List[int]], kv) -> List[int]:
+        """One forward of right-padded ``rows`` through ``kv``; the next token of each row."""
+        nonlocal forwards
+        S = max(len(r) for r in rows)
+        batch = torch.full((len(rows), S), pad_token_id, dtype=torch.long)
+        for j, r in enumerate(rows):
+            batch[j, :len(r)] = torch.tensor(r, dtype=torch.long)
+        logits = model(batch.to(dev), kv, input_lengths=[len(r) for r in rows], logits="last")
+        forwards += 1
+        return sample_next(logits, cfg, gen).tolist()
 
     while not all(done):
         decoding = [b for b in range(B) if slot_of[b] is not None]
-        admit = _admit(cache, queue, slot_of, reserved, ids, reserve, paged)
+        admit = _admit_paged(cache, queue, slot_of, reserved, ids, max_new_tokens) if paged \
+            else _admit(queue, slot_of)
         if not decoding and not admit:
             i = queue[0]
-            pad = cache.pages_for(len(ids[i]))
             raise CacheFullError(
                 f"generate_continuous: prompt {i} ({len(ids[i])} tokens) + max_new_tokens "
-                f"({max_new_tokens}) does not fit the KV cache's page pool even alone: it may "
-                f"need {reserve(len(ids[i]))} pages of {page_size} tokens (+{pad} per other "
-                f"slot), the pool has {cache.num_pages}; use more num_pages or a smaller "
-                f"batch_size")
+                f"({max_new_tokens}) does not fit the KV cache's page pool even alone: it needs "
+                f"{cache.pages_for(len(ids[i]) + max_new_tokens)} pages of {page_size} tokens, "
+                f"the pool has {cache.num_pages}; use more num_pages or a smaller batch_size")
         if decoding and admit:
             admitted_late += len(admit)
-        rows, lens = [], []
-        for b in range(B):
-            if b in admit:
-                p = ids[admit[b]]
-                rows.append(p)
-            elif slot_of[b] is not None:
-                rows.append([feed[b]])
-            else:  # idle slot: one padding token, released again after the pass
-                rows.append([pad_token_id])
-            lens.append(len(rows[-1]))
-        S = max(lens)
-        batch = torch.full((B, S), pad_token_id, dtype=torch.long)
-        for b, r in enumerate(rows):
-            batch[b, :len(r)] = torch.tensor(r, dtype=torch.long)
         for b, i in admit.items():
             slot_of[b] = i
         sync(dev)
         t0 = time.perf_counter()
-        logits = model(batch.to(dev), cache, input_lengths=lens, logits="last")
-        nxt = sample_next(logits, cfg, gen).tolist()
+        nxt = {}  # slot -> its next token
+        if paged:
+            if admit:
+                slots = sorted(admit)
+                nxt.update(zip(slots, forward([ids[admit[b]] for b in slots],
+                                              cache.rows(slots))))
+            if decoding:
+                nxt.update(zip(decoding, forward([[feed[b]] for b in decoding],
+                                                 cache.rows(decoding))))
+        else:
+            rows = [ids[admit[b]] if b in admit else [feed[b]] if slot_of[b] is not None
+                    else [pad_token_id]  # idle slot: one padding token, released below
+                    for b in range(B)]
+            nxt.update((b, t) for b, t in enumerate(forward(rows, cache))
+                       if slot_of[b] is not None)
         timing["prefill_seconds" if passes == 0 else "decode_seconds"] += \
             time.perf_counter() - t0
         passes += 1
@@ -140,7 +156,8 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
         for b in range(B):
             i = slot_of[b]
             if i is None:
-                cache.release(b)
+                if not paged:
+                    cache.release(b)
                 continue
             t = int(nxt[b])
             outs[i].append(t)
@@ -156,7 +173,7 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
         if callback is not None:
             callback(Step(passes - 1, got, list(done)))
     texts = [tok.decode(t, skip_special_tokens=True) for t in outs] if tok is not None else None
-    extra = {"passes": passes, "admitted_late": admitted_late}
+    extra = {"passes": passes, "forwards": forwards, "admitted_late": admitted_late}
     if paged:
         extra["max_pages_used"] = max_pages
     return GenerationResult(tokens=outs, prompt_tokens=ids, finish_reasons=reasons, texts=texts,
@@ -165,37 +182,33 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
                             decode_steps=max(0, passes - 1), extra=extra)
 
 
-def _admit(cache: KVCache, queue: List[int], slot_of: List[Optional[int]],
-           reserved: List[int], ids: List[List[int]], reserve: Callable[[int], int],
-           paged: bool) -> dict:
+def _admit(queue: List[int], slot_of: List[Optional[int]]) -> dict:
     """Slot -> prompt index for the prompts that enter this pass (taken off ``queue``): one per
-    idle slot, in queue order.
-
-    With a page pool a prompt enters only if, after it, the pool still covers every sequence
-    in flight at its longest (``reserved[b]`` pages: ``reserve(prompt length)``, raised when a
-    pass's padding reaches further) plus this pass's padding of each slot left idle (idle slots
-    are released after every pass). Finished slots give their reservation back, so every later
-    pass fits too and a run never runs out of pages midway."""
-    idle = [b for b, i in enumerate(slot_of) if i is None]
+    idle slot, in queue order (contiguous cache: every slot has its full capacity)."""
     admit: dict = {}
-    if not paged:
-        for b in idle[:len(queue)]:
-            admit[b] = queue.pop(0)
-        return admit
-    lens = cache.lengths
-    for b in idle:
+    for b in [b for b, i in enumerate(slot_of) if i is None][:len(queue)]:
+        admit[b] = queue.pop(0)
+    return admit
+
+
+def _admit_paged(cache: PagedKVCache, queue: List[int], slot_of: List[Optional[int]],
+                 reserved: List[int], ids: List[List[int]], max_new_tokens: int) -> dict:
+    """As :func:`_admit`, but a prompt enters only if the page pool still covers every
+    sequence in flight at its longest afterwards: ``reserved[b]`` pages for slot ``b``, its
+    prompt + ``max_new_tokens`` tokens, or the admitted prompts' common prefill length (the
+    padding of a batched prefill takes pages too), whichever is more. Finished slots give
+    their reservation back, so every later pass fits and a run never runs out of pages
+    midway; the sequences already decoding go first."""
+    admit: dict = {}
+    for b in [b for b, i in enumerate(slot_of) if i is None]:
         if not queue:
             break
         trial = {**admit, b: queue[0]}
-        S = max(len(ids[i]) for i in trial.values())  # the pass's input length
+        S = max(len(ids[i]) for i in trial.values())  # the admitted prefill's length
         want = list(reserved)
-        for d, i in enumerate(slot_of):
-            if i is not None:  # decoding: its padding in this pass reaches lens[d] + S
-                want[d] = max(want[d], cache.pages_for(lens[d] + S))
         for a, i in trial.items():
-            want[a] = reserve(len(ids[i]))
-        idle_after = len(idle) - len(trial)
-        if sum(want) + idle_after * cache.pages_for(S) > cache.num_pages:
+            want[a] = max(cache.pages_for(S), cache.pages_for(len(ids[i]) + max_new_tokens))
+        if sum(want) > cache.num_pages:
             break
         admit = trial
         queue.pop(0)
