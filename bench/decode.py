@@ -1,10 +1,11 @@
 """Decode throughput (paper Table 10): a quantized model vs the bf16 model of the same shape.
 
     python -m bench.decode              # H100/H200: writes bench/results/decode-<dev>.json
-    python -m bench.decode --quick      # llama-3-8b only
+    python -m bench.decode --quick      # llama-3-8b, plus llama-3-70b at batch 1
     python -m bench.decode --dry-run    # any device: tiny shape, consistency checks, no JSON
 
-For each shape (LLaMA-2-7B, LLaMA-3-8B, LLaMA-2-13B, LLaMA-30B), batch 1 and 16, context 2048:
+For each shape (LLaMA-2-7B, LLaMA-3-8B, LLaMA-2-13B, LLaMA-30B, LLaMA-3-70B), batch 1 and 16,
+context 2048:
 a whole model with random weights (:meth:`ostquant.runtime.QuantizedCausalLM.random`:
 embeddings, the decoder layers, final norm, lm_head) runs one decode step (one new token per
 sequence, logits of that token) against a KV cache holding ``context`` tokens per sequence:
@@ -51,10 +52,12 @@ from bench import common
 from ostquant import ops as O
 
 BENCH = "decode"
-MODELS = ["llama-2-7b", "llama-3-8b", "llama-2-13b", "llama-30b"]
+MODELS = ["llama-2-7b", "llama-3-8b", "llama-2-13b", "llama-30b", "llama-3-70b"]
 BATCHES = [1, 16]
 CONTEXT = 2048
 QUICK_MODELS = ["llama-3-8b"]
+#: --quick also times the largest shape at batch 1: int4 at full depth where bf16 does not fit
+QUICK_LARGE = ("llama-3-70b", [1])
 DRY_MODELS = ["tiny"]
 DRY_BATCHES = [1, 2]
 DRY_CONTEXT = 12
@@ -364,9 +367,15 @@ def main(argv=None) -> int:
     if missing:
         print(f"warning: no CUDA kernel for {sorted(missing)}: those run the reference",
               file=sys.stderr)
-    rows, rc = common.collect(BENCH, args, lambda r: run(
-        models or (QUICK_MODELS if args.quick else MODELS), batches or BATCHES,
-        args.context or CONTEXT, args.preset, False, "cuda", args.layers, not args.no_graph, r))
+    plan = [(models or (QUICK_MODELS if args.quick else MODELS), batches or BATCHES)]
+    if args.quick and models is None and batches is None:
+        plan.append(([QUICK_LARGE[0]], QUICK_LARGE[1]))
+
+    def measure_plan(r):
+        for ms, bs in plan:
+            run(ms, bs, args.context or CONTEXT, args.preset, False, "cuda", args.layers,
+                not args.no_graph, r)
+    rows, rc = common.collect(BENCH, args, measure_plan)
     ok = common.measured(rows)
     common.print_table(ok, ["model", "layers", "batch", "context", "ours_tok_s",
                             "baseline_tok_s", "speedup", "ours_bytes", "baseline_bytes"])

@@ -47,6 +47,10 @@ def test_decode_layer_fitting():
     assert 0 < n < 60 and decode.fit_layers("llama-30b", "w4a4kv4", 16, 2048,
                                             int(0.85 * 78 * gib)) == 60
     assert decode.fit_layers("llama-2-13b", "w16a16kv16", 1, 2048, 1) == 0
+    # Table 10's largest: int4 fits an 80 GB GPU at full depth, bf16 not half of it
+    budget = int(0.85 * 78 * gib)
+    assert decode.fit_layers("llama-3-70b", "w4a4kv4", 1, 2048, budget) == 80
+    assert 0 < decode.fit_layers("llama-3-70b", "w16a16kv16", 1, 2048, budget) < 40
 
 
 def test_decode_graph_columns():

@@ -347,6 +347,9 @@ def test_named_shapes_and_random_models():
     assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
             c.num_key_value_heads, c.vocab_size) == (4096, 14336, 2, 32, 8, 128256)
     assert c.rope_parameters["rope_theta"] == 500000.0
+    c = shape_config("llama-3-70b")
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+            c.num_key_value_heads) == (8192, 28672, 80, 64, 8)
     c = shape_config("llama-30b")
     assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers,
             c.num_attention_heads) == (6656, 17920, 60, 52)

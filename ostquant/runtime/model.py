@@ -9,7 +9,7 @@ Three ways to build one:
   already quantized by ostquant (``QuantLinear`` projections, attention hook) or quantized on
   the fly with RTN (``preset=...``), or left in floating point;
 * :meth:`QuantizedCausalLM.random` — random weights at a named shape (``llama-2-7b``,
-  ``llama-3-8b``, ``llama-2-13b``, ``llama-30b``, ``tiny``) with any number of layers, for
+  ``llama-3-8b``, ``llama-2-13b``, ``llama-30b``, ``llama-3-70b``, ``tiny``) with any number of layers, for
   benchmarks.
 
 The model owns packed int4 weights only (no float copy of a quantized weight), the float

@@ -24,6 +24,10 @@ NAMED_SHAPES: Dict[str, dict] = {
     "llama-30b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
                       num_attention_heads=52, num_key_value_heads=52, vocab_size=32000,
                       max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0),
+    # Table 10's largest: fits an 80 GB GPU in int4 (~38 GB), not in bf16 (~141 GB)
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1, head_dim=64, vocab_size=256,
                  max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0),
