@@ -35,7 +35,7 @@ DEFAULT_SEQLEN = 512
 PLANNED_METHODS: tuple = ()
 COMMANDS = ("table", "quantize", "eval", "generate", "bench")
 #: benchmarks `ostquant bench NAME` runs (bench/NAME.py of the source checkout)
-BENCHES = ("prefill", "decode", "breakdown", "gemm", "attention", "hadamard", "quant")
+BENCHES = ("prefill", "decode", "breakdown", "gemm", "attention", "hadamard", "quant", "plot")
 
 
 class CLIError(Exception):

@@ -64,3 +64,10 @@ def test_plot_refuses_missing_and_corrupt(tmp_path, capsys):
     (tmp_path / "decode-h100.json").write_text(json.dumps([1, 2]))
     assert plot.main(["--results-dir", str(tmp_path), "--device-short", "h100"]) == 1
     assert "not a results file" in capsys.readouterr().err
+
+
+def test_plot_through_the_cli(tmp_path, capsys):
+    from ostquant import cli
+    _round(tmp_path)
+    assert cli.main(["bench", "plot", "--results-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "runtime-h100.png").read_bytes()[:4] == b"\x89PNG"
