@@ -472,8 +472,9 @@ def main(argv=None) -> int:
         print("[dry-run] breakdown: ok (no JSON)")
         return 0
     common.require_cuda(BENCH)
-    missing = {"int4_gemm", "quantize_per_token", "pack_int4", "hadamard_transform",
-               "kv_cache_append_fused", "int4_kv_attention"} - set(O.cuda_ops())
+    missing = {"int4_gemm", "quantize_per_token_packed", "rmsnorm_quantize_per_token",
+               "hadamard_quantize_per_token", "hadamard_transform", "kv_cache_append_fused",
+               "int4_kv_attention"} - set(O.cuda_ops())
     if missing:
         print(f"warning: no CUDA kernel for {sorted(missing)}: those run the reference",
               file=sys.stderr)

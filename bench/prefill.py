@@ -200,9 +200,9 @@ def main(argv=None) -> int:
         print("[dry-run] prefill: ok (no timings, no JSON)")
         return 0
     common.require_cuda(BENCH)
-    missing = {"int4_gemm", "quantize_per_token", "hadamard_transform",
-               "kv_cache_append_fused"} - \
-        set(O.cuda_ops())
+    missing = {"int4_gemm", "quantize_per_token_packed", "rmsnorm_quantize_per_token",
+               "hadamard_quantize_per_token", "hadamard_transform",
+               "kv_cache_append_fused"} - set(O.cuda_ops())
     if missing:
         print(f"warning: no CUDA kernel for {sorted(missing)}: those run the reference",
               file=sys.stderr)

@@ -302,6 +302,10 @@ def test_int4_gemm_imma_shapes(M, NK, monkeypatch):
         pytest.skip("int4 mma.sync needs sm_80+")
     monkeypatch.setenv("OSTQUANT_GEMM_IMMA", "1")
     N, K = NK
+    args = _w4a4_inputs(M, N, K, False, None, True)
+    names = _ran_kernels(lambda: O.int4_gemm(*args, out_dtype=torch.bfloat16))
+    assert any("GemmWithVisitor" in n for n in names), \
+        f"the IMMA kernel did not take M={M} N={N} K={K}: {names}"
     for sym, bias_dtype, out_dtype in ((True, None, torch.bfloat16),
                                        (False, torch.bfloat16, torch.bfloat16),
                                        (False, torch.float32, torch.float16),

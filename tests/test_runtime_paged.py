@@ -181,3 +181,23 @@ def test_row_view_errors(model):
         v.reset()
     # a view of a view maps to the parent's sequences
     assert c.rows([2, 1]).rows([1]).slots == [1]
+
+
+def test_row_view_goes_stale_when_the_parent_releases(model):
+    """A view made before the parent released (or reset) sequences must not write into the
+    freed pages or write old lengths back."""
+    c = model.new_cache(2, 32, paged=True, page_size=16)
+    v = c.rows([0, 1])
+    model(_ids(2, 5), v)
+    assert c.lengths == [5, 5] and c.pages_used == 2
+    c.release(0)
+    assert c.pages_used == 1 and c._pages[0] == [] and v._pages[0] == []
+    with pytest.raises(RuntimeError, match="stale"):
+        model(_ids(2, 1), v)
+    assert c.lengths == [0, 5] and c.pages_used == 1
+    w = c.rows([0, 1])  # a new view works
+    model(_ids(2, 1), w)
+    assert c.lengths == [1, 6]
+    c.reset()
+    with pytest.raises(RuntimeError, match="stale"):
+        model(_ids(2, 1), w)

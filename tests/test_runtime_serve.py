@@ -88,6 +88,15 @@ def test_admission_waits_for_pages(model):
     assert got.extra["passes"] > want.extra["passes"]
 
 
+def test_exact_fit_in_the_pool(model):
+    """The last sampled token is never stored: 5 prompt + 12 new tokens use 16 positions, one
+    page of 16."""
+    want = _alone(model, [[1, 2, 3, 4, 5]], 12, stop_at_eos=False)
+    got = generate_continuous(model, [[1, 2, 3, 4, 5]], 12, batch_size=1, page_size=16,
+                              num_pages=1, stop_at_eos=False)
+    assert got.tokens == want[0].tokens and got.extra["max_pages_used"] == 1
+
+
 def test_prompt_that_never_fits_is_a_clear_error(model):
     with pytest.raises(CacheFullError, match="does not fit"):
         generate_continuous(model, [[1] * 40, [2, 3]], 4, batch_size=2, page_size=16,

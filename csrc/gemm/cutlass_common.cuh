@@ -9,7 +9,8 @@
 // bit-identical to reference.int4_gemm (and to the small-M kernels' w4a4_epilogue_value):
 //   W4A4:  a = float(acc); a = a - zx[m]·ws[n]; y = (a·sx[m])·sw[n]; y = y + b[n]
 //   W4A16: y = acc·sw[n] + b[n]
-// Null optional vectors reach here as zeros (a - 0·0 = a, y + 0 = y for every non-NaN value).
+// Null optional vectors reach here as zeros (a - 0·0 = a, y + 0 = y for every non-NaN value;
+// only an exact -0.0 may come out as +0.0, which compares equal).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -68,7 +69,8 @@ cudaError_t run_cutlass_gemm(const typename Gemm::Arguments& args, void* workspa
   st = gemm.run(stream);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return st == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorLaunchFailure;
+  // a CUTLASS status without a CUDA error: not a kernel fault (the context is fine)
+  return st == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorUnknown;
 }
 
 }  // namespace ostquant

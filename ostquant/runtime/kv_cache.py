@@ -358,6 +358,7 @@ class PagedKVCache(KVCache):
                                       device=device)
         self._pages: List[List[int]] = [[] for _ in range(batch_size)]  # host copy of the table
         self._free: List[int] = list(range(self.num_pages - 1, -1, -1))  # pop() -> lowest id
+        self._epoch = 0  # bumped by release / reset: row views made before are stale
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int,
@@ -419,13 +420,16 @@ class PagedKVCache(KVCache):
         to 0 (the other sequences are untouched)."""
         super().release(b)
         self._free.extend(reversed(self._pages[b]))
-        self._pages[b] = []
+        self._pages[b].clear()  # in place: row views share the list objects
+        self._epoch += 1
         self._sync_table()
 
     def rows(self, slots: Sequence[int]) -> "PagedKVCache":
         """A cache over sequences ``slots`` of this one (in that order), for a forward pass that
         serves only them: it shares this cache's page pool, so what the pass writes and the
-        pages it takes are this cache's, and advancing its lengths advances theirs here.
+        pages it takes are this cache's, and advancing its lengths advances theirs here. A view
+        is for passes made before this cache changes otherwise: after :meth:`release` or
+        :meth:`reset` it raises (make a new one).
         Continuous batching runs a newly admitted prompt's prefill, and the decoding
         sequences' next tokens, as separate passes through such views, so no sequence is
         padded to another's length. Sequences are released (and lengths reset) on this cache,
@@ -437,10 +441,11 @@ class PagedKVCache(KVCache):
         """Forget the contents and give every page back (``lengths=None``), or set the lengths
         to ``lengths`` (pages are taken so that each sequence covers its length; the data in
         them is not cleared, as for :meth:`KVCache.reset`)."""
+        self._epoch += 1
         if lengths is None:
             for b in range(self.batch_size):
                 self._free.extend(reversed(self._pages[b]))
-                self._pages[b] = []
+                self._pages[b].clear()
             self._free.sort(reverse=True)
             self._sync_table()
             super().reset(None)
@@ -534,12 +539,27 @@ class _PagedRows(PagedKVCache):
         self.seqlens = parent.seqlens.index_select(0, self._idx)
         self._host_lens = [parent._host_lens[b] for b in slots]
         self._graph_safe = False
+        self._epoch = parent._epoch
+
+    def _check_current(self) -> None:
+        if self._epoch != self.parent._epoch:
+            raise RuntimeError("PagedKVCache.rows view is stale: the parent cache released or "
+                               "reset sequences since it was made; make a new view")
+
+    def check_room(self, new_tokens: int) -> None:
+        self._check_current()
+        super().check_room(new_tokens)
+
+    def attend(self, layer: int, q: torch.Tensor, sm_scale: float, fresh: bool) -> torch.Tensor:
+        self._check_current()
+        return super().attend(layer, q, sm_scale, fresh)
 
     def _sync_table(self) -> None:
         super()._sync_table()
         self.parent._sync_table()
 
     def advance(self, counts: Sequence[int], counts_t: Optional[torch.Tensor] = None) -> None:
+        self._check_current()
         super().advance(counts, counts_t)
         for b, n in zip(self.slots, self._host_lens):
             self.parent._host_lens[b] = n

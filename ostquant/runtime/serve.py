@@ -124,7 +124,7 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
             raise CacheFullError(
                 f"generate_continuous: prompt {i} ({len(ids[i])} tokens) + max_new_tokens "
                 f"({max_new_tokens}) does not fit the KV cache's page pool even alone: it needs "
-                f"{cache.pages_for(len(ids[i]) + max_new_tokens)} pages of {page_size} tokens, "
+                f"{cache.pages_for(len(ids[i]) + max_new_tokens - 1)} pages of {page_size} tokens, "
                 f"the pool has {cache.num_pages}; use more num_pages or a smaller batch_size")
         if decoding and admit:
             admitted_late += len(admit)
@@ -196,7 +196,8 @@ def _admit_paged(cache: PagedKVCache, queue: List[int], slot_of: List[Optional[i
     """As :func:`_admit`, but a prompt enters only if the page pool still covers every
     sequence in flight at its longest afterwards: ``reserved[b]`` pages for slot ``b``, its
     prompt + ``max_new_tokens`` tokens, or the admitted prompts' common prefill length (the
-    padding of a batched prefill takes pages too), whichever is more. Finished slots give
+    padding of a batched prefill takes pages too), whichever is more (the last token sampled is
+    never stored, so prompt + ``max_new_tokens`` - 1 positions). Finished slots give
     their reservation back, so every later pass fits and a run never runs out of pages
     midway; the sequences already decoding go first."""
     admit: dict = {}
@@ -207,7 +208,8 @@ def _admit_paged(cache: PagedKVCache, queue: List[int], slot_of: List[Optional[i
         S = max(len(ids[i]) for i in trial.values())  # the admitted prefill's length
         want = list(reserved)
         for a, i in trial.items():
-            want[a] = max(cache.pages_for(S), cache.pages_for(len(ids[i]) + max_new_tokens))
+            # the last sampled token is never stored: prompt + max_new_tokens - 1 positions
+            want[a] = max(cache.pages_for(S), cache.pages_for(len(ids[i]) + max_new_tokens - 1))
         if sum(want) > cache.num_pages:
             break
         admit = trial
