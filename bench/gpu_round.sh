@@ -87,6 +87,8 @@ sync_out() {  # copy results and packed logs to the device's $OUT
     && mv -f "$FINAL_OUT/logs.tar.gz.tmp" "$FINAL_OUT/logs.tar.gz"
 }
 
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"  # before any build (torch's finds no root from a wrapper nvcc)
+
 # 1. carried wheels (device README: they go to a --target dir on PYTHONPATH)
 if compgen -G ".whl/*.whl" > /dev/null; then
   say "installing carried wheels: $(ls .whl | tr '\n' ' ')"
@@ -112,7 +114,6 @@ fi
 # 2. the extension: prebuilt if it fits, else build
 say "nvidia-smi"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
-export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 # the extension must load and register its CUDA kernels: otherwise every CUDA test would skip
 # and the benchmarks would time the reference ops
