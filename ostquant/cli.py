@@ -535,8 +535,11 @@ def run_generate(args, argv) -> dict:
                 raise CLIError("--cuda-graph and --batch-size do not go together (continuous "
                                "batching changes the batch between steps)")
             res = rt.generate_continuous(prompts, args.max_new_tokens,
-                                         batch_size=args.batch_size, **sampling)
+                                         batch_size=args.batch_size,
+                                         prefill_chunk=args.prefill_chunk, **sampling)
         else:
+            if args.prefill_chunk is not None:
+                raise CLIError("--prefill-chunk needs --batch-size (continuous batching)")
             res = rt.generate(prompts, args.max_new_tokens, cuda_graph=args.cuda_graph,
                               **sampling)
     except ValueError as e:
@@ -708,6 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continuous batching: run the prompts through this many slots, a "
                         "finished sequence's slot taking the next prompt (default: all prompts "
                         "in one batch)")
+    g.add_argument("--prefill-chunk", type=int, default=None,
+                   help="with --batch-size and an int4 KV cache: prefill at most this many "
+                        "prompt tokens per sequence and step (chunked prefill)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="replay the decode step as a CUDA graph (CUDA with the compiled "
                         "kernels; otherwise a warning and eager decoding)")

@@ -81,3 +81,7 @@ def test_generate_continuous_batching_flag(dirs, capsys):
     assert "batch_size" in capsys.readouterr().err
     assert cli.main(args + ["--batch-size", "2", "--cuda-graph"]) == 2
     assert "do not go together" in capsys.readouterr().err
+    assert cli.main(args + ["--batch-size", "2", "--prefill-chunk", "2"]) == 0
+    assert capsys.readouterr().out == plain
+    assert cli.main(args + ["--prefill-chunk", "2"]) == 2
+    assert "needs --batch-size" in capsys.readouterr().err

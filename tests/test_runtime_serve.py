@@ -76,6 +76,35 @@ def test_late_prefill_runs_apart_from_the_decoding_slots(model):
     assert got.extra["max_pages_used"] <= 1 + 4
 
 
+def test_chunked_prefill(model):
+    """prefill_chunk=8: a 40-token prompt admitted while another slot decodes is prefilled over
+    5 steps, and the decoding slot gets a token in every one of them; tokens as each prompt
+    alone (later chunks attend through the paged decode kernel: same math)."""
+    short_a, short_b, long_p = [5, 6], [7, 8], list(range(10, 50))
+    free_run = _alone(model, [short_a, short_b], 14, stop_at_eos=False)
+    ta, tb = free_run[0].tokens[0], free_run[1].tokens[0]
+    eos = next(t for i, t in enumerate(ta[:6]) if t not in tb and t not in ta[:i])
+    prompts = [short_a, short_b, long_p]
+    want = _alone(model, prompts, 14, eos_token_id=eos)
+    steps = []
+    got = generate_continuous(model, prompts, 14, batch_size=2, eos_token_id=eos,
+                              page_size=16, prefill_chunk=8,
+                              callback=lambda st: steps.append(list(st.tokens)))
+    assert got.tokens == [w.tokens[0] for w in want]
+    admitted = len(got.tokens[0])  # prompt 0 got a token in steps 0 .. its length - 1
+    assert got.finish_reasons[0] == "eos" and steps[admitted - 1][0] == eos
+    first_long = next(k for k, st in enumerate(steps) if st[2] is not None)
+    assert first_long - admitted == 40 // 8 - 1  # 5 prefill steps, the 5th samples
+    assert all(steps[k][1] is not None for k in range(admitted, first_long + 1)), \
+        "the decoding slot must get a token in every chunked-prefill step"
+    # whole prompts at once: the same tokens
+    whole = generate_continuous(model, PROMPTS, 9, batch_size=2, stop_at_eos=False)
+    chunked = generate_continuous(model, PROMPTS, 9, batch_size=2, stop_at_eos=False,
+                                  prefill_chunk=3)
+    assert chunked.tokens == whole.tokens
+    assert chunked.extra["passes"] > whole.extra["passes"]
+
+
 def test_admission_waits_for_pages(model):
     """A pool of 5 pages of 16 tokens for 3 slots (each sequence may reach 2 pages): prompts
     wait until a slot's pages come back; the tokens do not change."""
@@ -137,3 +166,8 @@ def test_bad_arguments(model):
         generate_continuous(model, [], 4)
     with pytest.raises(ValueError, match="outside"):
         generate_continuous(model, [[1, 2], [10 ** 6]], 4)
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        generate_continuous(model, PROMPTS, 4, prefill_chunk=0)
+    kv16 = QuantizedCausalLM.random("tiny", "w4a16", dtype=torch.float32, seed=3)
+    with pytest.raises(ValueError, match="paged int4 KV cache"):
+        generate_continuous(kv16, PROMPTS, 4, prefill_chunk=4)

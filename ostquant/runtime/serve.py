@@ -9,9 +9,11 @@ the step is two forward passes through row views of the cache
 (:meth:`~ostquant.runtime.PagedKVCache.rows`): the admitted prompts' prefill (from an empty
 cache: one causal SDPA, exactly :func:`~ostquant.runtime.generate`'s prefill), then one token
 for each decoding slot, so nobody is padded to anybody else's length and idle slots cost
-nothing. With the contiguous float cache the step is one pass over every slot (the decoding
-slots' single tokens right-padded to the admitted prompt's length; real tokens never attend
-to padding, see :meth:`QuantizedCausalLM.forward`). A slot whose sequence stops (EOS or
+nothing; ``prefill_chunk`` splits a long prompt's prefill over several steps (chunked
+prefill), the decoding slots getting a token in each. With the contiguous float cache the
+step is one pass over every slot (the decoding slots' single tokens right-padded to the
+admitted prompt's length; real tokens never attend to padding, see
+:meth:`QuantizedCausalLM.forward`). A slot whose sequence stops (EOS or
 ``max_new_tokens``) is released (:meth:`KVCache.release`: length 0, pages back to the pool)
 and refilled from the queue in the next step.
 
@@ -47,7 +49,8 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
                         eos_token_id: Union[None, int, Sequence[int]] = None,
                         stop_at_eos: bool = True, callback: Optional[Callable[[Step], None]] = None,
                         tokenizer=None, add_special_tokens: bool = True,
-                        pad_token_id: int = 0) -> GenerationResult:
+                        pad_token_id: int = 0,
+                        prefill_chunk: Optional[int] = None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens for every prompt, ``batch_size`` at a time,
     refilling a slot as soon as its sequence finishes (continuous batching).
 
@@ -62,6 +65,9 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
             add_special_tokens, pad_token_id: as for :func:`~ostquant.runtime.generate`.
         callback: called after every step with a :class:`Step` over the *prompts*
             (``tokens[i]`` the token prompt ``i`` got in this step, None if none).
+        prefill_chunk: paged cache only: prefill at most this many prompt tokens of a
+            sequence per step (chunked prefill), so a long prompt does not hold the decoding
+            slots' next tokens back for its whole prefill; None (default): whole prompts.
 
     Returns a :class:`GenerationResult` in prompt order; ``prefill_seconds`` is the first
     step, ``decode_seconds`` all later steps (which include the prefills of prompts admitted
@@ -70,11 +76,18 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
     decoding) and ``max_pages_used`` (paged cache).
 
     Raises ``ValueError`` for an empty batch or prompt, token ids outside the vocabulary,
-    ``batch_size < 1`` or ``max_new_tokens < 1``; :class:`CacheFullError` if a prompt does
-    not fit the page pool even alone.
+    ``batch_size < 1``, ``max_new_tokens < 1`` or a bad ``prefill_chunk``;
+    :class:`CacheFullError` if a prompt does not fit the page pool even alone.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if prefill_chunk is not None:
+        if int(prefill_chunk) < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if model.spec.kv_bits != 4:
+            raise ValueError("prefill_chunk needs the paged int4 KV cache; this model's KV "
+                             "cache is 16-bit (whole prompts are prefilled)")
+        prefill_chunk = int(prefill_chunk)
     cfg = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
     tok, ids = prepare_prompts(model, prompts, max_new_tokens, tokenizer, add_special_tokens)
     n = len(ids)
@@ -103,6 +116,7 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
     timing = {"prefill_seconds": 0.0, "decode_seconds": 0.0}
     passes = forwards = admitted_late = max_pages = 0
     reserved = [0] * B  # pages a slot's sequence may come to hold (paged; see _admit_paged)
+    done_prefill = [0] * B  # prompt tokens of a slot's sequence already in the cache (paged)
 
     def forward(rows: List[List[int]], kv) -> List[int]:
         """One forward of right-padded ``rows`` through ``kv``; the next token of each row."""
@@ -116,10 +130,11 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
         return sample_next(logits, cfg, gen).tolist()
 
     while not all(done):
-        decoding = [b for b in range(B) if slot_of[b] is not None]
-        admit = _admit_paged(cache, queue, slot_of, reserved, ids, max_new_tokens) if paged \
-            else _admit(queue, slot_of)
-        if not decoding and not admit:
+        busy = [b for b in range(B) if slot_of[b] is not None]
+        decoding = [b for b in busy if not paged or done_prefill[b] == len(ids[slot_of[b]])]
+        admit = _admit_paged(cache, queue, slot_of, reserved, ids, max_new_tokens,
+                             prefill_chunk) if paged else _admit(queue, slot_of)
+        if not busy and not admit:
             i = queue[0]
             raise CacheFullError(
                 f"generate_continuous: prompt {i} ({len(ids[i])} tokens) + max_new_tokens "
@@ -130,14 +145,21 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
             admitted_late += len(admit)
         for b, i in admit.items():
             slot_of[b] = i
+            done_prefill[b] = 0
         sync(dev)
         t0 = time.perf_counter()
         nxt = {}  # slot -> its next token
         if paged:
-            if admit:
-                slots = sorted(admit)
-                nxt.update(zip(slots, forward([ids[admit[b]] for b in slots],
-                                              cache.rows(slots))))
+            prefilling = [b for b in range(B)
+                          if slot_of[b] is not None and b not in decoding]
+            if prefilling:  # the next chunk (or the whole rest) of each prompt being prefilled
+                C = prefill_chunk or max(len(p) for p in ids)
+                rows = [ids[slot_of[b]][done_prefill[b]:done_prefill[b] + C]
+                        for b in prefilling]
+                for b, r, t in zip(prefilling, rows, forward(rows, cache.rows(prefilling))):
+                    done_prefill[b] += len(r)
+                    if done_prefill[b] == len(ids[slot_of[b]]):
+                        nxt[b] = t  # the prompt is in: its first generated token
             if decoding:
                 nxt.update(zip(decoding, forward([[feed[b]] for b in decoding],
                                                  cache.rows(decoding))))
@@ -158,6 +180,8 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
             if i is None:
                 if not paged:
                     cache.release(b)
+                continue
+            if b not in nxt:  # still prefilling (chunked)
                 continue
             t = int(nxt[b])
             outs[i].append(t)
@@ -192,12 +216,15 @@ def _admit(queue: List[int], slot_of: List[Optional[int]]) -> dict:
 
 
 def _admit_paged(cache: PagedKVCache, queue: List[int], slot_of: List[Optional[int]],
-                 reserved: List[int], ids: List[List[int]], max_new_tokens: int) -> dict:
+                 reserved: List[int], ids: List[List[int]], max_new_tokens: int,
+                 chunk: Optional[int] = None) -> dict:
     """As :func:`_admit`, but a prompt enters only if the page pool still covers every
     sequence in flight at its longest afterwards: ``reserved[b]`` pages for slot ``b``, its
     prompt + ``max_new_tokens`` tokens, or the admitted prompts' common prefill length (the
     padding of a batched prefill takes pages too), whichever is more (the last token sampled is
-    never stored, so prompt + ``max_new_tokens`` - 1 positions). Finished slots give
+    never stored, so prompt + ``max_new_tokens`` - 1 positions). With ``chunk`` (chunked
+    prefill) a prefill pass pads a sequence at most to the end of its chunk, so the bound is
+    its length rounded up to whole chunks instead of the common length. Finished slots give
     their reservation back, so every later pass fits and a run never runs out of pages
     midway; the sequences already decoding go first."""
     admit: dict = {}
@@ -208,8 +235,10 @@ def _admit_paged(cache: PagedKVCache, queue: List[int], slot_of: List[Optional[i
         S = max(len(ids[i]) for i in trial.values())  # the admitted prefill's length
         want = list(reserved)
         for a, i in trial.items():
+            n = len(ids[i])
+            padded = S if chunk is None else -(-n // chunk) * chunk
             # the last sampled token is never stored: prompt + max_new_tokens - 1 positions
-            want[a] = max(cache.pages_for(S), cache.pages_for(len(ids[i]) + max_new_tokens - 1))
+            want[a] = max(cache.pages_for(padded), cache.pages_for(n + max_new_tokens - 1))
         if sum(want) > cache.num_pages:
             break
         admit = trial
