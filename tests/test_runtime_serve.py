@@ -57,15 +57,22 @@ def test_early_stops_free_their_slot(model):
     assert got.extra["admitted_late"] >= 1 and first[3] == n0 < first[1] + 11
 
 
+def _late_long_prompt(model, n):
+    """Two short prompts and a 40-token one, and an EOS id that stops the first short one
+    early but never the second: through 2 slots the long prompt is admitted while the second
+    short one decodes."""
+    short_a, short_b, long_p = [5, 6], [7, 8], list(range(10, 50))
+    free_run = _alone(model, [short_a, short_b], n, stop_at_eos=False)
+    ta, tb = free_run[0].tokens[0], free_run[1].tokens[0]
+    eos = next(t for i, t in enumerate(ta[:6]) if t not in tb and t not in ta[:i])
+    return [short_a, short_b, long_p], eos
+
+
 def test_late_prefill_runs_apart_from_the_decoding_slots(model):
     """A 40-token prompt admitted while another slot decodes is prefilled in a pass of its own
     (the paged cache's row views): the decoding slot is not padded to 40 tokens, so it keeps
     the single page its 2 + 12 tokens need; tokens as each prompt alone."""
-    short_a, short_b, long_p = [5, 6], [7, 8], list(range(10, 50))
-    free_run = _alone(model, [short_a, short_b], 12, stop_at_eos=False)
-    ta, tb = free_run[0].tokens[0], free_run[1].tokens[0]
-    eos = next(t for i, t in enumerate(ta[:6]) if t not in tb and t not in ta[:i])
-    prompts = [short_a, short_b, long_p]
+    prompts, eos = _late_long_prompt(model, 12)
     want = _alone(model, prompts, 12, eos_token_id=eos)
     got = generate_continuous(model, prompts, 12, batch_size=2, eos_token_id=eos,
                               page_size=16)
@@ -80,11 +87,7 @@ def test_chunked_prefill(model):
     """prefill_chunk=8: a 40-token prompt admitted while another slot decodes is prefilled over
     5 steps, and the decoding slot gets a token in every one of them; tokens as each prompt
     alone (later chunks attend through the paged decode kernel: same math)."""
-    short_a, short_b, long_p = [5, 6], [7, 8], list(range(10, 50))
-    free_run = _alone(model, [short_a, short_b], 14, stop_at_eos=False)
-    ta, tb = free_run[0].tokens[0], free_run[1].tokens[0]
-    eos = next(t for i, t in enumerate(ta[:6]) if t not in tb and t not in ta[:i])
-    prompts = [short_a, short_b, long_p]
+    prompts, eos = _late_long_prompt(model, 14)
     want = _alone(model, prompts, 14, eos_token_id=eos)
     steps = []
     got = generate_continuous(model, prompts, 14, batch_size=2, eos_token_id=eos,
