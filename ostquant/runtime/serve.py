@@ -118,16 +118,18 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
     reserved = [0] * B  # pages a slot's sequence may come to hold (paged; see _admit_paged)
     done_prefill = [0] * B  # prompt tokens of a slot's sequence already in the cache (paged)
 
-    def forward(rows: List[List[int]], kv) -> List[int]:
-        """One forward of right-padded ``rows`` through ``kv``; the next token of each row."""
+    def forward(rows: List[List[int]], kv, sample: bool = True) -> List[Optional[int]]:
+        """One forward of right-padded ``rows`` through ``kv``; the next token of each row
+        (``sample=False``: no logits, e.g. a prefill chunk that completes no prompt)."""
         nonlocal forwards
         S = max(len(r) for r in rows)
         batch = torch.full((len(rows), S), pad_token_id, dtype=torch.long)
         for j, r in enumerate(rows):
             batch[j, :len(r)] = torch.tensor(r, dtype=torch.long)
-        logits = model(batch.to(dev), kv, input_lengths=[len(r) for r in rows], logits="last")
+        logits = model(batch.to(dev), kv, input_lengths=[len(r) for r in rows],
+                       logits="last" if sample else "none")
         forwards += 1
-        return sample_next(logits, cfg, gen).tolist()
+        return sample_next(logits, cfg, gen).tolist() if sample else [None] * len(rows)
 
     while not all(done):
         busy = [b for b in range(B) if slot_of[b] is not None]
@@ -156,7 +158,10 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
                 C = prefill_chunk or max(len(p) for p in ids)
                 rows = [ids[slot_of[b]][done_prefill[b]:done_prefill[b] + C]
                         for b in prefilling]
-                for b, r, t in zip(prefilling, rows, forward(rows, cache.rows(prefilling))):
+                completes = any(done_prefill[b] + len(r) == len(ids[slot_of[b]])
+                                for b, r in zip(prefilling, rows))
+                for b, r, t in zip(prefilling, rows,
+                                   forward(rows, cache.rows(prefilling), completes)):
                     done_prefill[b] += len(r)
                     if done_prefill[b] == len(ids[slot_of[b]]):
                         nxt[b] = t  # the prompt is in: its first generated token
