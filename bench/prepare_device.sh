@@ -54,6 +54,14 @@ if [ "$PREBUILT" = 1 ]; then
     "$VENV/bin/pip" install -q "torch==$DEVICE_TORCH" numpy ninja "setuptools>=64" wheel \
         nvidia-cutlass==4.2.0.0
   fi
+  if TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" "$VENV/bin/python" -c "
+import sys; sys.path.insert(0, 'bench'); import prebuilt
+ok, why = prebuilt.check('.prebuilt'); print('[prepare] .prebuilt:', 'up to date' if ok else why)
+sys.exit(0 if ok else 1)"; then
+    du -sh .whl .prebuilt 2>/dev/null || true
+    echo "[prepare] done: carry [\".whl\", \".prebuilt\"] and run: bash bench/gpu_round.sh --budget 540 --quick"
+    exit 0
+  fi
   SRC=$(mktemp -d /tmp/ostquant-prebuild.XXXXXX)
   tar --exclude=./.venv --exclude=./.venv-device --exclude=./.git --exclude=./build \
       --exclude='*.so' --exclude=./.whl --exclude=./.prebuilt -cf - . | tar -xf - -C "$SRC"
