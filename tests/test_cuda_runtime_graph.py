@@ -64,6 +64,25 @@ def test_replayed_step_logits_equal_eager_step():
     ops.kv_check_errors()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_graph_generate_equals_eager_paged_cache(dtype):
+    """A paged int4 cache: the step's pages are taken before each replay and the block table
+    is updated in place. The graph's attention splits the KV by the capacity, the eager step
+    by the longest sequence (another summation order), so tokens are compared in float32."""
+    m = _model("w4a4kv4", dtype)
+    want = m.generate(PROMPTS, max_new_tokens=20, stop_at_eos=False,
+                      cache=m.new_cache(2, 64, paged=True, page_size=16))
+    cache = m.new_cache(2, 64, paged=True, page_size=16)
+    got = m.generate(PROMPTS, max_new_tokens=20, stop_at_eos=False, cuda_graph=True,
+                     cache=cache)
+    assert got.extra["cuda_graph"] is True
+    if dtype == torch.float32:
+        assert got.tokens == want.tokens
+    assert cache.pages_used == 2 * 2  # 27 and 23 positions: 2 pages of 16 each
+    torch.cuda.synchronize()
+    ops.kv_check_errors()
+
+
 @pytest.mark.parametrize("preset", ["w4a4kv16", "w16a16kv16"])
 def test_graph_generate_float_cache(preset):
     """A float KV cache attends over its whole capacity with a mask inside the graph: equal

@@ -24,17 +24,21 @@ def models():
             for p in ("w4a4kv4", "w4a4kv16")}
 
 
-def _prefilled(m, ids, cap):
-    cache = m.new_cache(ids.shape[0], cap)
+def _prefilled(m, ids, cap, paged=False):
+    cache = m.new_cache(ids.shape[0], cap, paged=paged, page_size=16) if paged else \
+        m.new_cache(ids.shape[0], cap)
     m(ids, cache, input_lengths=[ids.shape[1], ids.shape[1] - 3], logits="none")
     return cache
 
 
-@pytest.mark.parametrize("preset", ["w4a4kv4", "w4a4kv16"])
-def test_decode_step_equals_eager_decode(models, preset):
+@pytest.mark.parametrize("preset,paged", [("w4a4kv4", False), ("w4a4kv16", False),
+                                          ("w4a4kv4", True)])
+def test_decode_step_equals_eager_decode(models, preset, paged):
+    """The step a graph captures == the eager decode; with a paged cache its pages are taken
+    before the step (ensure_room) and the attention splits by capacity: the same numbers."""
     m = models[preset]
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
-    a, b = _prefilled(m, ids, 20), _prefilled(m, ids, 20)
+    a, b = _prefilled(m, ids, 20, paged), _prefilled(m, ids, 20, paged)
     feed = torch.tensor([[7], [11]])
     for _ in range(4):
         want = m(feed, a, logits="last")
@@ -48,6 +52,8 @@ def test_decode_step_equals_eager_decode(models, preset):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         feed = want.argmax(-1, keepdim=True)
     assert b.lengths == [13, 10]
+    if paged:  # 13 and 10 tokens: one page of 16 each, in the block table
+        assert b._pages == a._pages and torch.equal(b.block_table, a.block_table)
 
 
 def test_decode_step_checks_its_inputs(models):
@@ -187,10 +193,11 @@ def fake_cuda(monkeypatch):
     return made
 
 
-def test_graph_decoder_logic_simulated(models, fake_cuda):
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_graph_decoder_logic_simulated(models, fake_cuda, paged):
     m = models["w4a4kv4"]
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
-    eager, graphed = _prefilled(m, ids, 14), _prefilled(m, ids, 14)
+    eager, graphed = _prefilled(m, ids, 14, paged), _prefilled(m, ids, 14, paged)
     before = graphed.seqlens.clone()
     dec = _decoder(m, graphed, warmup=3)
     # the warm-up steps ran (and wrote one slot past the lengths) but left the lengths alone
@@ -228,6 +235,22 @@ def test_generate_with_simulated_graph_reuses_it(models, fake_cuda):
     # one new token only: no decode step, nothing captured
     m.generate(prompts, max_new_tokens=1, cuda_graph=True, cache=m.new_cache(2, 12))
     assert len(fake_cuda) == 1
+
+
+def test_generate_with_simulated_graph_over_a_paged_cache(models, fake_cuda):
+    """generate(cuda_graph=True) with a paged cache: the same tokens; a sequence that stops
+    early gives its pages back and the (fixed-batch) graph step takes one again for it."""
+    m = models["w4a4kv4"]
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
+    free = m.generate(prompts, max_new_tokens=14, stop_at_eos=False)
+    eos = next(t for i, t in enumerate(free.tokens[1][:6])
+               if t not in free.tokens[0] and t not in free.tokens[1][:i])
+    want = m.generate(prompts, max_new_tokens=14, eos_token_id=eos)
+    cache = m.new_cache(2, 20, paged=True, page_size=16)
+    got = m.generate(prompts, max_new_tokens=14, eos_token_id=eos, cuda_graph=True,
+                     cache=cache)
+    assert got.tokens == want.tokens and got.extra["cuda_graph"] is True
+    assert got.finish_reasons[1] == "eos" and len(fake_cuda) == 1
 
 
 def test_graph_kept_only_on_a_cache_the_caller_passed(models, fake_cuda):

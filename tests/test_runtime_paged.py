@@ -131,10 +131,8 @@ def test_bad_paged_cache_arguments(model):
     c = model.new_cache(1, 16, paged=True)
     with pytest.raises(IndexError, match="sequence 1"):
         c.release(1)
-    with pytest.raises(RuntimeError, match="CUDA graph"):
-        with c.graph_safe():
-            pass
-    assert "paged" in (graph_unavailable_reason(model, c) or "")
+    # a paged decode step is capturable now: on a CPU model the reason is the device
+    assert "cpu" in (graph_unavailable_reason(model, c) or "")
     assert "PagedKVCache(int4" in repr(c) and c.nbytes > 0
 
 

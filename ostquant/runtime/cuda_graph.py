@@ -68,9 +68,6 @@ def required_cuda_ops(model) -> Set[str]:
 def graph_unavailable_reason(model, cache: Optional[KVCache] = None) -> Optional[str]:
     """Why a decode step of ``model`` (over ``cache``) cannot be captured, or None if it can."""
     dev = model.device
-    if isinstance(cache, PagedKVCache):
-        return ("the KV cache is paged (pages are allocated on the host between steps); "
-                "CUDA-graph decode needs the contiguous cache (model.new_cache(B, n))")
     if dev.type != "cuda":
         return (f"the model is on {dev}; CUDA graphs need the model and its KV cache on a "
                 f"CUDA device")
@@ -96,6 +93,8 @@ def _fingerprint(model, cache: KVCache) -> tuple:
     """Addresses of every tensor a captured step reads or writes (model weights, cache)."""
     ts = list(model.parameters()) + list(model.buffers()) + \
         [t for lay in cache.layers for t in lay] + [cache.seqlens]
+    if isinstance(cache, PagedKVCache):
+        ts.append(cache.block_table)
     return tuple((t.data_ptr(), t.dtype) for t in ts)
 
 
@@ -129,6 +128,7 @@ class CUDAGraphDecoder:
         self.cache = cache
         self.batch_size = cache.batch_size
         model.check_room(cache, 1)  # the warm-up steps write one slot past the lengths
+        cache.ensure_room(1)  # a paged cache: their pages taken now, not inside the graph
         dev = model.device
         t0 = time.perf_counter()
         self.input_ids = torch.zeros(self.batch_size, 1, dtype=torch.long, device=dev)
@@ -178,6 +178,7 @@ class CUDAGraphDecoder:
         if ids.device.type == "cpu":
             self.model.check_inputs(ids, self.cache)
         self.model.check_room(self.cache, 1)
+        self.cache.ensure_room(1)  # a paged cache: the step's pages (block table in place)
         self.input_ids.copy_(ids)
         self.graph.replay()
         self.cache.advance_host([1] * self.batch_size)

@@ -165,6 +165,13 @@ class KVCache:
                 raise CacheFullError(f"KV cache full: sequence {b} holds {n} tokens, adding "
                                      f"{new_tokens} exceeds the capacity of {self.max_len}")
 
+    def ensure_room(self, new_tokens: int) -> None:
+        """Make sure ``new_tokens`` more tokens can be written for every sequence without any
+        host work during the write (what a CUDA-graph step needs): raises
+        :class:`CacheFullError` if they do not fit; :class:`PagedKVCache` also takes the pages
+        now."""
+        self.check_room(new_tokens)
+
     def rewind(self, n: int = 1) -> None:
         """Drop the last ``n`` tokens of every sequence (device op, no host sync): e.g. to
         time a decode step again at the same context length."""
@@ -326,8 +333,9 @@ class PagedKVCache(KVCache):
     ``batch_size * max_len`` slots; running out of pages raises :class:`CacheFullError`.
 
     Same interface and the same numbers as :class:`KVCache` with ``kv_bits=4`` (prefill,
-    decode and the fused RoPE + Hadamard append run the paged ops). Not capturable in a CUDA
-    graph (page allocation happens on the host between steps).
+    decode and the fused RoPE + Hadamard append run the paged ops). A decode step is
+    capturable in a CUDA graph: the pages for the next token are taken on the host before
+    each replay (:meth:`ensure_room`); the block table is updated in place.
 
     Args:
         num_layers, batch_size, max_len, num_kv_heads, head_dim: as for :class:`KVCache`
@@ -464,20 +472,26 @@ class PagedKVCache(KVCache):
                                  f"needs {want} more pages of {self.page_size} tokens, the "
                                  f"pool has {len(self._free)} free of {self.num_pages}")
 
-    @contextlib.contextmanager
-    def graph_safe(self) -> Iterator["KVCache"]:
-        raise RuntimeError("PagedKVCache cannot be captured in a CUDA graph (pages are "
-                           "allocated on the host between steps); use the contiguous cache")
-        yield self  # pragma: no cover
+    def ensure_room(self, new_tokens: int) -> None:
+        """Take now the pages ``new_tokens`` more tokens of every sequence need (a CUDA-graph
+        step writes through the block table and cannot take pages itself)."""
+        self.check_room(new_tokens)
+        self._grow([n + new_tokens for n in self._host_lens])
+
+    # graph_safe (inherited): within it, append takes no pages (call ensure_room before the
+    # step) and attention splits the KV by the capacity instead of a host-side maximum length,
+    # so the step's device work does not depend on the lengths: capturable in a CUDA graph.
 
     # ------------------------------------------------------------------ per layer
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
                k_hadamard: bool = False) -> None:
-        """As :meth:`KVCache.append`, into pages (taken from the pool as needed)."""
+        """As :meth:`KVCache.append`, into pages (taken from the pool as needed; within
+        :meth:`graph_safe` they must be there already: :meth:`ensure_room`)."""
         S = k.shape[1]
-        self.check_room(S)
-        self._grow([n + S for n in self._host_lens])
+        if not self._graph_safe:
+            self.check_room(S)
+            self._grow([n + S for n in self._host_lens])
         ops.paged_kv_cache_append(k, v, *self.layers[layer], self.block_table, self.seqlens,
                                   cos, sin, k_hadamard)
 
@@ -497,7 +511,8 @@ class PagedKVCache(KVCache):
         Sq = q.shape[1]
         return ops.paged_int4_kv_attention(q, *self.layers[layer], self.block_table,
                                            self.seqlens + Sq, sm_scale, causal=True,
-                                           max_seqlen=max(self._host_lens) + Sq)
+                                           max_seqlen=-1 if self._graph_safe
+                                           else max(self._host_lens) + Sq)
 
     # ------------------------------------------------------------------ sizes
     @property

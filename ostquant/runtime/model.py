@@ -251,6 +251,7 @@ class QuantizedCausalLM(nn.Module):
                 raise ValueError(f"decode_step takes one token per sequence ([B, 1]), got "
                                  f"shape {tuple(input_ids.shape)}")
             self.check_room(cache, 1)
+            cache.ensure_room(1)  # a paged cache takes the step's pages now
         pos = cache.seqlens.long()[:, None]
         cos, sin = self.rotary(pos, self.dtype)
         x = F.embedding(input_ids.to(self.device), self.embed_weight)
