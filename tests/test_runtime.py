@@ -342,6 +342,13 @@ def test_bad_input_raises_clearly(quantized, model_dirs):
 
 
 # ----------------------------------------------------------------------------- shapes, memory
+def test_quantized_model_reachable_from_ostquant_models():
+    import ostquant.models as M
+    assert M.QuantizedCausalLM is QuantizedCausalLM
+    with pytest.raises(AttributeError):
+        M.NoSuchThing
+
+
 def test_named_shapes_and_random_models():
     c = shape_config("llama-3-8b", num_layers=2)
     assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
