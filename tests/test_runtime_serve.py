@@ -108,6 +108,22 @@ def test_chunked_prefill(model):
     assert chunked.extra["passes"] > whole.extra["passes"]
 
 
+def test_chunk_padding_fits_capacity_and_pool(model):
+    """A chunk pass pads its rows to its longest chunk: a prompt's last, short chunk can reach
+    past prompt + max_new_tokens (the capacity covers it); a chunk longer than every prompt
+    pads no further than the longest prompt (the reservation does not ask for more)."""
+    prompts = [list(range(10, 19)), [7], list(range(30, 39))]
+    want = [w.tokens[0] for w in _alone(model, prompts, 1, stop_at_eos=False)]
+    got = generate_continuous(model, prompts, 1, batch_size=2, page_size=16, prefill_chunk=4,
+                              stop_at_eos=False)
+    assert got.tokens == want
+    p = list(range(10, 27))  # 17 tokens: 2 pages of 16
+    for chunk in (40, 12):
+        got = generate_continuous(model, [p], 1, batch_size=1, page_size=16, num_pages=2,
+                                  prefill_chunk=chunk, stop_at_eos=False)
+        assert got.tokens == _alone(model, [p], 1, stop_at_eos=False)[0].tokens
+
+
 def test_admission_waits_for_pages(model):
     """A pool of 5 pages of 16 tokens for 3 slots (each sequence may reach 2 pages): prompts
     wait until a slot's pages come back; the tokens do not change."""

@@ -24,9 +24,11 @@ sequences already decoding go first. A prompt that does not fit even in an other
 cache raises :class:`~ostquant.runtime.CacheFullError`.
 
 Greedy tokens equal :func:`~ostquant.runtime.generate` run on each prompt alone, up to float
-rounding (batching changes the shapes the GEMMs see; with the contiguous cache a prompt
-admitted mid-stream is also prefilled through the decode attention kernel rather than one
-causal SDPA call: the same math, another summation order).
+rounding (batching changes the shapes the GEMMs see; a prompt prefilled in chunks, or with the
+contiguous cache admitted mid-stream, attends through the decode attention kernel rather than
+one causal SDPA call: the same math, another summation order — with 4-bit activations such a
+difference can move a per-token quantization code by one step, and on a near-tie a greedy
+token).
 """
 from __future__ import annotations
 
@@ -99,7 +101,9 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
     # holds another's padding. Contiguous float cache: one pass for every slot, where a
     # decoding slot carries the padding of a prompt admitted in the same pass (up to
     # `longest` tokens).
-    max_len = longest + max_new_tokens if paged else 2 * longest + max_new_tokens
+    max_len = max([longest + max_new_tokens] + [
+        _prefill_end(len(p), len(p), prefill_chunk, longest) for p in ids]) if paged \
+        else 2 * longest + max_new_tokens
     cache = model.new_cache(B, max_len, paged=paged, page_size=page_size, num_pages=num_pages) \
         if paged else model.new_cache(B, max_len)
     eos = eos_set(model.eos_token_id if eos_token_id is None else eos_token_id) \
@@ -135,14 +139,16 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
         busy = [b for b in range(B) if slot_of[b] is not None]
         decoding = [b for b in busy if not paged or done_prefill[b] == len(ids[slot_of[b]])]
         admit = _admit_paged(cache, queue, slot_of, reserved, ids, max_new_tokens,
-                             prefill_chunk) if paged else _admit(queue, slot_of)
+                             prefill_chunk, longest) if paged else _admit(queue, slot_of)
         if not busy and not admit:
             i = queue[0]
+            need = _pages_needed(cache, len(ids[i]), len(ids[i]), max_new_tokens, prefill_chunk,
+                                 longest)
             raise CacheFullError(
                 f"generate_continuous: prompt {i} ({len(ids[i])} tokens) + max_new_tokens "
                 f"({max_new_tokens}) does not fit the KV cache's page pool even alone: it needs "
-                f"{cache.pages_for(len(ids[i]) + max_new_tokens - 1)} pages of {page_size} tokens, "
-                f"the pool has {cache.num_pages}; use more num_pages or a smaller batch_size")
+                f"{need} pages of {page_size} tokens, the pool has {cache.num_pages}; use more "
+                f"num_pages or a smaller batch_size")
         if decoding and admit:
             admitted_late += len(admit)
         for b, i in admit.items():
@@ -220,18 +226,37 @@ def _admit(queue: List[int], slot_of: List[Optional[int]]) -> dict:
     return admit
 
 
+def _prefill_end(n: int, common: int, chunk: Optional[int], longest: int) -> int:
+    """The furthest position a prompt of ``n`` tokens writes during its prefill, padding
+    included: the admitted prompts' common length ``common`` (whole prompts prefilled together),
+    or with chunked prefill the start of its last chunk plus the longest chunk a pass can hold
+    (rows of one pass are padded to the longest row: at most ``min(chunk, longest)``)."""
+    if chunk is None:
+        return common
+    return (n - 1) // chunk * chunk + min(chunk, longest)
+
+
+def _pages_needed(cache: PagedKVCache, n: int, common: int, max_new_tokens: int,
+                  chunk: Optional[int], longest: int) -> int:
+    """Pages a sequence with an ``n``-token prompt may come to hold: its prefill's padding, or
+    its prompt + ``max_new_tokens`` - 1 positions (the last sampled token is never stored),
+    whichever reaches further."""
+    return cache.pages_for(max(_prefill_end(n, common, chunk, longest), n + max_new_tokens - 1))
+
+
 def _admit_paged(cache: PagedKVCache, queue: List[int], slot_of: List[Optional[int]],
                  reserved: List[int], ids: List[List[int]], max_new_tokens: int,
-                 chunk: Optional[int] = None) -> dict:
+                 chunk: Optional[int] = None, longest: Optional[int] = None) -> dict:
     """As :func:`_admit`, but a prompt enters only if the page pool still covers every
     sequence in flight at its longest afterwards: ``reserved[b]`` pages for slot ``b``, its
     prompt + ``max_new_tokens`` tokens, or the admitted prompts' common prefill length (the
     padding of a batched prefill takes pages too), whichever is more (the last token sampled is
-    never stored, so prompt + ``max_new_tokens`` - 1 positions). With ``chunk`` (chunked
-    prefill) a prefill pass pads a sequence at most to the end of its chunk, so the bound is
-    its length rounded up to whole chunks instead of the common length. Finished slots give
-    their reservation back, so every later pass fits and a run never runs out of pages
-    midway; the sequences already decoding go first."""
+    never stored, so prompt + ``max_new_tokens`` - 1 positions); with ``chunk`` (chunked
+    prefill) see :func:`_prefill_end`. Finished slots give their reservation back, so every
+    later pass fits and a run never runs out of pages midway; the sequences already decoding
+    go first."""
+    if longest is None:
+        longest = max(len(p) for p in ids)
     admit: dict = {}
     for b in [b for b, i in enumerate(slot_of) if i is None]:
         if not queue:
@@ -240,10 +265,7 @@ def _admit_paged(cache: PagedKVCache, queue: List[int], slot_of: List[Optional[i
         S = max(len(ids[i]) for i in trial.values())  # the admitted prefill's length
         want = list(reserved)
         for a, i in trial.items():
-            n = len(ids[i])
-            padded = S if chunk is None else -(-n // chunk) * chunk
-            # the last sampled token is never stored: prompt + max_new_tokens - 1 positions
-            want[a] = max(cache.pages_for(padded), cache.pages_for(n + max_new_tokens - 1))
+            want[a] = _pages_needed(cache, len(ids[i]), S, max_new_tokens, chunk, longest)
         if sum(want) > cache.num_pages:
             break
         admit = trial
