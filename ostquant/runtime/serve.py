@@ -70,6 +70,9 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
         prefill_chunk: paged cache only: prefill at most this many prompt tokens of a
             sequence per step (chunked prefill), so a long prompt does not hold the decoding
             slots' next tokens back for its whole prefill; None (default): whole prompts.
+            Rows of one chunk pass are padded to its longest chunk, so admission reserves
+            pages as if a prompt's last chunk were padded to ``min(prefill_chunk, longest
+            prompt)`` tokens (conservative with a tight ``num_pages``).
 
     Returns a :class:`GenerationResult` in prompt order; ``prefill_seconds`` is the first
     step, ``decode_seconds`` all later steps (which include the prefills of prompts admitted
@@ -144,11 +147,14 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
             i = queue[0]
             need = _pages_needed(cache, len(ids[i]), len(ids[i]), max_new_tokens, prefill_chunk,
                                  longest)
+            pad = "" if prefill_chunk is None else (
+                f", its last prefill chunk counted as padded to {min(prefill_chunk, longest)} "
+                f"tokens as another prompt's chunk in the same pass can make it")
             raise CacheFullError(
                 f"generate_continuous: prompt {i} ({len(ids[i])} tokens) + max_new_tokens "
-                f"({max_new_tokens}) does not fit the KV cache's page pool even alone: it needs "
-                f"{need} pages of {page_size} tokens, the pool has {cache.num_pages}; use more "
-                f"num_pages or a smaller batch_size")
+                f"({max_new_tokens}) does not fit the KV cache's page pool even alone: it may "
+                f"need {need} pages of {page_size} tokens{pad}; the pool has "
+                f"{cache.num_pages}; use more num_pages or a smaller batch_size")
         if decoding and admit:
             admitted_late += len(admit)
         for b, i in admit.items():
