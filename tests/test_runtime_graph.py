@@ -99,10 +99,11 @@ def test_graph_decoder_refuses_cpu(models):
 
 def test_required_ops_and_missing_kernels_reason(models, monkeypatch):
     assert cg.required_cuda_ops(models["w4a4kv4"]) == {
-        "quantize_per_token", "pack_int4", "int4_gemm", "hadamard_transform",
-        "int4_kv_attention", "kv_cache_append_fused"}
+        "quantize_per_token_packed", "hadamard_quantize_per_token", "rmsnorm_quantize_per_token",
+        "int4_gemm", "hadamard_transform", "int4_kv_attention", "kv_cache_append_fused"}
     assert cg.required_cuda_ops(models["w4a4kv16"]) == {
-        "quantize_per_token", "pack_int4", "int4_gemm", "hadamard_transform"}
+        "quantize_per_token_packed", "hadamard_quantize_per_token", "rmsnorm_quantize_per_token",
+        "int4_gemm"}
     bf16 = QuantizedCausalLM.random("tiny", "w16a16kv16", num_layers=1)
     assert cg.required_cuda_ops(bf16) == set()
     # a model "on a GPU" whose ops lack their CUDA kernels: named in the reason
@@ -113,6 +114,12 @@ def test_required_ops_and_missing_kernels_reason(models, monkeypatch):
     why = graph_unavailable_reason(fake)
     assert "no CUDA kernel for" in why and "int4_kv_attention" in why and \
         "'int4_gemm'" not in why
+    # over a paged cache the paged forms of the KV ops are the ones needed
+    paged = m.new_cache(1, 8, paged=True)
+    paged.device = fake.device  # "on the GPU" too
+    why = graph_unavailable_reason(fake, paged)
+    assert "paged_int4_kv_attention" in why and "paged_kv_cache_append" in why and \
+        "'int4_kv_attention'" not in why
 
 
 # ----------------------------------------------------------------------------------------

@@ -199,3 +199,9 @@ def test_row_view_goes_stale_when_the_parent_releases(model):
     c.reset()
     with pytest.raises(RuntimeError, match="stale"):
         model(_ids(2, 1), w)
+    model(_ids(2, 3), c)
+    x = c.rows([0, 1])
+    c.rewind(1)  # a rewind on the parent makes old views stale too
+    with pytest.raises(RuntimeError, match="stale"):
+        model(_ids(2, 1), x)
+    assert c.lengths == [2, 2]

@@ -52,16 +52,23 @@ def required_cuda_ops(model) -> Set[str]:
     need: Set[str] = set()
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            need |= {"w4a16_gemm"} if m.abits == 16 else {"quantize_per_token", "pack_int4",
-                                                          "int4_gemm"}
-            if m.online_hadamard:
-                need.add("hadamard_transform")
+            if m.abits == 16:
+                need.add("w4a16_gemm")
+                if m.online_hadamard:
+                    need.add("hadamard_transform")
+            else:  # on CUDA: one fused quantizer per input (QuantLinear.forward)
+                need |= {"int4_gemm", "hadamard_quantize_per_token" if m.online_hadamard
+                         else "quantize_per_token_packed"}
         elif isinstance(m, DecoderLayer):
             if m.q_k_hadamard:
                 need.add("hadamard_transform")
             if model.spec.kv_bits == 4:
                 need.add("int4_kv_attention")
                 need.add("kv_cache_append_fused" if m.fused_kv_append else "kv_cache_append")
+            if m.fused_norm_quant is not False and any(
+                    isinstance(p, QuantLinear) and p.abits == 4 and not p.online_hadamard
+                    for p in (m.qkv, m.gate_up)):
+                need.add("rmsnorm_quantize_per_token")
     return need
 
 
@@ -80,7 +87,11 @@ def graph_unavailable_reason(model, cache: Optional[KVCache] = None) -> Optional
         if (cache.num_layers, cache.kv_bits, cache.num_kv_heads, cache.head_dim) != \
                 (s.num_layers, s.kv_bits, s.num_kv_heads, s.head_dim):
             return f"{cache!r} does not fit the model (use model.new_cache())"
-    missing = required_cuda_ops(model) - set(ops.cuda_ops())
+    need = required_cuda_ops(model)
+    if isinstance(cache, PagedKVCache):  # the paged forms of the KV ops
+        need = (need - {"kv_cache_append", "kv_cache_append_fused", "int4_kv_attention"}) | \
+            {"paged_kv_cache_append", "paged_int4_kv_attention"}
+    missing = need - set(ops.cuda_ops())
     if missing:
         why = ops.extension_error()
         return (f"no CUDA kernel for {sorted(missing)} (their reference kernels synchronise "

@@ -472,15 +472,21 @@ class PagedKVCache(KVCache):
                                  f"needs {want} more pages of {self.page_size} tokens, the "
                                  f"pool has {len(self._free)} free of {self.num_pages}")
 
+    def rewind(self, n: int = 1) -> None:
+        """As :meth:`KVCache.rewind` (the pages stay held); row views made before go stale."""
+        super().rewind(n)
+        self._epoch += 1
+
     def ensure_room(self, new_tokens: int) -> None:
         """Take now the pages ``new_tokens`` more tokens of every sequence need (a CUDA-graph
         step writes through the block table and cannot take pages itself)."""
         self.check_room(new_tokens)
         self._grow([n + new_tokens for n in self._host_lens])
 
-    # graph_safe (inherited): within it, append takes no pages (call ensure_room before the
-    # step) and attention splits the KV by the capacity instead of a host-side maximum length,
-    # so the step's device work does not depend on the lengths: capturable in a CUDA graph.
+    # graph_safe (inherited): within it, append takes no pages -- the caller must call
+    # ensure_room first (decode_step and CUDAGraphDecoder do) -- and attention splits the KV by
+    # the capacity instead of a host-side maximum length, so the step's device work does not
+    # depend on the lengths: capturable in a CUDA graph.
 
     # ------------------------------------------------------------------ per layer
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor,
