@@ -176,17 +176,22 @@ bool sm90_enabled_by_env() {
   return enabled;
 }
 
-// The CUTLASS Hopper kernels take this call: compiled in, not disabled, shape supported and a
-// compute capability 9.0 device (sm_90a code runs on exactly that).
-bool use_sm90(int device, int64_t M, int64_t N, int64_t K) {
-  if (!sm90_gemm_built() || !sm90_enabled_by_env() || !sm90_gemm_supported(M, N, K)) return false;
+// Compute capability of `device` as 10 * major + minor (90 for an H100); 0 if the query fails.
+int compute_capability(int device) {
   int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    return 0;
   }
-  return major == 9 && minor == 0;
+  return 10 * major + minor;
+}
+
+// The CUTLASS Hopper kernels take this call: compiled in, not disabled, shape supported and a
+// compute capability 9.0 device (sm_90a code runs on exactly that).
+bool use_sm90(int device, int64_t M, int64_t N, int64_t K) {
+  if (!sm90_gemm_built() || !sm90_enabled_by_env() || !sm90_gemm_supported(M, N, K)) return false;
+  return compute_capability(device) == 90;
 }
 
 // ------------------------------------------------------------------ CUTLASS 2.x IMMA path
@@ -197,25 +202,14 @@ bool use_imma(int device, int64_t M, int64_t N, int64_t K) {
   if (!sm80_gemm_built() || !sm80_gemm_supported(M, N, K)) return false;
   const char* e = std::getenv("OSTQUANT_GEMM_IMMA");
   if (e != nullptr && std::strcmp(e, "0") == 0) return false;
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
+  const int major = compute_capability(device) / 10;
   if (e != nullptr && std::strcmp(e, "1") == 0) return major >= 8;
   return major == 8;
 }
 
 // The M <= 16 kernels use mma.sync on int4/int8/fp16/bf16 operands, which need sm_80 or newer
 // (compiled for older archs they trap, which would lose the CUDA context).
-bool device_has_mma(int device) {
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return major >= 8;
-}
+bool device_has_mma(int device) { return compute_capability(device) >= 80; }
 
 int device_sm_count(int device) {
   int n = 0;

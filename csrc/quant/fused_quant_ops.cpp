@@ -62,6 +62,21 @@ Triplet alloc_outputs(const at::Tensor& x, FusedQuantArgs& a) {
   return {packed, scale, zero};
 }
 
+// The packed per-token quantizer's arguments (launch_quantize_per_token_packed) for the
+// outputs and settings in `a`.
+RowQuantArgs packed_row_args(const FusedQuantArgs& a) {
+  RowQuantArgs r;
+  r.rows = a.rows;
+  r.K = a.K;
+  r.bits = a.bits;
+  r.sym = a.sym;
+  r.clip = a.clip;
+  r.q = a.q;
+  r.scale = a.scale;
+  r.zero = a.zero;
+  return r;
+}
+
 }  // namespace
 
 Triplet quantize_per_token_packed_cuda(const at::Tensor& x_in, int64_t bits, bool sym,
@@ -77,17 +92,11 @@ Triplet quantize_per_token_packed_cuda(const at::Tensor& x_in, int64_t bits, boo
   const at::Tensor x = contiguous_aligned(x_in);
   FusedQuantArgs a;
   Triplet out = alloc_outputs(x, a);
-  RowQuantArgs r;
-  r.rows = a.rows;
-  r.K = a.K;
-  r.bits = static_cast<int>(bits);
-  r.sym = sym;
-  r.clip = static_cast<float>(clip_ratio);
-  r.q = a.q;
-  r.scale = a.scale;
-  r.zero = a.zero;
+  a.bits = static_cast<int>(bits);
+  a.sym = sym;
+  a.clip = static_cast<float>(clip_ratio);
   OSTQ_CHECK_LAUNCH(op, launch_quantize_per_token_packed(to_float_type(x.scalar_type()),
-                                                         x.const_data_ptr(), r,
+                                                         x.const_data_ptr(), packed_row_args(a),
                                                          c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -125,16 +134,8 @@ Triplet hadamard_quantize_per_token_cuda(const at::Tensor& x_in, double scale, i
   // fits the hadamard_transform kernel, n <= ~58K; beyond, that op's split path rounds its
   // float32 intermediate differently, see docs/ops.md).
   const at::Tensor y = contiguous_aligned(hadamard_transform_cuda(x, scale));
-  RowQuantArgs r;
-  r.rows = a.rows;
-  r.K = a.K;
-  r.bits = a.bits;
-  r.sym = a.sym;
-  r.clip = a.clip;
-  r.q = a.q;
-  r.scale = a.scale;
-  r.zero = a.zero;
-  OSTQ_CHECK_LAUNCH(op, launch_quantize_per_token_packed(type, y.const_data_ptr(), r, stream));
+  OSTQ_CHECK_LAUNCH(op, launch_quantize_per_token_packed(type, y.const_data_ptr(),
+                                                         packed_row_args(a), stream));
   return out;
 }
 

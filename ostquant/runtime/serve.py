@@ -252,7 +252,7 @@ def _pages_needed(cache: PagedKVCache, n: int, common: int, max_new_tokens: int,
 
 def _admit_paged(cache: PagedKVCache, queue: List[int], slot_of: List[Optional[int]],
                  reserved: List[int], ids: List[List[int]], max_new_tokens: int,
-                 chunk: Optional[int] = None, longest: Optional[int] = None) -> dict:
+                 chunk: Optional[int], longest: int) -> dict:
     """As :func:`_admit`, but a prompt enters only if the page pool still covers every
     sequence in flight at its longest afterwards: ``reserved[b]`` pages for slot ``b``, its
     prompt + ``max_new_tokens`` tokens, or the admitted prompts' common prefill length (the
@@ -261,8 +261,6 @@ def _admit_paged(cache: PagedKVCache, queue: List[int], slot_of: List[Optional[i
     prefill) see :func:`_prefill_end`. Finished slots give their reservation back, so every
     later pass fits and a run never runs out of pages midway; the sequences already decoding
     go first."""
-    if longest is None:
-        longest = max(len(p) for p in ids)
     admit: dict = {}
     for b in [b for b, i in enumerate(slot_of) if i is None]:
         if not queue:
