@@ -9,9 +9,11 @@ K = in_features; unfused q/k/v/o, gate/up, down), M (tokens) in {1, 4, 16, 64, 2
 4096, 8192}. Every timing is a median over calls cycling through enough input sets (weights
 included) that operands come from DRAM, not L2 (bench/common.py).
 
-* ``w4a4``: ``int4_gemm`` on packed int4 activations (asymmetric, per-token scale and zero,
-  ``w_sum`` precomputed as QuantLinear does) and packed int4 weights, bf16 output. The
-  activation quantization itself is not timed (bench.quant measures it).
+* ``w4a4``: ``int4_gemm`` on int4 activations (asymmetric, per-token scale and zero, ``w_sum``
+  precomputed as QuantLinear does) and packed int4 weights, bf16 output. The activations come
+  in the layout QuantLinear hands the op: int8 codes where the kernel reads those
+  (``int4_gemm_takes_codes``: the Hopper kernel), packed elsewhere; the row's ``x_layout``
+  says which. The activation quantization itself is not timed (bench.quant measures it).
 * ``w4a16``: ``w4a16_gemm`` on bf16 activations and packed int4 weights, bf16 output.
 * baselines, timed in the same run on the same device: ``bf16`` = ``x @ w.t()`` with bf16 x and
   w; ``int8`` = ``torch._int_mm`` (cuBLASLt int8, int32 out), which needs M > 16: for M <= 16
@@ -19,8 +21,8 @@ included) that operands come from DRAM, not L2 (bench/common.py).
 
 Rows (RESULTS.md ``gemm``): op, model, layer, M, N, K, ours_ms, baseline, baseline_ms, speedup
 (= baseline_ms / ours_ms), plus ours_tops / baseline_tops (2·M·N·K / time, 10^12 per second)
-and path (``small_m`` for M <= 16, else ``large_m``; the large-M path is the portable
-unpack + _int_mm / matmul stop-gap until the CUTLASS sm_90 kernel, see docs/ops.md).
+and path (``small_m`` for M <= 16, else ``large_m``: on an H100/H200 the CUTLASS sm_90a
+kernels, see docs/ops.md).
 Targets (DESIGN.md): W4A4 >= 1.6x bf16 at M >= 2048; W4 >= 2.5x bf16 at M <= 16.
 
 Before timing, every configuration is checked against the reference kernels on a subset of
@@ -62,8 +64,15 @@ def _check_rows(M: int) -> torch.Tensor:
     return torch.cat([torch.arange(h), torch.arange(M - h, M)])
 
 
+def x_codes(M: int, N: int, K: int, device: str) -> bool:
+    """Whether ``int4_gemm`` takes the activations as int8 codes at this shape (what
+    QuantLinear then passes it), else packed."""
+    return O.int4_gemm_takes_codes(torch.device(device), M, N, K, torch.bfloat16)
+
+
 def make_inputs(M: int, N: int, K: int, device: str, seed: int = 0) -> dict:
-    """One input set: packed int4 operands for ours, bf16 / int8 operands for the baselines."""
+    """One input set: int4 operands for ours (activations in the layout QuantLinear passes at
+    this shape: ``xq``), bf16 / int8 operands for the baselines."""
     g = torch.Generator(device=device).manual_seed(seed)
     qx = torch.randint(-8, 8, (M, K), generator=g, device=device, dtype=torch.int8)
     qw = torch.randint(-8, 8, (N, K), generator=g, device=device, dtype=torch.int8)
@@ -71,13 +80,15 @@ def make_inputs(M: int, N: int, K: int, device: str, seed: int = 0) -> dict:
     zx = torch.randint(-8, 8, (M,), generator=g, device=device).float()
     sw = torch.rand(N, generator=g, device=device) * 0.01 + 1e-4
     x16 = torch.randn(M, K, generator=g, device=device).to(torch.bfloat16)
-    return {"xp": O.pack_int4(qx), "sx": sx, "zx": zx, "wp": O.pack_int4(qw), "sw": sw,
+    xp = O.pack_int4(qx)
+    return {"xp": xp, "xq": qx if x_codes(M, N, K, device) else xp, "sx": sx, "zx": zx,
+            "wp": O.pack_int4(qw), "sw": sw,
             "wsum": qw.float().sum(-1), "x16": x16, "w16": (qw.float() * sw[:, None]).to(
                 torch.bfloat16), "x8": qx, "w8": qw}
 
 
 def ours_w4a4(d):
-    return O.int4_gemm(d["xp"], d["sx"], d["zx"], d["wp"], d["sw"], d["wsum"], None,
+    return O.int4_gemm(d["xq"], d["sx"], d["zx"], d["wp"], d["sw"], d["wsum"], None,
                        out_dtype=torch.bfloat16)
 
 
@@ -115,14 +126,14 @@ def check(d: dict, what: str) -> None:
                              f"{got.numel()} checked values")
 
 
-def _set_bytes(M: int, N: int, K: int) -> Dict[str, int]:
-    return {"w4a4": M * K // 2 + N * K // 2, "w4a16": M * K * 2 + N * K // 2,
+def _set_bytes(M: int, N: int, K: int, codes: bool = False) -> Dict[str, int]:
+    return {"w4a4": M * K // (1 if codes else 2) + N * K // 2, "w4a16": M * K * 2 + N * K // 2,
             "bf16": M * K * 2 + N * K * 2, "int8": M * K + N * K}
 
 
 def _sets(M, N, K, device, key, nbytes):
     """Input sets for one timed function, each a 1-tuple holding a dict of its operands."""
-    keep = {"w4a4": ("xp", "sx", "zx", "wp", "sw", "wsum"), "w4a16": ("x16", "wp", "sw"),
+    keep = {"w4a4": ("xq", "sx", "zx", "wp", "sw", "wsum"), "w4a16": ("x16", "wp", "sw"),
             "bf16": ("x16", "w16"), "int8": ("x8", "w8")}[key]
     out = []
     for i in range(common.num_sets(nbytes)):
@@ -144,7 +155,7 @@ def _measure(M: int, N: int, K: int, what: str, dry_run: bool, device: str) -> D
         return {}
     del d
     t = {}
-    for name, nbytes in _set_bytes(M, N, K).items():
+    for name, nbytes in _set_bytes(M, N, K, x_codes(M, N, K, device)).items():
         if name == "int8" and M <= SMALL_M_MAX:
             continue  # torch._int_mm needs M > 16 on CUDA
         sets = _sets(M, N, K, device, name, nbytes)
@@ -174,6 +185,8 @@ def run(models, ms, dry_run: bool, device: str, rows=None) -> List[dict]:
                         rows.append({
                             "op": op, "model": model, "layer": layer, "M": M, "N": N, "K": K,
                             "path": "small_m" if M <= SMALL_M_MAX else "large_m",
+                            **({"x_layout": "int8" if x_codes(M, N, K, device) else "packed"}
+                               if op == "w4a4" else {}),
                             "ours_ms": t[op], "ours_tops": flop / t[op] / 1e9,
                             "baseline": base, "baseline_ms": bms,
                             "baseline_tops": None if bms is None else flop / bms / 1e9,

@@ -23,6 +23,10 @@ copy_ms`` and ``fraction_of_copy = gbps / copy_gbps`` (target ≥ 0.7, DESIGN.md
 * ``quantize_per_token_packed``: x [M, K] (bf16) -> packed int4 + float32 scale/zero (the
   o_proj input). ``unfused_ms``: ``quantize_per_token`` → ``pack_int4``.
 
+The two fused ops are also timed with ``packed=False`` (int8 codes [M, K], what the Hopper
+GEMM reads; ``unfused_ms`` then without the ``pack_int4``): rows with ``layout = "int8"``
+(the others ``"packed"``).
+
 Each configuration is first compared with the reference kernel (bit-exact codes and scales).
 """
 from __future__ import annotations
@@ -51,13 +55,16 @@ ALL_OPS = ("quantize_per_token", "quantize_kv") + FUSED_OPS
 RMS_EPS = 1e-6
 
 
-def _bytes(op: str, M: int, K: int, esize: int) -> int:
+CODES_OPS = ("hadamard_quantize_per_token", "rmsnorm_quantize_per_token")  # packed=False too
+
+
+def _bytes(op: str, M: int, K: int, esize: int, packed: bool = True) -> int:
     if op == "quantize_per_token":
         return M * K * esize + M * K + 2 * M * 4
     if op == "quantize_kv":
         return M * K * esize + M * K // 2 + 2 * M * 2
     extra = K * esize if op == "rmsnorm_quantize_per_token" else 0  # the norm weight
-    return M * K * esize + M * K // 2 + 2 * M * 4 + extra
+    return M * K * esize + (M * K // 2 if packed else M * K) + 2 * M * 4 + extra
 
 
 def _weight(K: int, dtype, device) -> torch.Tensor:
@@ -65,17 +72,18 @@ def _weight(K: int, dtype, device) -> torch.Tensor:
     return (torch.rand(K, generator=g) + 0.5).to(device=device, dtype=dtype)
 
 
-def _call(op: str):
+def _call(op: str, packed: bool = True):
     """fn(x, w) of the op (w: the RMSNorm weight, unused by the others)."""
     if op == "quantize_per_token":
         return lambda a, w: O.quantize_per_token(a, 4, False, 1.0)
     if op == "quantize_kv":
         return lambda a, w: O.quantize_kv(a)
     if op == "hadamard_quantize_per_token":
-        return lambda a, w: O.hadamard_quantize_per_token(a, a.shape[-1] ** -0.5, 4, False, 1.0)
+        return lambda a, w: O.hadamard_quantize_per_token(a, a.shape[-1] ** -0.5, 4, False, 1.0,
+                                                          packed=packed)
     if op == "quantize_per_token_packed":
         return lambda a, w: O.quantize_per_token_packed(a, 4, False, 1.0)
-    return lambda a, w: O.rmsnorm_quantize_per_token(a, w, RMS_EPS, 4, False, 1.0)
+    return lambda a, w: O.rmsnorm_quantize_per_token(a, w, RMS_EPS, 4, False, 1.0, packed=packed)
 
 
 def _llama_rmsnorm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -84,11 +92,11 @@ def _llama_rmsnorm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w * h.to(x.dtype)
 
 
-def _unfused(op: str):
+def _unfused(op: str, packed: bool = True):
     """The op sequence a fused op replaces (None for the plain quantizers)."""
     def quant_pack(y):
         q, s, z = O.quantize_per_token(y, 4, False, 1.0)
-        return O.pack_int4(q), s, z
+        return (O.pack_int4(q) if packed else q), s, z
     if op == "hadamard_quantize_per_token":
         return lambda a, w: quant_pack(O.hadamard_transform(a, a.shape[-1] ** -0.5))
     if op == "rmsnorm_quantize_per_token":
@@ -98,39 +106,40 @@ def _unfused(op: str):
     return None
 
 
-def _reference(op: str, x: torch.Tensor, w: torch.Tensor):
+def _reference(op: str, x: torch.Tensor, w: torch.Tensor, packed: bool = True):
     if op == "quantize_per_token":
         return ref.quantize_per_token(x, 4, False, 1.0)
     if op == "quantize_kv":
         return ref.quantize_kv(x)
     if op == "hadamard_quantize_per_token":
-        return ref.hadamard_quantize_per_token(x, x.shape[-1] ** -0.5, 4, False, 1.0)
+        return ref.hadamard_quantize_per_token(x, x.shape[-1] ** -0.5, 4, False, 1.0, packed)
     if op == "quantize_per_token_packed":
         return ref.quantize_per_token_packed(x, 4, False, 1.0)
-    return ref.rmsnorm_quantize_per_token(x, w, RMS_EPS, 4, False, 1.0)
+    return ref.rmsnorm_quantize_per_token(x, w, RMS_EPS, 4, False, 1.0, packed)
 
 
-def check(op: str, x: torch.Tensor, w: torch.Tensor) -> None:
-    got, want = _call(op)(x, w), _reference(op, x, w)
+def check(op: str, x: torch.Tensor, w: torch.Tensor, packed: bool = True) -> None:
+    got, want = _call(op, packed)(x, w), _reference(op, x, w, packed)
     for name, g, r in zip(("codes", "scale", "zero"), got, want):
         if not torch.equal(g.cpu(), r.cpu()):
-            raise AssertionError(f"{op} M={x.shape[0]} K={x.shape[1]}: {name} differ from the "
-                                 f"reference")
+            raise AssertionError(f"{op} M={x.shape[0]} K={x.shape[1]} packed={packed}: {name} "
+                                 f"differ from the reference")
 
 
-def _one(rows, op: str, M: int, K: int, dtype, dry_run: bool, device: str) -> None:
-    """Check and time one (op, M, K); appends its row."""
+def _one(rows, op: str, M: int, K: int, dtype, dry_run: bool, device: str,
+         packed: bool = True) -> None:
+    """Check and time one (op, M, K, code layout); appends its row."""
     x = torch.randn(M, K, device=device).to(dtype)
     w = _weight(K, dtype, device)
-    check(op, x, w)
+    check(op, x, w, packed)
     if dry_run:
-        print(f"[dry-run] {op} M={M} K={K}: matches the reference")
+        print(f"[dry-run] {op} M={M} K={K} packed={packed}: matches the reference")
         return
-    nbytes = _bytes(op, M, K, x.element_size())
+    nbytes = _bytes(op, M, K, x.element_size(), packed)
     sets = [(torch.randn(M, K, device=device).to(dtype), w)
             for _ in range(common.num_sets(M * K * x.element_size()))]
-    ours = common.time_ms(_call(op), sets)
-    unfused = _unfused(op)
+    ours = common.time_ms(_call(op, packed), sets)
+    unfused = _unfused(op, packed)
     unfused_ms = common.time_ms(unfused, sets) if unfused is not None else None
     half = max(1, nbytes // 2)
     csets = [(torch.empty(half, dtype=torch.uint8, device=device),
@@ -139,6 +148,7 @@ def _one(rows, op: str, M: int, K: int, dtype, dry_run: bool, device: str) -> No
     copy = common.time_ms(lambda dst, src: dst.copy_(src), csets)
     gbps, copy_gbps = nbytes / ours / 1e6, nbytes / copy / 1e6
     row = {"op": op, "M": M, "K": K, "dtype": str(dtype).replace("torch.", ""),
+           "layout": "int8" if op == "quantize_per_token" or not packed else "packed",
            "bytes": nbytes, "ours_ms": ours, "gbps": gbps, "copy_ms": copy,
            "copy_gbps": copy_gbps, "fraction_of_copy": gbps / copy_gbps}
     if unfused is not None:
@@ -154,6 +164,9 @@ def run(cases, dtype, dry_run: bool, device: str, rows=None):
     for op, shapes in cases:
         for M, K in shapes:
             rows.guard(f"{op} M={M} K={K}", _one, rows, op, M, K, dtype, dry_run, device)
+            if op in CODES_OPS:
+                rows.guard(f"{op} M={M} K={K} int8 codes", _one, rows, op, M, K, dtype, dry_run,
+                           device, False)
     return rows
 
 
@@ -176,8 +189,9 @@ def main(argv=None) -> int:
     cases = [("quantize_per_token", pt), ("quantize_kv", kv)] + [(op, fused) for op in FUSED_OPS]
     rows, rc = common.collect(BENCH, args,
                               lambda r: run(cases, torch.bfloat16, False, "cuda", r))
-    common.print_table(common.measured(rows), ["op", "M", "K", "ours_ms", "gbps", "copy_gbps",
-                                               "fraction_of_copy", "speedup_vs_unfused"])
+    common.print_table(common.measured(rows), ["op", "layout", "M", "K", "ours_ms", "gbps",
+                                               "copy_gbps", "fraction_of_copy",
+                                               "speedup_vs_unfused"])
     return rc
 
 

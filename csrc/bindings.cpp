@@ -61,9 +61,28 @@ static PyObject* ostq_kv_status(PyObject* /*self*/, PyObject* /*args*/) {
   return PyUnicode_FromStringAndSize(msg.data(), static_cast<Py_ssize_t>(msg.size()));
 }
 
+// _C.int4_gemm_takes_codes(device, M, N, K, fp32_out) -> bool: whether int4_gemm reads int8
+// activation codes on this problem (the Hopper path), see gemm/ops.h.
+static PyObject* ostq_int4_gemm_takes_codes(PyObject* /*self*/, PyObject* args) {
+  int device = 0, fp32_out = 0;
+  long long M = 0, N = 0, K = 0;
+  if (!PyArg_ParseTuple(args, "iLLLp", &device, &M, &N, &K, &fp32_out)) return nullptr;
+  bool takes = false;
+  try {
+    takes = ostquant::int4_gemm_takes_codes(device, M, N, K, fp32_out != 0);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  return PyBool_FromLong(takes ? 1 : 0);
+}
+
 static PyMethodDef ostq_methods[] = {
     {"kv_status", ostq_kv_status, METH_NOARGS,
      "Read and clear the CUDA KV kernels' device-side error word (None if no error)."},
+    {"int4_gemm_takes_codes", ostq_int4_gemm_takes_codes, METH_VARARGS,
+     "int4_gemm_takes_codes(device, M, N, K, fp32_out) -> bool: whether int4_gemm reads int8 "
+     "activation codes on this problem (the Hopper path)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

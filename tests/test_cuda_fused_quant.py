@@ -273,6 +273,47 @@ def test_nonfinite_rows(dtype):
         _assert_same(got[0][3:], want[0][3:], "codes of the finite rows")
 
 
+# --------------------------------------------------------------------------- int8 codes
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("n", [12, 40, 64, 576, 4096, 11008, 14336, 52 * 1024])
+def test_hadamard_quant_int8_codes(n, dtype):
+    """packed=False (the Hopper GEMM's layout): the reference's codes, one per int8, and exactly
+    the unpacked codes of packed=True (8-byte stores for n % 8 == 0, byte stores else; the
+    fallback for rows too long for one CTA at 52·1024)."""
+    x = _data((37, n), dtype, seed=n + 1)
+    xc = x.cuda()
+    for (bits, sym, clip), sid in zip(SETTINGS, SET_IDS):
+        _poison_cuda_cache()
+        got = O.hadamard_quantize_per_token(xc, n ** -0.5, bits, sym, clip, packed=False)
+        what = f"hadamard_quantize codes n={n} {dtype} {sid}"
+        assert got[0].dtype == torch.int8 and got[0].shape == (37, n)
+        _check_triplet(got, ref.hadamard_quantize_per_token(xc, n ** -0.5, bits, sym, clip,
+                                                            packed=False), what)
+        p, sc, z = O.hadamard_quantize_per_token(xc, n ** -0.5, bits, sym, clip)
+        _check_triplet(got, (O.unpack_int4(p), sc, z), what + " vs packed")
+
+
+@pytest.mark.parametrize("with_weight", [True, False], ids=["w", "now"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("K", [2, 6, 130, 576, 4096, 11008, 40000])
+def test_rmsnorm_quant_int8_codes(K, dtype, with_weight):
+    """packed=False: the reference's codes one per int8 (vector stores for K % 8 == 0, pairs
+    else, rows longer than the register cache re-read), == the unpacked packed=True codes."""
+    x = _data((7, K), dtype, seed=K + 2)
+    w = (torch.rand(K) * 2 - 0.5).to(dtype).cuda() if with_weight else None
+    xc = x.cuda()
+    for (bits, sym, clip), sid in zip(SETTINGS, SET_IDS):
+        _poison_cuda_cache()
+        got = O.rmsnorm_quantize_per_token(xc, w, 1e-5, bits, sym, clip, packed=False)
+        what = f"rmsnorm_quantize codes K={K} {dtype} w={with_weight} {sid}"
+        assert got[0].dtype == torch.int8 and got[0].shape == (7, K)
+        _check_triplet(got, ref.rmsnorm_quantize_per_token(xc, w, 1e-5, bits, sym, clip,
+                                                           packed=False), what)
+        p, sc, z = O.rmsnorm_quantize_per_token(xc, w, 1e-5, bits, sym, clip)
+        _check_triplet(got, (O.unpack_int4(p), sc, z), what + " vs packed")
+
+
 # --------------------------------------------------------------------------- opcheck
 
 def _opcheck_cases():
@@ -285,10 +326,12 @@ def _opcheck_cases():
         ("rmsnorm_quantize_per_token", (_data((3, 4096), torch.float16), None, 1e-5, 4, True)),
         ("quantize_per_token_packed", (xb,)),
         ("quantize_per_token_packed", (_data((3, 130), torch.float32), 3, True, 0.9)),
+        ("hadamard_quantize_per_token", (xb, 576 ** -0.5, 4, False, 1.0, False)),
+        ("rmsnorm_quantize_per_token", (xb, None, 1e-6, 4, True, 1.0, False)),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck_cuda(case):
     name, args = _opcheck_cases()[case]
     args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)

@@ -333,6 +333,57 @@ def test_int4_gemm_imma_runs_the_imma_kernel(monkeypatch):
     assert not any("GemmWithVisitor" in n for n in names), names
 
 
+# --------------------------------------------------------------------------- int8 codes
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("imma", ["unset", "1"])
+@pytest.mark.parametrize("M", [1, 7, 16, 17, 64, 333])
+def test_int4_gemm_int8_codes_equal_packed(M, imma, monkeypatch):
+    """x as int8 codes [M, K] (what the fused quantizers write with packed=False) gives the
+    packed codes' result bit for bit on every path: the Hopper kernel reads them as they are,
+    the small-M, IMMA and portable (float32 output) paths pack them first."""
+    if imma == "1":
+        if not _sm80_gemm_built():
+            pytest.skip("extension built without the CUTLASS int4 IMMA kernels")
+        monkeypatch.setenv("OSTQUANT_GEMM_IMMA", "1")
+    for N, K in ((264, 160), (4096, 4096), (37, 32)):
+        for sym, bias_dtype, out_dtype in ((False, torch.bfloat16, torch.bfloat16),
+                                           (True, None, torch.float16),
+                                           (False, torch.float32, torch.float32)):
+            xp, *rest = _w4a4_inputs(M, N, K, sym, bias_dtype, True)
+            want = ref.int4_gemm(xp, *rest, out_dtype)
+            codes = O.unpack_int4(xp)
+            _poison_cuda_cache()
+            got = O.int4_gemm(codes, *rest, out_dtype=out_dtype)
+            _assert_equal(got, want, f"int8 codes M={M} N={N} K={K} sym={sym} "
+                                     f"out={_name(out_dtype)} IMMA={imma}")
+            assert torch.equal(codes, O.unpack_int4(xp)), "the op must not write its input"
+
+
+@pytest.mark.cuda
+def test_int4_gemm_takes_codes_matches_the_path(monkeypatch):
+    """int4_gemm_takes_codes says True exactly where the Hopper kernel runs (M > 16, 16-bit
+    output, compute capability 9.0, CUTLASS built), and then int8 codes skip the widening pass;
+    elsewhere it says False."""
+    import ostquant._C as C
+
+    dev = torch.device("cuda")
+    hopper = torch.cuda.get_device_capability() == (9, 0) and bool(getattr(C, "sm90_gemm", 0))
+    assert O.int4_gemm_takes_codes(dev, 256, 512, 512) is hopper
+    assert O.int4_gemm_takes_codes(dev, 16, 512, 512) is False
+    assert O.int4_gemm_takes_codes(dev, 256, 512, 512, torch.float32) is False
+    assert O.int4_gemm_takes_codes(dev, 256, 508, 512) is False  # N % 8 != 0: portable
+    if hopper:
+        xp, *rest = _w4a4_inputs(256, 512, 512, False, None, True)
+        names = _ran_kernels(lambda: O.int4_gemm(O.unpack_int4(xp).contiguous(), *rest,
+                                                 out_dtype=torch.bfloat16))
+        assert sum("unpack" in n.lower() for n in names) == 1, names  # the test's own unpack
+        assert any("cutlass" in n and "GemmUniversal" in n for n in names), names
+    if _sm80_gemm_built() and torch.cuda.get_device_capability()[0] >= 8:
+        monkeypatch.setenv("OSTQUANT_GEMM_IMMA", "1")  # the IMMA kernel reads packed codes
+        assert O.int4_gemm_takes_codes(dev, 256, 512, 512) is False
+
+
 # --------------------------------------------------------------------------- w4a16_gemm
 
 @pytest.mark.cuda
@@ -432,8 +483,12 @@ def _w4a16_args(M=4, N=6, K=64, **over):
 
 
 BAD_INPUTS = [
+    ("int4_gemm", lambda: _w4a4_args(x_packed=torch.zeros(4, 32, dtype=torch.float16)),
+     "x_packed must have dtype in (uint8, int8), got float16"),
     ("int4_gemm", lambda: _w4a4_args(x_packed=torch.zeros(4, 32, dtype=torch.int8)),
-     "x_packed must have dtype in (uint8), got int8"),
+     "K mismatch: x_packed holds K = 32 (int8 codes), w_packed holds K = 64"),
+    ("int4_gemm", lambda: _w4a4_args(x_packed=torch.zeros(4, 48, dtype=torch.int8), K=48),
+     "K = 48 is not a multiple of 32"),
     ("int4_gemm", lambda: _w4a4_args(x_packed=torch.zeros(4, 2, 32, dtype=torch.uint8)),
      "x_packed must be 2-D, got shape (4, 2, 32)"),
     ("int4_gemm", lambda: _w4a4_args(w_packed=torch.zeros(6, 32)), "w_packed must have dtype in"),

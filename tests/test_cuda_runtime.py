@@ -74,3 +74,24 @@ def test_decoder_fused_norm_quant_on_cuda(preset):
     assert torch.isfinite(fused).all()
     torch.testing.assert_close(fused.float(), plain.float(), rtol=0,
                                atol=0.05 * plain.float().abs().max().item())
+
+
+@pytest.mark.parametrize("online_hadamard", [False, True])
+@pytest.mark.parametrize("M", [5, 37])
+def test_quant_linear_int8_codes_equal_packed(online_hadamard, M, monkeypatch):
+    """Where the GEMM reads int8 activation codes (the Hopper kernel, M > 16) the A4 layer
+    quantizes to int8 codes; its output is bit-identical to the packed-code path's."""
+    torch.manual_seed(1)
+    lin = nn.Linear(1536, 256).cuda()
+    q = QuantLinear.from_linear(lin, abits=4, online_hadamard=online_hadamard).to(torch.bfloat16)
+    x = (torch.randn(M, 1536, device="cuda") * 3).to(torch.bfloat16)
+    dtypes = []
+    real = O.int4_gemm
+    monkeypatch.setattr(O, "int4_gemm", lambda xq, *a, **k: dtypes.append(xq.dtype) or
+                        real(xq, *a, **k))
+    got = q(x)
+    assert dtypes == [torch.int8 if q.takes_codes(x) else torch.uint8]
+    monkeypatch.setattr(O, "int4_gemm_takes_codes", lambda *a, **k: False)
+    want = q(x)
+    assert dtypes[-1] == torch.uint8
+    assert torch.equal(got, want)

@@ -224,6 +224,27 @@ def test_quantize_per_token_packed_is_quantize_then_pack(K, dtype):
         assert got[0].shape == (2, 3, K // 2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_fused_quantizers_int8_codes_are_the_unpacked_codes(dtype):
+    """packed=False returns quantize_per_token's int8 codes (what the Hopper GEMM reads): the
+    unpacked codes of packed=True, same scale/zero, for both fused ops and every setting."""
+    for n in (64, 576, 40):
+        x = _data((2, 3, n), dtype, seed=n)
+        w = torch.rand(n).to(dtype)
+        for bits, sym, clip in ((4, False, 1.0), (4, True, 0.9), (3, False, 0.8), (2, True, 1.0)):
+            what = f"n={n} {dtype} {bits} {sym} {clip}"
+            p, s, z = O.hadamard_quantize_per_token(x, 0.3, bits, sym, clip)
+            got = O.hadamard_quantize_per_token(x, 0.3, bits, sym, clip, packed=False)
+            _assert_triplet_equal(got, (O.unpack_int4(p), s, z), "hadamard " + what)
+            _assert_triplet_equal(got, O.quantize_per_token(
+                ref.hadamard_transform_ordered(x, 0.3), bits, sym, clip), "hadamard " + what)
+            assert got[0].dtype == torch.int8 and got[0].shape == x.shape
+            p, s, z = O.rmsnorm_quantize_per_token(x, w, 1e-6, bits, sym, clip)
+            got = O.rmsnorm_quantize_per_token(x, w, 1e-6, bits, sym, clip, packed=False)
+            _assert_triplet_equal(got, (O.unpack_int4(p), s, z), "rmsnorm " + what)
+            assert got[0].dtype == torch.int8 and got[0].shape == x.shape
+
+
 # --------------------------------------------------------------------------- schema / fake
 
 OPCHECK_CASES = [
@@ -234,6 +255,10 @@ OPCHECK_CASES = [
     ("rmsnorm_quantize_per_token",
      lambda: (_data((4, 5, 576), torch.bfloat16), torch.rand(576).to(torch.bfloat16), 1e-6)),
     ("rmsnorm_quantize_per_token", lambda: (_data((3, 64), torch.float16), None, 1e-5, 4, True)),
+    ("hadamard_quantize_per_token",
+     lambda: (_data((4, 5, 576), torch.bfloat16), 576 ** -0.5, 4, False, 1.0, False)),
+    ("rmsnorm_quantize_per_token",
+     lambda: (_data((3, 64), torch.float16), None, 1e-5, 3, True, 0.9, False)),
 ]
 
 
@@ -254,6 +279,10 @@ def test_fake_shapes_under_torch_compile_tracing():
         assert p.shape == (3, 7, 5504) and z.dtype == torch.float32
         p, s, z = torch.ops.ostquant.quantize_per_token_packed(x)
         assert p.shape == (3, 7, 5504) and p.dtype == torch.uint8 and s.shape == (3, 7)
+        q, s, z = torch.ops.ostquant.hadamard_quantize_per_token(x, 0.01, packed=False)
+        assert q.shape == (3, 7, 11008) and q.dtype == torch.int8 and s.shape == (3, 7)
+        q, s, z = torch.ops.ostquant.rmsnorm_quantize_per_token(x, None, 1e-6, packed=False)
+        assert q.shape == (3, 7, 11008) and q.dtype == torch.int8 and z.dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- bad input

@@ -136,6 +136,33 @@ def test_int4_gemm_vs_float64(m, n, k, sym, bias, out_dtype):
     torch.testing.assert_close(y.double(), y64, rtol=tol, atol=tol * y64.abs().max().item())
 
 
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_int4_gemm_int8_codes_equal_packed(sym, out_dtype):
+    """x given as int8 codes [M, K] (the Hopper kernel's layout) == the same codes packed."""
+    qx, sx, zx, qw, sw, b = _make_gemm(9, 48, 96, sym, True, out_dtype)
+    z = None if sym else zx
+    want = O.int4_gemm(O.pack_int4(qx), sx, z, O.pack_int4(qw), sw, None, b, out_dtype)
+    got = O.int4_gemm(qx, sx, z, O.pack_int4(qw), sw, None, b, out_dtype)
+    assert got.dtype == out_dtype and torch.equal(got, want)
+
+
+def test_int4_gemm_int8_codes_bad_input():
+    qx, sx, zx, qw, sw, _ = _make_gemm(4, 32, 64, False, False)
+    pw = O.pack_int4(qw)
+    bad = qx.clone()
+    bad[1, 3] = 9
+    with pytest.raises(ValueError, match=r"int8 codes outside the int4 range \[-8, 7\] "
+                                         r"\(min -8, max 9\)"):
+        O.int4_gemm(bad, sx, zx, pw, sw)
+    with pytest.raises(ValueError, match=r"K mismatch: x_packed holds K = 32 \(int8 codes\), "
+                                         r"w_packed holds K = 64"):
+        O.int4_gemm(qx[:, :32], sx, zx, pw, sw)
+    with pytest.raises(ValueError, match=r"x_packed must have dtype in \(uint8, int8\)"):
+        O.int4_gemm(qx.short(), sx, zx, pw, sw)
+    assert O.int4_gemm_takes_codes(torch.device("cpu"), 64, 32, 64) is False
+
+
 def test_int4_gemm_wsum_given_equals_computed():
     qx, sx, zx, qw, sw, _ = _make_gemm(4, 32, 64, False, False)
     args = (O.pack_int4(qx), sx, zx, O.pack_int4(qw), sw)
@@ -279,6 +306,7 @@ def _opcheck_cases():
         (ostq.quantize_per_channel.default, (w, 4, True, True, 0.8, 20, 2.4)),
         (ostq.int4_gemm.default, (O.pack_int4(q), s, z, O.pack_int4(qw), sw, None, None,
                                   torch.float16)),
+        (ostq.int4_gemm.default, (q, s, z, O.pack_int4(qw), sw, None, None, torch.bfloat16)),
         (ostq.w4a16_gemm.default, (x, O.pack_int4(qw), sw, torch.randn(32))),
         (ostq.hadamard_transform.default, (torch.randn(3, 5, 576), 0.5)),
         (ostq.quantize_kv.default, (k,)),
@@ -289,7 +317,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -346,7 +374,7 @@ def test_bad_input_raises_clear_error(case):
 
 
 def test_bad_case_count_matches():
-    assert len(_bad_cases()) == 24 and len(_opcheck_cases()) == 11
+    assert len(_bad_cases()) == 24 and len(_opcheck_cases()) == 12
 
 
 def test_reference_exact_int_accumulation_large_k():

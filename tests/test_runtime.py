@@ -244,6 +244,28 @@ def test_fused_norm_quant(quantized, monkeypatch, preset):
                                      out_dtype=torch.float32))
 
 
+@pytest.mark.parametrize("preset", ["w4a4kv4", "w4a4kv16"])
+def test_int8_code_activations_same_logits(quantized, monkeypatch, preset):
+    """Where the GEMM reads int8 activation codes (int4_gemm_takes_codes: the Hopper kernel),
+    every A4 input is quantized to int8 codes instead of packed ones - the plain quantizer,
+    the fused RMSNorm one and the online-Hadamard one (forced here on the CPU): the logits are
+    bit-identical to the packed path's."""
+    d = quantized("llama", "ostquant", preset)
+    model = QuantizedCausalLM.from_quantized(d)
+    for lay in model.layers:
+        lay.fused_norm_quant = True
+    ids = _ids(24, seed=5)
+    want = model(ids, model.new_cache(1, 24))
+    monkeypatch.setattr(ops, "int4_gemm_takes_codes", lambda *a, **k: True)
+    seen = []
+    real_gemm = ops.int4_gemm
+    monkeypatch.setattr(ops, "int4_gemm", lambda x, *a, **k: seen.append(x.dtype) or
+                        real_gemm(x, *a, **k))
+    got = model(ids, model.new_cache(1, 24))
+    assert seen and set(seen) == {torch.int8}, seen
+    assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------- generation
 def test_sampling_reproducible_with_seed(quantized):
     rt = QuantizedCausalLM.from_quantized(quantized("llama", "quarot", "w4a4kv4"))

@@ -99,11 +99,12 @@ def test_graph_decoder_refuses_cpu(models):
 
 def test_required_ops_and_missing_kernels_reason(models, monkeypatch):
     assert cg.required_cuda_ops(models["w4a4kv4"]) == {
-        "quantize_per_token_packed", "hadamard_quantize_per_token", "rmsnorm_quantize_per_token",
-        "int4_gemm", "hadamard_transform", "int4_kv_attention", "kv_cache_append_fused"}
+        "quantize_per_token_packed", "quantize_per_token", "hadamard_quantize_per_token",
+        "rmsnorm_quantize_per_token", "int4_gemm", "hadamard_transform", "int4_kv_attention",
+        "kv_cache_append_fused"}
     assert cg.required_cuda_ops(models["w4a4kv16"]) == {
-        "quantize_per_token_packed", "hadamard_quantize_per_token", "rmsnorm_quantize_per_token",
-        "int4_gemm"}
+        "quantize_per_token_packed", "quantize_per_token", "hadamard_quantize_per_token",
+        "rmsnorm_quantize_per_token", "int4_gemm"}
     bf16 = QuantizedCausalLM.random("tiny", "w16a16kv16", num_layers=1)
     assert cg.required_cuda_ops(bf16) == set()
     # a model "on a GPU" whose ops lack their CUDA kernels: named in the reason

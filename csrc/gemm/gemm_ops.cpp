@@ -10,8 +10,10 @@
 //  * M > 16 on a compute capability 9.0 device (H100/H200), when the extension was built for
 //    sm_90a with CUTLASS: the CUTLASS Hopper kernels of sm90/ (TMA, warp-specialized
 //    cooperative, wgmma, int4 weights widened in registers by the mixed-input mainloop,
-//    stream-K, dequantization epilogue fused as an EVT). W4A4 first widens the packed
-//    activations to int8 (unpack_int4, M·K bytes); the weights stay packed. Conditions:
+//    stream-K, dequantization epilogue fused as an EVT). W4A4 reads the activations as int8
+//    codes: passed as such (x_packed int8 [M, K], what the fused quantizers write with
+//    packed=False; int4_gemm_takes_codes() tells the caller), or packed ones widened first
+//    (unpack_int4, M·K bytes); the weights stay packed. Conditions:
 //    N % 8 == 0, K > 0, fp16/bf16 activations for W4A16 (sm90_gemm_supported); the
 //    environment variable OSTQUANT_GEMM_SM90=0 turns the path off (read once).
 //  * W4A4 at M > 16 on Ampere/Ada (compute capability 8.x), when built with CUTLASS for an
@@ -28,6 +30,11 @@
 //      W4A16: widen the weight codes to x's dtype (exact; the scale stays out), at::mm with a
 //             float32 result, then the epilogue kernel (· w_scale + bias, cast).
 //    Both materialise the widened weight (N·K bytes / N·K·2 bytes) on every call.
+//
+// int4_gemm's activations may come packed (uint8 [M, K/2]) or as int8 codes (int8 [M, K]): the
+// paths other than the Hopper one pack int8 codes first (pack_int4), so they cost one extra pass
+// there. Codes outside [-8, 7] are not checked for on the GPU (the reference kernel raises):
+// the Hopper path multiplies them as they are, the others keep their low 4 bits.
 //
 // Inputs need not be contiguous: like the reference kernels, the ops accept any strides (a
 // non-contiguous or misaligned input is copied first).
@@ -108,16 +115,18 @@ void check_int4_gemm(const at::Tensor& x_packed, const at::Tensor& x_scale,
                      const at::Tensor& w_scale, const std::optional<at::Tensor>& w_sum,
                      const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   constexpr const char* op = "int4_gemm";
-  check_dtype(op, "x_packed", x_packed, {at::kByte});
+  check_dtype(op, "x_packed", x_packed, {at::kByte, at::kChar});
   check_ndim(op, "x_packed", x_packed, 2);
   check_dtype(op, "w_packed", w_packed, {at::kByte});
   check_ndim(op, "w_packed", w_packed, 2);
-  const int64_t m = x_packed.size(0), kh = x_packed.size(1), n = w_packed.size(0);
+  const bool codes = x_packed.scalar_type() == at::kChar;  // int8 codes [M, K], not packed
+  const int64_t m = x_packed.size(0), n = w_packed.size(0);
+  const int64_t k = codes ? x_packed.size(1) : 2 * x_packed.size(1);
   OSTQ_CHECK(op, m != 0, "x_packed has M = 0 rows (empty batch)");
   OSTQ_CHECK(op, n != 0, "w_packed has N = 0 rows");
-  OSTQ_CHECK(op, w_packed.size(1) == kh, "K mismatch: x_packed holds K = ", 2 * kh,
-             ", w_packed holds K = ", 2 * w_packed.size(1));
-  check_k(op, 2 * kh);
+  OSTQ_CHECK(op, 2 * w_packed.size(1) == k, "K mismatch: x_packed holds K = ", k,
+             codes ? " (int8 codes)" : "", ", w_packed holds K = ", 2 * w_packed.size(1));
+  check_k(op, k);
   check_dtype(op, "x_scale", x_scale, {at::kFloat});
   check_shape(op, "x_scale", x_scale, {m});
   check_dtype(op, "w_scale", w_scale, {at::kFloat});
@@ -257,7 +266,22 @@ bool run_cutlass(const char* op, const at::Tensor& like, Run&& run) {
   return true;
 }
 
+// int8 codes [M, K] (values in [-8, 7]) -> packed uint8 [M, K/2], for the paths that read packed
+// activations.
+at::Tensor pack_codes(const char* op, const at::Tensor& codes, cudaStream_t stream) {
+  at::Tensor packed = at::empty({codes.size(0), codes.size(1) / 2},
+                                codes.options().dtype(at::kByte));
+  OSTQ_CHECK_LAUNCH(op, launch_pack_int4(codes.const_data_ptr<int8_t>(),
+                                         static_cast<uint8_t*>(packed.data_ptr()),
+                                         packed.numel(), stream));
+  return packed;
+}
+
 }  // namespace
+
+bool int4_gemm_takes_codes(int device, int64_t M, int64_t N, int64_t K, bool fp32_out) {
+  return !fp32_out && M > kSmallMMax && !use_imma(device, M, N, K) && use_sm90(device, M, N, K);
+}
 
 at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_scale_in,
                           const std::optional<at::Tensor>& x_zero_in,
@@ -269,13 +293,27 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
                   out_dtype);
   const c10::cuda::CUDAGuard guard(x_packed_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor x = contiguous_aligned(x_packed_in);
   const at::Tensor w = contiguous_aligned(w_packed_in);
-  const int64_t M = x.size(0), N = w.size(0), K = 2 * x.size(1);
-  const auto* xp = static_cast<const uint8_t*>(x.const_data_ptr());
+  const int64_t M = x_packed_in.size(0), N = w.size(0), K = 2 * w.size(1);
   const auto* wp = static_cast<const uint8_t*>(w.const_data_ptr());
+  const int device = x_packed_in.get_device();
+  const bool fp32_out = out_dtype == at::kFloat;
+  // The activations as the chosen path reads them: int8 codes (Hopper: the caller's codes as
+  // they are, or the packed ones widened) or packed (every other path: int8 codes packed first).
+  const bool sm90 = int4_gemm_takes_codes(device, M, N, K, fp32_out);
+  const bool codes_in = x_packed_in.scalar_type() == at::kChar;
+  at::Tensor x;   // packed uint8 [M, K/2]; undefined while only the codes are at hand
+  at::Tensor x8;  // int8 codes [M, K]: the caller's (codes_in), or the Hopper path's buffer
+  if (codes_in) {
+    x8 = contiguous_aligned(x_packed_in);
+    if (!sm90) x = pack_codes(op, x8, stream);
+  } else {
+    x = contiguous_aligned(x_packed_in);
+  }
+  const at::Tensor& like = codes_in ? x8 : x;
+  const auto* xp = x.defined() ? static_cast<const uint8_t*>(x.const_data_ptr()) : nullptr;
 
-  at::Tensor out = at::empty({M, N}, x.options().dtype(out_dtype));
+  at::Tensor out = at::empty({M, N}, like.options().dtype(out_dtype));
   const at::Tensor x_scale = x_scale_in.contiguous();
   const at::Tensor w_scale = contiguous_aligned(w_scale_in);
   at::Tensor x_zero, w_sum, bias;
@@ -291,15 +329,37 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
     if (w_sum_in.has_value()) {
       w_sum = contiguous_aligned(*w_sum_in);
     } else {  // Σ_k q_w: one more pass over the weights; callers should pass w_sum
-      w_sum = at::empty({N}, x.options().dtype(at::kFloat));
+      w_sum = at::empty({N}, like.options().dtype(at::kFloat));
       OSTQ_CHECK_LAUNCH(op, launch_int4_row_sum(wp, N, K, w_sum.data_ptr<float>(), stream));
     }
     epi.w_sum = w_sum.const_data_ptr<float>();
   }
 
+  if (sm90) {
+    at::Tensor bias_f32;
+    if (!x8.defined()) x8 = at::empty({M, K}, like.options().dtype(at::kChar));
+    const Sm90GemmProblem prob =
+        cutlass_problem(epi, bias_in, x8.const_data_ptr(), wp, M, N, K, device, bias_f32);
+    bool widened = xp == nullptr;  // int8 codes given: nothing to widen
+    const bool ran = run_cutlass(op, like, [&](void* ws, size_t* ws_bytes) {
+      if (ws_bytes == nullptr && !widened) {  // launching: widen the packed activations first
+        widened = true;
+        const cudaError_t e = launch_unpack_int4(xp, static_cast<int8_t*>(x8.data_ptr()),
+                                                 M * K / 2, stream);
+        if (e != cudaSuccess) return e;
+      }
+      return sm90_w4a4_gemm(epi.out_type, prob, ws, ws_bytes, stream);
+    });
+    if (ran) return out;
+    if (xp == nullptr) {  // the kernel refused the problem: the paths below read packed codes
+      x = pack_codes(op, x8, stream);
+      xp = static_cast<const uint8_t*>(x.const_data_ptr());
+    }
+  }
+
   if (M <= kSmallMMax) {
-    TORCH_CHECK(device_has_mma(x.get_device()), op, ": M <= ", kSmallMMax,
-                " needs an sm_80 or newer GPU (int4 tensor-core mma); device ", x.get_device(),
+    TORCH_CHECK(device_has_mma(device), op, ": M <= ", kSmallMMax,
+                " needs an sm_80 or newer GPU (int4 tensor-core mma); device ", device,
                 " is older");
     const SmallMPlan plan = plan_small_m(N, K);
     at::Tensor partial;
@@ -310,33 +370,15 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
     return out;
   }
 
-  if (epi.out_type != FloatType::kFloat32 && use_imma(x.get_device(), M, N, K)) {
+  if (!fp32_out && use_imma(device, M, N, K)) {
     at::Tensor bias_f32;  // x: the packed int4 activations as they are
-    const CutlassGemmProblem prob =
-        cutlass_problem(epi, bias_in, xp, wp, M, N, K, x.get_device(), bias_f32);
+    const CutlassGemmProblem prob = cutlass_problem(epi, bias_in, xp, wp, M, N, K, device,
+                                                    bias_f32);
     if (run_cutlass(op, x, [&](void* ws, size_t* ws_bytes) {
           return sm80_w4a4_gemm(epi.out_type, prob, ws, ws_bytes, stream);
         })) {
       return out;
     }
-  }
-
-  if (epi.out_type != FloatType::kFloat32 && use_sm90(x.get_device(), M, N, K)) {
-    at::Tensor bias_f32;
-    const at::Tensor x8 = at::empty({M, K}, x.options().dtype(at::kChar));
-    const Sm90GemmProblem prob = cutlass_problem(epi, bias_in, x8.const_data_ptr(), wp, M, N, K,
-                                                 x.get_device(), bias_f32);
-    bool unpacked = false;
-    const bool ran = run_cutlass(op, x, [&](void* ws, size_t* ws_bytes) {
-      if (ws_bytes == nullptr && !unpacked) {  // launching: widen the activations first
-        unpacked = true;
-        const cudaError_t e = launch_unpack_int4(xp, static_cast<int8_t*>(x8.data_ptr()),
-                                                 M * K / 2, stream);
-        if (e != cudaSuccess) return e;
-      }
-      return sm90_w4a4_gemm(epi.out_type, prob, ws, ws_bytes, stream);
-    });
-    if (ran) return out;
   }
 
   // Large M elsewhere: portable path (see the top of this file).
@@ -345,14 +387,17 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
   if (K == 0) {
     acc = at::zeros({M, Np}, x.options().dtype(at::kInt));
   } else {
-    at::Tensor x8 = at::empty({M, K}, x.options().dtype(at::kChar));
+    at::Tensor xi = x8;  // the caller's int8 codes, or the packed ones widened
+    if (!codes_in) {
+      xi = at::empty({M, K}, x.options().dtype(at::kChar));
+      OSTQ_CHECK_LAUNCH(op, launch_unpack_int4(xp, static_cast<int8_t*>(xi.data_ptr()),
+                                               M * K / 2, stream));
+    }
     at::Tensor w8 = at::empty({Np, K}, x.options().dtype(at::kChar));
-    OSTQ_CHECK_LAUNCH(op, launch_unpack_int4(xp, static_cast<int8_t*>(x8.data_ptr()), M * K / 2,
-                                             stream));
     OSTQ_CHECK_LAUNCH(op, launch_unpack_int4(wp, static_cast<int8_t*>(w8.data_ptr()), N * K / 2,
                                              stream));
     if (Np > N) w8.narrow(0, N, Np - N).zero_();
-    acc = at::_int_mm(x8, w8.t());  // [M, Np] int32, exact
+    acc = at::_int_mm(xi, w8.t());  // [M, Np] int32, exact
   }
   OSTQ_CHECK_LAUNCH(op, launch_w4a4_epilogue(acc.const_data_ptr<int32_t>(), Np, M, N, epi,
                                              stream));

@@ -1,8 +1,8 @@
-// Host side of the per-token quantization CUDA ops with packed int4 codes
-// (quantize_per_token_packed, hadamard_quantize_per_token, rmsnorm_quantize_per_token): argument
-// checks in the order and wording of
-// ostquant/ops/checks.py, output allocation, device guard, current stream. The kernels live in
-// hadamard_quant.cu and rmsnorm_quant.cu.
+// Host side of the per-token quantization CUDA ops with int4 codes, packed two per byte
+// (quantize_per_token_packed; hadamard_quantize_per_token and rmsnorm_quantize_per_token by
+// default) or one per int8 (the fused two with packed = false, for the Hopper GEMM): argument
+// checks in the order and wording of ostquant/ops/checks.py, output allocation, device guard,
+// current stream. The kernels live in hadamard_quant.cu and rmsnorm_quant.cu.
 //
 // Inputs may have any strides (a non-contiguous or misaligned input is copied first). NaN/Inf
 // in x are not scanned for on the GPU (that would cost a synchronisation): they make the row's
@@ -46,25 +46,27 @@ at::Tensor contiguous_aligned(const at::Tensor& t) {
   return c;
 }
 
-Triplet alloc_outputs(const at::Tensor& x, FusedQuantArgs& a) {
+// The codes (packed uint8 [..., K/2], or int8 [..., K]), scale and zero (float32 [...]).
+Triplet alloc_outputs(const at::Tensor& x, bool packed, FusedQuantArgs& a) {
   const int64_t K = x.size(-1);
   const auto lead = x.sizes().slice(0, x.dim() - 1);
-  std::vector<int64_t> packed_shape(lead.begin(), lead.end());
-  packed_shape.push_back(K / 2);
-  at::Tensor packed = at::empty(packed_shape, x.options().dtype(at::kByte));
+  std::vector<int64_t> q_shape(lead.begin(), lead.end());
+  q_shape.push_back(packed ? K / 2 : K);
+  at::Tensor q = at::empty(q_shape, x.options().dtype(packed ? at::kByte : at::kChar));
   at::Tensor scale = at::empty(lead, x.options().dtype(at::kFloat));
   at::Tensor zero = at::empty(lead, x.options().dtype(at::kFloat));
   a.rows = x.numel() / K;
   a.K = K;
-  a.q = static_cast<uint8_t*>(packed.data_ptr());
+  a.packed = packed;
+  a.q = q.data_ptr();
   a.scale = static_cast<float*>(scale.data_ptr());
   a.zero = static_cast<float*>(zero.data_ptr());
-  return {packed, scale, zero};
+  return {q, scale, zero};
 }
 
-// The packed per-token quantizer's arguments (launch_quantize_per_token_packed) for the
-// outputs and settings in `a`.
-RowQuantArgs packed_row_args(const FusedQuantArgs& a) {
+// The plain per-token quantizer's arguments (launch_quantize_per_token_packed, or
+// launch_quantize_per_token when !a.packed) for the outputs and settings in `a`.
+RowQuantArgs row_args(const FusedQuantArgs& a) {
   RowQuantArgs r;
   r.rows = a.rows;
   r.K = a.K;
@@ -91,18 +93,18 @@ Triplet quantize_per_token_packed_cuda(const at::Tensor& x_in, int64_t bits, boo
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = contiguous_aligned(x_in);
   FusedQuantArgs a;
-  Triplet out = alloc_outputs(x, a);
+  Triplet out = alloc_outputs(x, /*packed=*/true, a);
   a.bits = static_cast<int>(bits);
   a.sym = sym;
   a.clip = static_cast<float>(clip_ratio);
   OSTQ_CHECK_LAUNCH(op, launch_quantize_per_token_packed(to_float_type(x.scalar_type()),
-                                                         x.const_data_ptr(), packed_row_args(a),
+                                                         x.const_data_ptr(), row_args(a),
                                                          c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
 Triplet hadamard_quantize_per_token_cuda(const at::Tensor& x_in, double scale, int64_t bits,
-                                         bool sym, double clip_ratio) {
+                                         bool sym, double clip_ratio, bool packed) {
   constexpr const char* op = "hadamard_quantize_per_token";
   check_float_dtype(op, "x", x_in);
   check_min_ndim(op, "x", x_in, 1);
@@ -119,7 +121,7 @@ Triplet hadamard_quantize_per_token_cuda(const at::Tensor& x_in, double scale, i
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = contiguous_aligned(x_in);
   FusedQuantArgs a;
-  Triplet out = alloc_outputs(x, a);
+  Triplet out = alloc_outputs(x, packed, a);
   a.bits = static_cast<int>(bits);
   a.sym = sym;
   a.clip = static_cast<float>(clip_ratio);  // as torch does for float32 tensor * Python float
@@ -134,14 +136,16 @@ Triplet hadamard_quantize_per_token_cuda(const at::Tensor& x_in, double scale, i
   // fits the hadamard_transform kernel, n <= ~58K; beyond, that op's split path rounds its
   // float32 intermediate differently, see docs/ops.md).
   const at::Tensor y = contiguous_aligned(hadamard_transform_cuda(x, scale));
-  OSTQ_CHECK_LAUNCH(op, launch_quantize_per_token_packed(type, y.const_data_ptr(),
-                                                         packed_row_args(a), stream));
+  OSTQ_CHECK_LAUNCH(op, packed ? launch_quantize_per_token_packed(type, y.const_data_ptr(),
+                                                                  row_args(a), stream)
+                               : launch_quantize_per_token(type, y.const_data_ptr(),
+                                                           row_args(a), stream));
   return out;
 }
 
 Triplet rmsnorm_quantize_per_token_cuda(const at::Tensor& x_in,
                                         const std::optional<at::Tensor>& weight_in, double eps,
-                                        int64_t bits, bool sym, double clip_ratio) {
+                                        int64_t bits, bool sym, double clip_ratio, bool packed) {
   constexpr const char* op = "rmsnorm_quantize_per_token";
   check_float_dtype(op, "x", x_in);
   check_min_ndim(op, "x", x_in, 1);
@@ -163,7 +167,7 @@ Triplet rmsnorm_quantize_per_token_cuda(const at::Tensor& x_in,
   at::Tensor w;
   if (weight_in.has_value()) w = contiguous_aligned(*weight_in);
   FusedQuantArgs a;
-  Triplet out = alloc_outputs(x, a);
+  Triplet out = alloc_outputs(x, packed, a);
   a.bits = static_cast<int>(bits);
   a.sym = sym;
   a.clip = static_cast<float>(clip_ratio);

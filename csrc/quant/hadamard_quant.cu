@@ -1,6 +1,7 @@
 // hadamard_quantize_per_token: online Hadamard transform + per-token quantization in one kernel,
-// packed int4 codes + float32 scale/zero. Bit-identical to reference.hadamard_quantize_per_token
-// (= quantize_per_token(reference.hadamard_transform_ordered(x, scale)), packed).
+// int4 codes (packed two per byte, or one per int8 with packed = false) + float32 scale/zero.
+// Bit-identical to reference.hadamard_quantize_per_token
+// (= quantize_per_token(reference.hadamard_transform_ordered(x, scale)), packed or not).
 //
 // One CTA holds `rpc` whole rows (n = K*m elements) in shared memory as fp32 (blockDim =
 // (tpr, rpc): row r of the CTA belongs to threadIdx.y == r in step 4):
@@ -14,7 +15,8 @@
 //                consecutive columns j, so one sign extraction serves TJ FMAs and one 16-byte
 //                shared load serves 8*TJ of them;
 //   4.   per row (tpr threads): max/min of y, compute_qparams, quantize_value
-//        (common/quant_math.cuh, as quantize_per_token), two codes per byte, 4-byte stores.
+//        (common/quant_math.cuh, as quantize_per_token), two codes per byte, 4-byte stores
+//        (unpacked: one int8 per code, 8-byte stores).
 // Rows too long for one CTA's shared memory (hadamard_quantize_fits) are not handled here: the
 // host op falls back to hadamard_transform + the packed per-token quantizer.
 //
@@ -175,7 +177,27 @@ __global__ void __launch_bounds__(kMaxThreads) hadamard_quant_kernel(const Hadam
     qa.scale[row] = qp.scale;
     qa.zero[row] = qp.zero;
   }
-  uint8_t* q_row = qa.q + row * (n / 2);
+  if (!qa.packed) {  // one int8 per code (the Hopper GEMM's activation layout)
+    int8_t* c_row = static_cast<int8_t*>(qa.q) + row * n;
+    if (n % 8 == 0) {  // 8 codes -> one 8-byte store
+      for (int64_t wi = gt; wi < n / 8; wi += tpr) {
+        uint32_t word[2] = {0u, 0u};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int64_t i = wi * 8 + e;
+          const float a = in_s ? ys[i] : to_float(yt[i]);
+          word[e >> 2] |= (static_cast<uint32_t>(quantize_value(a, qp)) & 0xffu) << (8 * (e & 3));
+        }
+        reinterpret_cast<uint2*>(c_row)[wi] = make_uint2(word[0], word[1]);
+      }
+    } else {
+      for (int64_t i = gt; i < n; i += tpr) {
+        c_row[i] = static_cast<int8_t>(quantize_value(in_s ? ys[i] : to_float(yt[i]), qp));
+      }
+    }
+    return;
+  }
+  uint8_t* q_row = static_cast<uint8_t*>(qa.q) + row * (n / 2);
   if (n % 8 == 0) {  // 8 codes -> one 4-byte store
     for (int64_t wi = gt; wi < n / 8; wi += tpr) {
       uint32_t word = 0;
@@ -227,8 +249,9 @@ cudaError_t launch_hadamard_quantize(FloatType type, const void* x, int Kh, int6
   p.out = nullptr;
   p.rows = qa.rows;
   p.scale = qa.scale_h;
-  // The output pointers must allow the 4-byte code stores (torch allocations always do).
-  if (!is_aligned(qa.q, 4)) return cudaErrorInvalidValue;
+  // The output pointers must allow the 4-byte (packed) / 8-byte (int8) code stores (torch
+  // allocations always do).
+  if (!is_aligned(qa.q, qa.packed ? 4 : 8)) return cudaErrorInvalidValue;
   // Rows per CTA: ~2K elements of work for short rows, at most kMaxRowsPerCta, a power of two.
   constexpr int64_t kTargetElems = 2048;
   int rpc = 1;

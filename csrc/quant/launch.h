@@ -40,6 +40,7 @@ cudaError_t launch_quantize_per_token_packed(FloatType type, const void* x,
                                              const RowQuantArgs& args, cudaStream_t stream);
 
 // ---- fused per-token quantization (hadamard_quant.cu, rmsnorm_quant.cu): packed int4 codes
+// (packed = true) or the int4 codes one per int8 (packed = false: what the Hopper GEMM reads)
 struct FusedQuantArgs {
   int64_t rows = 0;
   int64_t K = 0;          // elements per row (even)
@@ -48,7 +49,8 @@ struct FusedQuantArgs {
   float clip = 1.f;       // clip ratio, rounded to float32
   float eps = 0.f;        // rmsnorm: epsilon, rounded to float32
   float scale_h = 1.f;    // hadamard: transform scale, rounded to float32
-  uint8_t* q = nullptr;   // uint8 [rows, K/2]
+  bool packed = true;     // codes packed two per byte, else one int8 per code
+  void* q = nullptr;      // packed: uint8 [rows, K/2]; else int8 [rows, K]
   float* scale = nullptr; // float32 [rows]
   float* zero = nullptr;  // float32 [rows]
 };

@@ -1,5 +1,5 @@
-// rmsnorm_quantize_per_token: RMSNorm (optional weight) + per-token quantization, packed int4
-// codes + float32 scale/zero, in one pass over x. Bit-identical to
+// rmsnorm_quantize_per_token: RMSNorm (optional weight) + per-token quantization, int4 codes
+// (packed, or one per int8) + float32 scale/zero, in one pass over x. Bit-identical to
 // reference.rmsnorm_quantize_per_token (= quantize_per_token(reference.rms_norm(x)), packed),
 // except when the float64 sum of squares, whose order differs, rounds to another float32 mean
 // square (a ~1e-7-per-row event: the float64 sums agree to ~K ulps of float64).
@@ -12,7 +12,9 @@
 //   3. y = dtype(x * inv) [then y = dtype(y * w)], the cached vectors overwritten with y;
 //      row max/min of y;
 //   4. compute_qparams / quantize_value (common/quant_math.cuh, as quantize_per_token), codes
-//      packed two per byte (low nibble first).
+//      packed two per byte (low nibble first), or one per int8 (packed = false).
+#include <type_traits>
+
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
 #include "common/int4.cuh"
@@ -63,20 +65,31 @@ __device__ __forceinline__ Vec<T, VEC> rms_apply(const Vec<T, VEC>& x, float inv
   return y;
 }
 
-template <typename T, int VEC>
-__device__ __forceinline__ void quantize_pack_store(const Vec<T, VEC>& v, const QParams& p,
-                                                    uint8_t* q_row, int64_t vi) {
-  static_assert(VEC % 2 == 0, "packs pairs");
-  Vec<uint8_t, VEC / 2> out;
+// The codes of vector vi of the row: PACKED two per byte into uint8 q_row[K/2], else one per
+// int8 into q_row[K].
+template <bool PACKED, typename T, int VEC>
+__device__ __forceinline__ void quantize_store_codes(const Vec<T, VEC>& v, const QParams& p,
+                                                     void* q_row, int64_t vi) {
+  if constexpr (PACKED) {
+    static_assert(VEC % 2 == 0, "packs pairs");
+    Vec<uint8_t, VEC / 2> out;
 #pragma unroll
-  for (int j = 0; j < VEC / 2; ++j) {
-    out.v[j] = pack_int4_pair(quantize_value(to_float(v.v[2 * j]), p),
-                              quantize_value(to_float(v.v[2 * j + 1]), p));
+    for (int j = 0; j < VEC / 2; ++j) {
+      out.v[j] = pack_int4_pair(quantize_value(to_float(v.v[2 * j]), p),
+                                quantize_value(to_float(v.v[2 * j + 1]), p));
+    }
+    store_vec<uint8_t, VEC / 2>(static_cast<uint8_t*>(q_row) + vi * (VEC / 2), out);
+  } else {
+    Vec<int8_t, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      out.v[j] = static_cast<int8_t>(quantize_value(to_float(v.v[j]), p));
+    }
+    store_vec<int8_t, VEC>(static_cast<int8_t*>(q_row) + vi * VEC, out);
   }
-  store_vec<uint8_t, VEC / 2>(q_row + vi * (VEC / 2), out);
 }
 
-template <typename T, int VEC, int CACHE, bool HAS_W>
+template <typename T, int VEC, int CACHE, bool HAS_W, bool PACKED>
 __global__ void __launch_bounds__(1024) rmsnorm_quant_kernel(const T* __restrict__ x,
                                                              const T* __restrict__ w,
                                                              FusedQuantArgs a) {
@@ -126,9 +139,10 @@ __global__ void __launch_bounds__(1024) rmsnorm_quant_kernel(const T* __restrict
   row_reduce_max_min(mx, mn);
   if (!valid) return;  // no block-wide sync below this point
 
-  // 4. quantize, pack, store
+  // 4. quantize, pack (PACKED), store
   const QParams p = compute_qparams(mx, mn, a.bits, a.sym, a.clip);
-  uint8_t* q_row = a.q + row * (a.K / 2);
+  void* q_row = PACKED ? static_cast<void*>(static_cast<uint8_t*>(a.q) + row * (a.K / 2))
+                       : static_cast<void*>(static_cast<int8_t*>(a.q) + row * a.K);
   if (threadIdx.x == 0) {
     a.scale[row] = p.scale;
     a.zero[row] = p.zero;
@@ -136,11 +150,11 @@ __global__ void __launch_bounds__(1024) rmsnorm_quant_kernel(const T* __restrict
 #pragma unroll
   for (int i = 0; i < CACHE; ++i) {
     const int64_t vi = threadIdx.x + static_cast<int64_t>(i) * tpr;
-    if (vi < nvec) quantize_pack_store<T, VEC>(cache[i], p, q_row, vi);
+    if (vi < nvec) quantize_store_codes<PACKED, T, VEC>(cache[i], p, q_row, vi);
   }
   for (int64_t vi = threadIdx.x + static_cast<int64_t>(CACHE) * tpr; vi < nvec; vi += tpr) {
-    quantize_pack_store<T, VEC>(rms_apply<HAS_W>(load_vec<T, VEC>(xr + vi * VEC), inv, w, vi),
-                                p, q_row, vi);
+    quantize_store_codes<PACKED, T, VEC>(
+        rms_apply<HAS_W>(load_vec<T, VEC>(xr + vi * VEC), inv, w, vi), p, q_row, vi);
   }
 }
 
@@ -157,10 +171,16 @@ cudaError_t launch_rmsnorm_vec(const T* x, const T* w, const FusedQuantArgs& a,
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 block(tpr, rows_per_block);
   const unsigned grid = static_cast<unsigned>(blocks);
+  auto launch = [&](auto has_w, auto packed) {
+    rmsnorm_quant_kernel<T, VEC, CACHE, decltype(has_w)::value, decltype(packed)::value>
+        <<<grid, block, 0, stream>>>(x, w, a);
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
   if (w != nullptr) {
-    rmsnorm_quant_kernel<T, VEC, CACHE, true><<<grid, block, 0, stream>>>(x, w, a);
+    a.packed ? launch(Yes{}, Yes{}) : launch(Yes{}, No{});
   } else {
-    rmsnorm_quant_kernel<T, VEC, CACHE, false><<<grid, block, 0, stream>>>(x, w, a);
+    a.packed ? launch(No{}, Yes{}) : launch(No{}, No{});
   }
   return cudaGetLastError();
 }

@@ -131,30 +131,41 @@ class QuantLinear(nn.Module):
             return x.new_empty(*lead, self.out_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
+        codes = self.takes_codes(x2)  # the GEMM reads int8 codes (Hopper), not packed ones
         if self.online_hadamard and self.abits == 4 and x2.is_cuda:
-            # One fused kernel (Hadamard + per-token quantization + packing), bit-identical on
+            # One fused kernel (Hadamard + per-token quantization [+ packing]), bit-identical on
             # CUDA to the unfused kernels below. CPU keeps the unfused reference sequence,
             # whose K×K Hadamard stage is the calibration's (BLAS order).
-            xp, s, z = ops.hadamard_quantize_per_token(x2, self.in_features ** -0.5, self.abits,
-                                                       self.act_sym, self.act_clip_ratio)
-            y = self.forward_packed(xp, s, z, x.dtype)
+            xq, s, z = ops.hadamard_quantize_per_token(x2, self.in_features ** -0.5, self.abits,
+                                                       self.act_sym, self.act_clip_ratio,
+                                                       packed=not codes)
+            y = self.forward_packed(xq, s, z, x.dtype)
             return y.reshape(*lead, self.out_features)
         if self.online_hadamard:
             x2 = _hadamard_rows(x2)
         if self.abits == 16:
             y = ops.w4a16_gemm(x2, self.qweight, self.w_scale, self.bias)
-        else:  # per-token quantization straight to packed codes (one kernel on CUDA)
-            xp, s, z = ops.quantize_per_token_packed(x2, self.abits, self.act_sym,
-                                                     self.act_clip_ratio)
-            y = self.forward_packed(xp, s, z, x.dtype)
+        else:  # per-token quantization straight to the GEMM's layout (one kernel on CUDA)
+            quantize = ops.quantize_per_token if codes else ops.quantize_per_token_packed
+            xq, s, z = quantize(x2, self.abits, self.act_sym, self.act_clip_ratio)
+            y = self.forward_packed(xq, s, z, x.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def takes_codes(self, x2: torch.Tensor) -> bool:
+        """Whether this A4 layer's GEMM on ``x2`` [M, in_features] (the dtype and device of its
+        input) reads int8 activation codes rather than packed ones
+        (:func:`ostquant.ops.int4_gemm_takes_codes`: the Hopper kernel), so that the quantizer in
+        front of it writes what the GEMM reads. Always False for ``abits != 4`` and off CUDA."""
+        return self.abits == 4 and ops.int4_gemm_takes_codes(
+            x2.device, x2.shape[0], self.out_features, self.in_features, x2.dtype)
 
     def forward_packed(self, x_packed: torch.Tensor, x_scale: torch.Tensor,
                        x_zero: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
         """The W4A4 GEMM on activations already quantized per token (``abits=4`` layers).
 
         ``x_packed`` uint8 ``[M, in_features/2]`` (packed int4 codes, in the rotated basis if
-        ``online_hadamard``), ``x_scale`` / ``x_zero`` float32 ``[M]`` as
+        ``online_hadamard``) or int8 ``[M, in_features]`` (the codes one per byte, what
+        :meth:`takes_codes` asks for), ``x_scale`` / ``x_zero`` float32 ``[M]`` as
         :func:`ostquant.ops.quantize_per_token` (or a fused quantizer such as
         ``rmsnorm_quantize_per_token``) returns them with this layer's ``act_sym`` /
         ``act_clip_ratio``; ``x_zero`` is ignored for symmetric activations. Returns

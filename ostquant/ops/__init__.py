@@ -103,13 +103,33 @@ def int4_gemm(x_packed: torch.Tensor, x_scale: torch.Tensor, x_zero: Optional[to
               ) -> torch.Tensor:
     """W4A4 GEMM ``y = dequant(x) · dequant(w)ᵀ (+ bias)``, epilogue fused.
 
-    ``x_packed`` uint8 [M, K/2], ``w_packed`` uint8 [N, K/2] (K a multiple of
+    ``x_packed`` uint8 [M, K/2] (packed int4 codes) or int8 [M, K] (the codes one per byte, in
+    [-8, 7]: what the Hopper kernel reads, see :func:`int4_gemm_takes_codes`; other paths pack
+    them first), ``w_packed`` uint8 [N, K/2] (K a multiple of
     ``GEMM_K_ALIGN``), ``x_scale``/``x_zero`` float32 [M] (``x_zero`` None for symmetric
     activations), ``w_scale`` float32 [N] (weights symmetric), ``w_sum`` float32 [N] = Σ_k q_w
     (computed if None), ``bias`` [N]. Output [M, N] in ``out_dtype``.
     """
     return torch.ops.ostquant.int4_gemm(x_packed, x_scale, x_zero, w_packed, w_scale, w_sum,
                                         bias, out_dtype)
+
+
+def int4_gemm_takes_codes(device: torch.device, M: int, N: int, K: int,
+                          out_dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether :func:`int4_gemm` of this shape on ``device`` runs a kernel that reads the
+    activations as int8 codes ``[M, K]`` (the Hopper path) rather than packed.
+
+    Callers that quantize the activations themselves can then ask the quantizer for int8 codes
+    (``packed=False`` of :func:`hadamard_quantize_per_token` / :func:`rmsnorm_quantize_per_token`,
+    or :func:`quantize_per_token`) and save the kernel's widening pass; either layout gives the
+    same result on every path. False off CUDA or without the extension.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or _ext is None or not hasattr(_ext, "int4_gemm_takes_codes"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return bool(_ext.int4_gemm_takes_codes(index, int(M), int(N), int(K),
+                                           out_dtype == torch.float32))
 
 
 def w4a16_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
@@ -216,7 +236,7 @@ def quantize_per_token_packed(x: torch.Tensor, bits: int = 4, sym: bool = False,
 
 
 def hadamard_quantize_per_token(x: torch.Tensor, scale: Optional[float] = None, bits: int = 4,
-                                sym: bool = False, clip_ratio: float = 1.0
+                                sym: bool = False, clip_ratio: float = 1.0, packed: bool = True
                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online Hadamard transform fused with per-token quantization (one pass on CUDA).
 
@@ -224,25 +244,30 @@ def hadamard_quantize_per_token(x: torch.Tensor, scale: Optional[float] = None, 
     :func:`quantize_per_token` of ``y`` with the codes packed two per byte. ``scale`` defaults to
     ``n ** -0.5`` (orthonormal, the down_proj input's online Hadamard). Returns
     ``(packed, scale, zero)``: uint8 ``[..., n/2]`` (low nibble first, ready for
-    :func:`int4_gemm`) and float32 ``[...]``. ``bits`` in (2, 3, 4). See
-    ``reference.hadamard_quantize_per_token`` for the exact rounding.
+    :func:`int4_gemm`) and float32 ``[...]``; with ``packed=False`` the codes come one per
+    int8, ``[..., n]`` (what the Hopper GEMM reads, see :func:`int4_gemm_takes_codes`).
+    ``bits`` in (2, 3, 4). See ``reference.hadamard_quantize_per_token`` for the exact rounding.
     """
     if scale is None:
         scale = x.shape[-1] ** -0.5
-    return torch.ops.ostquant.hadamard_quantize_per_token(x, scale, bits, sym, clip_ratio)
+    return torch.ops.ostquant.hadamard_quantize_per_token(x, scale, bits, sym, clip_ratio,
+                                                          packed)
 
 
 def rmsnorm_quantize_per_token(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
-                               bits: int = 4, sym: bool = False, clip_ratio: float = 1.0
+                               bits: int = 4, sym: bool = False, clip_ratio: float = 1.0,
+                               packed: bool = True
                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RMSNorm fused with per-token quantization (one pass on CUDA).
 
     ``y = weight · x/sqrt(mean(x²) + eps)`` (normalised in float32, rounded to x's dtype;
     ``weight`` [K] in x's dtype, or None when it is folded into the next layer's weights), then
     :func:`quantize_per_token` of ``y`` with packed codes. Returns ``(packed, scale, zero)`` as
-    :func:`hadamard_quantize_per_token`. See ``reference.rms_norm`` for the exact rounding.
+    :func:`hadamard_quantize_per_token` (int8 codes ``[..., K]`` with ``packed=False``). See
+    ``reference.rms_norm`` for the exact rounding.
     """
-    return torch.ops.ostquant.rmsnorm_quantize_per_token(x, weight, eps, bits, sym, clip_ratio)
+    return torch.ops.ostquant.rmsnorm_quantize_per_token(x, weight, eps, bits, sym, clip_ratio,
+                                                         packed)
 
 
 def kv_check_errors() -> None:

@@ -66,17 +66,25 @@ def _check_k(op, k):
 
 def int4_gemm(x_packed, x_scale, x_zero, w_packed, w_scale, w_sum, bias, out_dtype):
     op = "int4_gemm"
-    check_tensor(op, "x_packed", x_packed, dtypes=(torch.uint8,), ndim=2)
+    check_tensor(op, "x_packed", x_packed, dtypes=(torch.uint8, torch.int8), ndim=2)
     check_tensor(op, "w_packed", w_packed, dtypes=(torch.uint8,), ndim=2)
-    m, kh = x_packed.shape
+    codes = x_packed.dtype == torch.int8  # the codes one per byte [M, K], not packed
+    m = x_packed.shape[0]
+    k = x_packed.shape[1] if codes else 2 * x_packed.shape[1]
     n = w_packed.shape[0]
     if m == 0:
         fail(op, "x_packed has M = 0 rows (empty batch)")
     if n == 0:
         fail(op, "w_packed has N = 0 rows")
-    if w_packed.shape[1] != kh:
-        fail(op, f"K mismatch: x_packed holds K = {2 * kh}, w_packed holds K = {2 * w_packed.shape[1]}")
-    _check_k(op, 2 * kh)
+    if 2 * w_packed.shape[1] != k:
+        fail(op, f"K mismatch: x_packed holds K = {k}{' (int8 codes)' if codes else ''}, "
+                 f"w_packed holds K = {2 * w_packed.shape[1]}")
+    _check_k(op, k)
+    if codes and not x_packed.is_cuda:  # free on the host; the CUDA kernels do not scan
+        lo, hi = (int(v) for v in torch.aminmax(x_packed))
+        if lo < -8 or hi > 7:
+            fail(op, f"x_packed holds int8 codes outside the int4 range [-8, 7] "
+                     f"(min {lo}, max {hi})")
     check_tensor(op, "x_scale", x_scale, dtypes=(torch.float32,))
     check_shape(op, "x_scale", x_scale, (m,))
     check_tensor(op, "w_scale", w_scale, dtypes=(torch.float32,))

@@ -59,10 +59,10 @@ SCHEMAS = {
         " -> (Tensor, Tensor, Tensor)"),
     "hadamard_quantize_per_token": (
         "hadamard_quantize_per_token(Tensor x, float scale, int bits=4, bool sym=False,"
-        " float clip_ratio=1.0) -> (Tensor, Tensor, Tensor)"),
+        " float clip_ratio=1.0, bool packed=True) -> (Tensor, Tensor, Tensor)"),
     "rmsnorm_quantize_per_token": (
         "rmsnorm_quantize_per_token(Tensor x, Tensor? weight, float eps, int bits=4,"
-        " bool sym=False, float clip_ratio=1.0) -> (Tensor, Tensor, Tensor)"),
+        " bool sym=False, float clip_ratio=1.0, bool packed=True) -> (Tensor, Tensor, Tensor)"),
 }
 
 for _schema in SCHEMAS.values():
@@ -283,22 +283,23 @@ def _quantize_per_token_packed_fake(x, bits=4, sym=False, clip_ratio=1.0):
 
 
 @_impl("hadamard_quantize_per_token")
-def _hadamard_quantize_per_token(x, scale, bits=4, sym=False, clip_ratio=1.0):
+def _hadamard_quantize_per_token(x, scale, bits=4, sym=False, clip_ratio=1.0, packed=True):
     checks.hadamard_quantize_per_token(x, scale, bits, sym, clip_ratio)
-    return ref.hadamard_quantize_per_token(x, scale, bits, sym, clip_ratio)
+    return ref.hadamard_quantize_per_token(x, scale, bits, sym, clip_ratio, packed)
 
 
 @_fake("hadamard_quantize_per_token")
-def _hadamard_quantize_per_token_fake(x, scale, bits=4, sym=False, clip_ratio=1.0):
-    return _packed_qparams_fake(x)
+def _hadamard_quantize_per_token_fake(x, scale, bits=4, sym=False, clip_ratio=1.0, packed=True):
+    return _packed_qparams_fake(x) if packed else _qparams_fake(x)
 
 
 @_impl("rmsnorm_quantize_per_token")
-def _rmsnorm_quantize_per_token(x, weight, eps, bits=4, sym=False, clip_ratio=1.0):
+def _rmsnorm_quantize_per_token(x, weight, eps, bits=4, sym=False, clip_ratio=1.0, packed=True):
     checks.rmsnorm_quantize_per_token(x, weight, eps, bits, sym, clip_ratio)
-    return ref.rmsnorm_quantize_per_token(x, weight, eps, bits, sym, clip_ratio)
+    return ref.rmsnorm_quantize_per_token(x, weight, eps, bits, sym, clip_ratio, packed)
 
 
 @_fake("rmsnorm_quantize_per_token")
-def _rmsnorm_quantize_per_token_fake(x, weight, eps, bits=4, sym=False, clip_ratio=1.0):
-    return _packed_qparams_fake(x)
+def _rmsnorm_quantize_per_token_fake(x, weight, eps, bits=4, sym=False, clip_ratio=1.0,
+                                     packed=True):
+    return _packed_qparams_fake(x) if packed else _qparams_fake(x)

@@ -174,8 +174,11 @@ def _exact_int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def int4_gemm(x_packed, x_scale, x_zero, w_packed, w_scale, w_sum, bias, out_dtype):
-    """W4A4 GEMM with the dequantization epilogue fused (see module docstring)."""
-    qx = unpack_int4(x_packed)
+    """W4A4 GEMM with the dequantization epilogue fused (see module docstring).
+
+    ``x_packed``: packed uint8 ``[M, K/2]``, or the codes themselves as int8 ``[M, K]``.
+    """
+    qx = x_packed if x_packed.dtype == torch.int8 else unpack_int4(x_packed)
     qw = unpack_int4(w_packed)
     acc = _exact_int_matmul(qx, qw).float()
     if x_zero is not None:
@@ -273,17 +276,17 @@ def quantize_per_token_packed(x: torch.Tensor, bits: int, sym: bool, clip_ratio:
 
 
 def hadamard_quantize_per_token(x: torch.Tensor, scale: float, bits: int, sym: bool,
-                                clip_ratio: float
+                                clip_ratio: float, packed: bool = True
                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online Hadamard then per-token quantization, codes packed two per byte.
 
     Exactly ``quantize_per_token(hadamard_transform_ordered(x, scale))`` with the codes packed
     by :func:`pack_int4`: the transform's result is rounded to x's dtype first, as the unfused
     ``hadamard_transform`` → ``quantize_per_token`` sequence does. Returns uint8
-    ``[..., n/2]`` and float32 scale/zero ``[...]``.
+    ``[..., n/2]`` (int8 codes ``[..., n]`` if not ``packed``) and float32 scale/zero ``[...]``.
     """
     q, s, z = quantize_per_token(hadamard_transform_ordered(x, scale), bits, sym, clip_ratio)
-    return pack_int4(q), s, z
+    return (pack_int4(q) if packed else q), s, z
 
 
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
@@ -309,15 +312,16 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tor
 
 
 def rmsnorm_quantize_per_token(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
-                               bits: int, sym: bool, clip_ratio: float
+                               bits: int, sym: bool, clip_ratio: float, packed: bool = True
                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``quantize_per_token(rms_norm(x, weight, eps))`` with the codes packed two per byte.
+    """``quantize_per_token(rms_norm(x, weight, eps))`` with the codes packed two per byte
+    (int8 codes ``[..., K]`` if not ``packed``).
 
     The normalised (and weighted) activations are rounded to x's dtype before they are
     quantized, as the unfused RMSNorm → ``quantize_per_token`` sequence does.
     """
     q, s, z = quantize_per_token(rms_norm(x, weight, eps), bits, sym, clip_ratio)
-    return pack_int4(q), s, z
+    return (pack_int4(q) if packed else q), s, z
 
 
 # ----------------------------------------------------------------------------------------

@@ -56,9 +56,10 @@ def required_cuda_ops(model) -> Set[str]:
                 need.add("w4a16_gemm")
                 if m.online_hadamard:
                     need.add("hadamard_transform")
-            else:  # on CUDA: one fused quantizer per input (QuantLinear.forward)
-                need |= {"int4_gemm", "hadamard_quantize_per_token" if m.online_hadamard
-                         else "quantize_per_token_packed"}
+            elif m.online_hadamard:  # on CUDA: one fused quantizer per input (QuantLinear)
+                need |= {"int4_gemm", "hadamard_quantize_per_token"}
+            else:  # packed codes, or int8 codes where the GEMM reads those (takes_codes)
+                need |= {"int4_gemm", "quantize_per_token_packed", "quantize_per_token"}
         elif isinstance(m, DecoderLayer):
             if m.q_k_hadamard:
                 need.add("hadamard_transform")

@@ -188,7 +188,7 @@ class DecoderLayer(nn.Module):
         #: False: RoPE / Hadamard first, then ops.kv_cache_append (same numbers)
         self.fused_kv_append = True
         #: RMSNorm + per-token int4 quantization in one op (ops.rmsnorm_quantize_per_token,
-        #: packed codes straight into the W4A4 GEMM) for the qkv and gate|up inputs when those
+        #: codes in the layout the W4A4 GEMM reads straight into it) for the qkv and gate|up inputs when those
         #: are A4 QuantLinears without an online Hadamard. None (default): on CUDA only. Its
         #: mean square is summed in float64 where the RMSNorm module (= transformers') sums in
         #: float32, so once in a while a code differs from the unfused path by one step; the
@@ -210,10 +210,11 @@ class DecoderLayer(nn.Module):
         if (fused and isinstance(proj, QuantLinear) and proj.abits == 4
                 and not proj.online_hadamard and norm.weight.dtype == x.dtype):
             lead = x.shape[:-1]
-            xp, s, z = ops.rmsnorm_quantize_per_token(
-                x.reshape(-1, x.shape[-1]), norm.weight, norm.eps, proj.abits, proj.act_sym,
-                proj.act_clip_ratio)
-            return proj.forward_packed(xp, s, z, x.dtype).reshape(*lead, proj.out_features)
+            x2 = x.reshape(-1, x.shape[-1])
+            xq, s, z = ops.rmsnorm_quantize_per_token(
+                x2, norm.weight, norm.eps, proj.abits, proj.act_sym, proj.act_clip_ratio,
+                packed=not proj.takes_codes(x2))
+            return proj.forward_packed(xq, s, z, x.dtype).reshape(*lead, proj.out_features)
         return proj(norm(x))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
