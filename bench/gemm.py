@@ -20,7 +20,10 @@ included) that operands come from DRAM, not L2 (bench/common.py).
   the int8 row has ``baseline_ms = null``.
 
 Rows (RESULTS.md ``gemm``): op, model, layer, M, N, K, ours_ms, baseline, baseline_ms, speedup
-(= baseline_ms / ours_ms), plus ours_tops / baseline_tops (2·M·N·K / time, 10^12 per second)
+(= baseline_ms / ours_ms), plus ours_tops / baseline_tops (2·M·N·K / time, 10^12 per second),
+``sm90_tile`` (tokens per tile of the Hopper kernel that ran) and, for 16 < M <= 256 there,
+``alt_tile`` / ``alt_tile_ms`` (the same op with the other tile, forced by
+OSTQUANT_GEMM_SM90_TILE: the data to place the M-bucket boundary by)
 and path (``small_m`` for M <= 16, else ``large_m``: on an H100/H200 the CUTLASS sm_90a
 kernels, see docs/ops.md).
 Targets (DESIGN.md): W4A4 >= 1.6x bf16 at M >= 2048; W4 >= 2.5x bf16 at M <= 16.
@@ -30,6 +33,7 @@ rows: W4A4 bit-identical, W4A16 within rounding.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -50,11 +54,13 @@ MODELS: Dict[str, Dict[str, Tuple[int, int]]] = {
 }
 MS = [1, 4, 16, 64, 256, 1024, 2048, 4096, 8192]
 QUICK_MODELS = {"llama-3-8b": MODELS["llama-3-8b"]}
-QUICK_MS = [1, 16, 256, 2048, 8192]
+QUICK_MS = [1, 16, 64, 256, 2048, 8192]
+ALT_TILE_MAX_M = 256  # Hopper path, 16 < M <= this: the other token tile is timed too
 DRY_MODELS = {"tiny": {"proj": (40, 64), "down": (64, 96)}}
 DRY_MS = [1, 4, 17]
 CHECK_ROWS = 48  # rows compared with the reference (first and last CHECK_ROWS / 2)
 SMALL_M_MAX = 16
+TILE_ENV = "OSTQUANT_GEMM_SM90_TILE"
 
 
 def _check_rows(M: int) -> torch.Tensor:
@@ -62,6 +68,15 @@ def _check_rows(M: int) -> torch.Tensor:
         return torch.arange(M)
     h = CHECK_ROWS // 2
     return torch.cat([torch.arange(h), torch.arange(M - h, M)])
+
+
+def sm90_tiles(M: int, N: int, K: int, device: str) -> Optional[Tuple[int, int]]:
+    """(tile the dispatch uses, the other tile) when the Hopper kernels take this shape, else
+    None (``_C.sm90_gemm_tile``; OSTQUANT_GEMM_SM90_TILE forces a tile)."""
+    if not x_codes(M, N, K, device):  # the W4A4 Hopper path runs exactly where codes are read
+        return None
+    tile = int(O._ext.sm90_gemm_tile(M))
+    return tile, (128 if tile == 64 else 64)
 
 
 def x_codes(M: int, N: int, K: int, device: str) -> bool:
@@ -160,6 +175,17 @@ def _measure(M: int, N: int, K: int, what: str, dry_run: bool, device: str) -> D
             continue  # torch._int_mm needs M > 16 on CUDA
         sets = _sets(M, N, K, device, name, nbytes)
         t[name] = common.time_ms(fns[name], sets)
+        tiles = sm90_tiles(M, N, K, device) if name in ("w4a4", "w4a16") else None
+        if tiles is not None and M <= ALT_TILE_MAX_M:  # the other tile, for the M buckets
+            old = os.environ.get(TILE_ENV)
+            os.environ[TILE_ENV] = str(tiles[1])
+            try:
+                t[name + "_alt_tile"] = common.time_ms(fns[name], sets)
+            finally:
+                if old is None:
+                    del os.environ[TILE_ENV]
+                else:
+                    os.environ[TILE_ENV] = old
         del sets
         torch.cuda.empty_cache()
     return t
@@ -179,7 +205,11 @@ def run(models, ms, dry_run: bool, device: str, rows=None) -> List[dict]:
                 if dry_run or not t:
                     continue  # dry run, or this shape failed (its error row is written)
                 flop = 2.0 * M * N * K
+                tiles = sm90_tiles(M, N, K, device)
                 for op in ("w4a4", "w4a16"):
+                    tile_info = {} if tiles is None else {"sm90_tile": tiles[0]}
+                    if op + "_alt_tile" in t:
+                        tile_info.update(alt_tile=tiles[1], alt_tile_ms=t[op + "_alt_tile"])
                     for base in ("bf16", "int8"):
                         bms = t.get(base)
                         rows.append({
@@ -187,6 +217,7 @@ def run(models, ms, dry_run: bool, device: str, rows=None) -> List[dict]:
                             "path": "small_m" if M <= SMALL_M_MAX else "large_m",
                             **({"x_layout": "int8" if x_codes(M, N, K, device) else "packed"}
                                if op == "w4a4" else {}),
+                            **tile_info,
                             "ours_ms": t[op], "ours_tops": flop / t[op] / 1e9,
                             "baseline": base, "baseline_ms": bms,
                             "baseline_tops": None if bms is None else flop / bms / 1e9,

@@ -13,6 +13,7 @@
 
 #include "attention/ops.h"
 #include "gemm/ops.h"
+#include "gemm/sm90/launch.h"
 #include "hadamard/ops.h"
 #include "quant/ops.h"
 
@@ -77,12 +78,22 @@ static PyObject* ostq_int4_gemm_takes_codes(PyObject* /*self*/, PyObject* args) 
   return PyBool_FromLong(takes ? 1 : 0);
 }
 
+// _C.sm90_gemm_tile(M) -> int: tokens per CTA tile of the Hopper GEMM kernels for M rows (64 or
+// 128, OSTQUANT_GEMM_SM90_TILE honoured), see gemm/sm90/launch.h.
+static PyObject* ostq_sm90_gemm_tile(PyObject* /*self*/, PyObject* args) {
+  long long M = 0;
+  if (!PyArg_ParseTuple(args, "L", &M)) return nullptr;
+  return PyLong_FromLong(ostquant::sm90_gemm_tile(M));
+}
+
 static PyMethodDef ostq_methods[] = {
     {"kv_status", ostq_kv_status, METH_NOARGS,
      "Read and clear the CUDA KV kernels' device-side error word (None if no error)."},
     {"int4_gemm_takes_codes", ostq_int4_gemm_takes_codes, METH_VARARGS,
      "int4_gemm_takes_codes(device, M, N, K, fp32_out) -> bool: whether int4_gemm reads int8 "
      "activation codes on this problem (the Hopper path)."},
+    {"sm90_gemm_tile", ostq_sm90_gemm_tile, METH_VARARGS,
+     "sm90_gemm_tile(M) -> int: tokens per CTA tile of the Hopper GEMM kernels for M rows."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -47,3 +47,38 @@ def test_gemm_bench_without_cuda_says_so():
     with pytest.raises(SystemExit) as e:
         gemm.main([])
     assert "needs a CUDA device" in str(e.value.code)
+
+
+def test_gemm_rows_carry_the_hopper_tiles(monkeypatch, single_thread):
+    """Where the Hopper kernels run (simulated here), rows name the tile that ran and, for
+    16 < M <= 256, the other tile's time (forced through OSTQUANT_GEMM_SM90_TILE, restored
+    after)."""
+    import os
+    import types
+
+    from bench import common
+
+    monkeypatch.delenv(gemm.TILE_ENV, raising=False)
+    monkeypatch.setattr(gemm, "x_codes", lambda M, N, K, device: M > 16)
+    monkeypatch.setattr(gemm.O, "_ext", types.SimpleNamespace(
+        sm90_gemm_tile=lambda M: int(os.environ.get(gemm.TILE_ENV, 64 if M <= 64 else 128))))
+    monkeypatch.setattr(gemm, "check", lambda d, what: None)
+    monkeypatch.setattr(common, "num_sets", lambda nbytes: 1)
+    seen = []
+
+    def fake_time(fn, sets):
+        seen.append(os.environ.get(gemm.TILE_ENV))
+        return 2.0 if os.environ.get(gemm.TILE_ENV) else 1.0
+    monkeypatch.setattr(common, "time_ms", fake_time)
+    rows = gemm.run({"m": {"l": (32, 64)}}, [8, 40, 300], False, "cpu", common.Rows("gemm"))
+    assert gemm.TILE_ENV not in os.environ
+    by_m = {}
+    for r in rows:
+        by_m.setdefault(r["M"], []).append(r)
+    assert all("sm90_tile" not in r for r in by_m[8])
+    for r in by_m[40]:
+        assert (r["sm90_tile"], r["alt_tile"], r["alt_tile_ms"], r["ours_ms"]) == (64, 128, 2.0,
+                                                                                  1.0)
+    for r in by_m[300]:  # M > 256: the other tile is not timed
+        assert r["sm90_tile"] == 128 and "alt_tile" not in r
+    assert seen.count("128") == 2 and "64" not in seen  # w4a4 and w4a16 at M = 40

@@ -236,6 +236,26 @@ def test_int4_gemm_sm90_shapes(M, NK):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("tile", ["64", "128"])
+@pytest.mark.parametrize("M", [17, 64, 65, 300])
+def test_sm90_both_tiles_every_m(M, tile, monkeypatch):
+    """The Hopper kernels come in two token tiles (64 for M <= 64, 128 above);
+    OSTQUANT_GEMM_SM90_TILE forces one, so each runs on both sides of the boundary (both ops,
+    both 16-bit types), bit-identical / within rounding."""
+    import ostquant._C as C
+
+    monkeypatch.delenv("OSTQUANT_GEMM_SM90_TILE", raising=False)
+    assert (C.sm90_gemm_tile(17), C.sm90_gemm_tile(64), C.sm90_gemm_tile(65)) == (64, 64, 128)
+    monkeypatch.setenv("OSTQUANT_GEMM_SM90_TILE", tile)
+    assert C.sm90_gemm_tile(M) == int(tile)
+    for N, K in ((136, 96), (1024, 4096)):
+        _check_int4_gemm(M, N, K, False, torch.bfloat16, torch.bfloat16)
+        _check_int4_gemm(M, N, K, True, None, torch.float16)
+        _check_w4a16(M, N, K, torch.bfloat16, torch.bfloat16)
+        _check_w4a16(M, N, K, torch.float16, None)
+
+
+@pytest.mark.cuda
 def test_int4_gemm_sm90_misaligned_vectors():
     """Per-channel vectors that are views at an odd float offset (the CUTLASS epilogue reads them
     4 at a time) are copied, not misread; so are strided per-token vectors."""

@@ -31,27 +31,41 @@ bool sm90_gemm_built();
 // TMA store, every dimension < 2^31); false -> use the portable path.
 bool sm90_gemm_supported(int64_t M, int64_t N, int64_t K);
 
+// The largest M the 64-token tile takes by default.
+constexpr int64_t kSm90SmallTileMaxM = 64;
+
+// Tokens per CTA tile (64 or 128) the Hopper kernels use for M rows: 64 for M <= 64, else 128;
+// the environment variable OSTQUANT_GEMM_SM90_TILE=64|128 (read on every call) forces one, to
+// compare the two on a GPU (bench/gemm.py).
+int sm90_gemm_tile(int64_t M);
+
+// Tiles by M bucket (128 output channels x TileN tokens, TileN = sm90_gemm_tile(M)): 64 tokens
+// for 16 < M <= 64 (batched decode, short prompts: half the wasted wgmma work of a 128-token
+// tile on 33..64 tokens, twice the stages in the same shared memory), 128 above. Each
+// instantiation costs about two minutes of CPU to compile and CI compiles them all on two
+// cores, so the set is kept to these eight (fp16/bf16 models, two tiles, W4A4 and W4A16).
+//
 // With workspace_bytes != nullptr: checks that the kernel can run the problem and stores the
 // workspace it needs (stream-K partials), launching nothing. Otherwise launches on `stream`
 // with `workspace` (that many bytes, may be null when 0). Returns cudaErrorNotSupported for
 // combinations that were not instantiated (float32 output or activations) or problems the
 // kernel cannot run; the caller then takes the portable path.
-// One tile, 128 output channels x 128 tokens, for every M > 16: each instantiation costs about
-// two minutes of CPU to compile, and CI compiles them all on two cores, so the set is kept to
-// the four that matter (fp16/bf16 models). A 64-token tile for 16 < M <= 64 is a measured-later
-// option (bench/gemm.py shows the M sweep).
 cudaError_t sm90_w4a4_gemm(FloatType out_type, const Sm90GemmProblem& p, void* workspace,
                            size_t* workspace_bytes, cudaStream_t stream);
 cudaError_t sm90_w4a16_gemm(FloatType x_type, const Sm90GemmProblem& p, void* workspace,
                             size_t* workspace_bytes, cudaStream_t stream);
 
 namespace sm90 {
-// The instantiations (sm90/w4a*_t128_*.cu): W4A4 out type / W4A16 activation type.
+// The instantiations (sm90/w4a*_t{64,128}_*.cu): W4A4 out type / W4A16 activation type, tile.
 using Sm90GemmFn = cudaError_t (*)(const Sm90GemmProblem&, void*, size_t*, cudaStream_t);
 cudaError_t w4a4_t128_f16(const Sm90GemmProblem&, void*, size_t*, cudaStream_t);
 cudaError_t w4a4_t128_bf16(const Sm90GemmProblem&, void*, size_t*, cudaStream_t);
 cudaError_t w4a16_t128_f16(const Sm90GemmProblem&, void*, size_t*, cudaStream_t);
 cudaError_t w4a16_t128_bf16(const Sm90GemmProblem&, void*, size_t*, cudaStream_t);
+cudaError_t w4a4_t64_f16(const Sm90GemmProblem&, void*, size_t*, cudaStream_t);
+cudaError_t w4a4_t64_bf16(const Sm90GemmProblem&, void*, size_t*, cudaStream_t);
+cudaError_t w4a16_t64_f16(const Sm90GemmProblem&, void*, size_t*, cudaStream_t);
+cudaError_t w4a16_t64_bf16(const Sm90GemmProblem&, void*, size_t*, cudaStream_t);
 }  // namespace sm90
 
 }  // namespace ostquant
