@@ -33,6 +33,7 @@ rows: W4A4 bit-identical, W4A16 within rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Dict, List, Optional, Tuple
@@ -77,6 +78,20 @@ def sm90_tiles(M: int, N: int, K: int, device: str) -> Optional[Tuple[int, int]]
         return None
     tile = int(O._ext.sm90_gemm_tile(M))
     return tile, (128 if tile == 64 else 64)
+
+
+@contextlib.contextmanager
+def _forced_tile(tile: int):
+    """OSTQUANT_GEMM_SM90_TILE=tile inside the block (read by the extension on every call)."""
+    old = os.environ.get(TILE_ENV)
+    os.environ[TILE_ENV] = str(tile)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[TILE_ENV]
+        else:
+            os.environ[TILE_ENV] = old
 
 
 def x_codes(M: int, N: int, K: int, device: str) -> bool:
@@ -163,6 +178,11 @@ def _measure(M: int, N: int, K: int, what: str, dry_run: bool, device: str) -> D
     fns = {"w4a4": ours_w4a4, "w4a16": ours_w4a16, "bf16": base_bf16, "int8": base_int8}
     d = make_inputs(M, N, K, device)
     check(d, what)
+    tiles = sm90_tiles(M, N, K, device)
+    alt = tiles[1] if tiles is not None and M <= ALT_TILE_MAX_M else None
+    if alt is not None:
+        with _forced_tile(alt):
+            check(d, f"{what} ({alt}-token tile)")
     if dry_run:
         base_bf16(d)
         base_int8(d)  # CPU _int_mm takes any M; CUDA needs M > 16
@@ -175,17 +195,9 @@ def _measure(M: int, N: int, K: int, what: str, dry_run: bool, device: str) -> D
             continue  # torch._int_mm needs M > 16 on CUDA
         sets = _sets(M, N, K, device, name, nbytes)
         t[name] = common.time_ms(fns[name], sets)
-        tiles = sm90_tiles(M, N, K, device) if name in ("w4a4", "w4a16") else None
-        if tiles is not None and M <= ALT_TILE_MAX_M:  # the other tile, for the M buckets
-            old = os.environ.get(TILE_ENV)
-            os.environ[TILE_ENV] = str(tiles[1])
-            try:
+        if alt is not None and name in ("w4a4", "w4a16"):  # the other tile, for the M buckets
+            with _forced_tile(alt):
                 t[name + "_alt_tile"] = common.time_ms(fns[name], sets)
-            finally:
-                if old is None:
-                    del os.environ[TILE_ENV]
-                else:
-                    os.environ[TILE_ENV] = old
         del sets
         torch.cuda.empty_cache()
     return t

@@ -62,7 +62,9 @@ def test_gemm_rows_carry_the_hopper_tiles(monkeypatch, single_thread):
     monkeypatch.setattr(gemm, "x_codes", lambda M, N, K, device: M > 16)
     monkeypatch.setattr(gemm.O, "_ext", types.SimpleNamespace(
         sm90_gemm_tile=lambda M: int(os.environ.get(gemm.TILE_ENV, 64 if M <= 64 else 128))))
-    monkeypatch.setattr(gemm, "check", lambda d, what: None)
+    checked = []
+    monkeypatch.setattr(gemm, "check", lambda d, what: checked.append(
+        os.environ.get(gemm.TILE_ENV)))
     monkeypatch.setattr(common, "num_sets", lambda nbytes: 1)
     seen = []
 
@@ -82,3 +84,4 @@ def test_gemm_rows_carry_the_hopper_tiles(monkeypatch, single_thread):
     for r in by_m[300]:  # M > 256: the other tile is not timed
         assert r["sm90_tile"] == 128 and "alt_tile" not in r
     assert seen.count("128") == 2 and "64" not in seen  # w4a4 and w4a16 at M = 40
+    assert checked == [None, None, "128", None]  # M = 40 checked with the other tile too

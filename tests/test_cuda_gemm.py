@@ -189,8 +189,11 @@ def test_int4_gemm_end_to_end_quantized(M):
 @pytest.mark.parametrize("M", [2, 16, 30])
 def test_int4_gemm_k_zero(M):
     args = _w4a4_inputs(M, 19, 0, False, torch.float32, True)
-    _assert_equal(O.int4_gemm(*args, out_dtype=torch.float32), ref.int4_gemm(*args, torch.float32),
-                  f"K=0 M={M}")
+    want = ref.int4_gemm(*args, torch.float32)
+    _assert_equal(O.int4_gemm(*args, out_dtype=torch.float32), want, f"K=0 M={M}")
+    codes = torch.zeros(M, 0, dtype=torch.int8, device="cuda")
+    _assert_equal(O.int4_gemm(codes, *args[1:], out_dtype=torch.float32), want,
+                  f"K=0 M={M} int8 codes")
 
 
 @pytest.mark.cuda

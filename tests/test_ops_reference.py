@@ -161,6 +161,13 @@ def test_int4_gemm_int8_codes_bad_input():
     with pytest.raises(ValueError, match=r"x_packed must have dtype in \(uint8, int8\)"):
         O.int4_gemm(qx.short(), sx, zx, pw, sw)
     assert O.int4_gemm_takes_codes(torch.device("cpu"), 64, 32, 64) is False
+    # K = 0 (an empty reduction) works in both layouts: y = bias
+    e8, eu, ew = (torch.zeros(3, 0, dtype=torch.int8), torch.zeros(3, 0, dtype=torch.uint8),
+                  torch.zeros(8, 0, dtype=torch.uint8))
+    b = torch.randn(8)
+    args = (torch.ones(3), None, ew, torch.ones(8), None, b, torch.float32)
+    assert torch.equal(O.int4_gemm(e8, *args), O.int4_gemm(eu, *args))
+    assert torch.equal(O.int4_gemm(e8, *args), b.expand(3, 8))
 
 
 def test_int4_gemm_wsum_given_equals_computed():

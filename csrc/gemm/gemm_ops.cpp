@@ -32,9 +32,10 @@
 //    Both materialise the widened weight (N·K bytes / N·K·2 bytes) on every call.
 //
 // int4_gemm's activations may come packed (uint8 [M, K/2]) or as int8 codes (int8 [M, K]): the
-// paths other than the Hopper one pack int8 codes first (pack_int4), so they cost one extra pass
-// there. Codes outside [-8, 7] are not checked for on the GPU (the reference kernel raises):
-// the Hopper path multiplies them as they are, the others keep their low 4 bits.
+// small-M and IMMA kernels read packed codes, so int8 codes are packed first there (one extra
+// pass); the Hopper and portable paths read int8 codes. Codes outside [-8, 7] are not checked
+// for on the GPU (the reference kernel raises): the Hopper and portable paths multiply them as
+// they are, the small-M and IMMA paths keep their low 4 bits.
 //
 // Inputs need not be contiguous: like the reference kernels, the ops accept any strides (a
 // non-contiguous or misaligned input is copied first).
@@ -301,12 +302,15 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
   // The activations as the chosen path reads them: int8 codes (Hopper: the caller's codes as
   // they are, or the packed ones widened) or packed (every other path: int8 codes packed first).
   const bool sm90 = int4_gemm_takes_codes(device, M, N, K, fp32_out);
+  // The paths that read packed codes: small M, and the IMMA kernel (the Hopper and portable
+  // paths read int8 codes).
+  const bool imma = !fp32_out && M > kSmallMMax && use_imma(device, M, N, K);
   const bool codes_in = x_packed_in.scalar_type() == at::kChar;
-  at::Tensor x;   // packed uint8 [M, K/2]; undefined while only the codes are at hand
-  at::Tensor x8;  // int8 codes [M, K]: the caller's (codes_in), or the Hopper path's buffer
+  at::Tensor x;   // packed uint8 [M, K/2]; undefined when int8 codes came in and no path needs it
+  at::Tensor x8;  // int8 codes [M, K]: the caller's (codes_in), or the widened packed ones
   if (codes_in) {
     x8 = contiguous_aligned(x_packed_in);
-    if (!sm90) x = pack_codes(op, x8, stream);
+    if (M <= kSmallMMax || imma) x = pack_codes(op, x8, stream);
   } else {
     x = contiguous_aligned(x_packed_in);
   }
@@ -337,10 +341,11 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
 
   if (sm90) {
     at::Tensor bias_f32;
-    if (!x8.defined()) x8 = at::empty({M, K}, like.options().dtype(at::kChar));
-    const Sm90GemmProblem prob =
+    if (!codes_in) x8 = at::empty({M, K}, like.options().dtype(at::kChar));
+    Sm90GemmProblem prob =
         cutlass_problem(epi, bias_in, x8.const_data_ptr(), wp, M, N, K, device, bias_f32);
-    bool widened = xp == nullptr;  // int8 codes given: nothing to widen
+    prob.tile = sm90_gemm_tile(M);  // once: the workspace query and the launch agree
+    bool widened = codes_in;  // int8 codes given: nothing to widen
     const bool ran = run_cutlass(op, like, [&](void* ws, size_t* ws_bytes) {
       if (ws_bytes == nullptr && !widened) {  // launching: widen the packed activations first
         widened = true;
@@ -351,10 +356,8 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
       return sm90_w4a4_gemm(epi.out_type, prob, ws, ws_bytes, stream);
     });
     if (ran) return out;
-    if (xp == nullptr) {  // the kernel refused the problem: the paths below read packed codes
-      x = pack_codes(op, x8, stream);
-      xp = static_cast<const uint8_t*>(x.const_data_ptr());
-    }
+    // The kernel refused the problem: the portable path below (small M and IMMA are ruled out
+    // by int4_gemm_takes_codes); it reads x8 when codes came in.
   }
 
   if (M <= kSmallMMax) {
@@ -370,7 +373,7 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
     return out;
   }
 
-  if (!fp32_out && use_imma(device, M, N, K)) {
+  if (imma) {
     at::Tensor bias_f32;  // x: the packed int4 activations as they are
     const CutlassGemmProblem prob = cutlass_problem(epi, bias_in, xp, wp, M, N, K, device,
                                                     bias_f32);
@@ -385,15 +388,15 @@ at::Tensor int4_gemm_cuda(const at::Tensor& x_packed_in, const at::Tensor& x_sca
   const int64_t Np = (N + 7) / 8 * 8;  // at::_int_mm wants N % 8 == 0
   at::Tensor acc;
   if (K == 0) {
-    acc = at::zeros({M, Np}, x.options().dtype(at::kInt));
+    acc = at::zeros({M, Np}, like.options().dtype(at::kInt));
   } else {
     at::Tensor xi = x8;  // the caller's int8 codes, or the packed ones widened
     if (!codes_in) {
-      xi = at::empty({M, K}, x.options().dtype(at::kChar));
+      xi = at::empty({M, K}, like.options().dtype(at::kChar));
       OSTQ_CHECK_LAUNCH(op, launch_unpack_int4(xp, static_cast<int8_t*>(xi.data_ptr()),
                                                M * K / 2, stream));
     }
-    at::Tensor w8 = at::empty({Np, K}, x.options().dtype(at::kChar));
+    at::Tensor w8 = at::empty({Np, K}, like.options().dtype(at::kChar));
     OSTQ_CHECK_LAUNCH(op, launch_unpack_int4(wp, static_cast<int8_t*>(w8.data_ptr()), N * K / 2,
                                              stream));
     if (Np > N) w8.narrow(0, N, Np - N).zero_();
@@ -438,8 +441,9 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& w_packed_in
 
   if (x.scalar_type() != at::kFloat && use_sm90(x.get_device(), M, N, K)) {
     at::Tensor bias_f32;
-    const Sm90GemmProblem prob = cutlass_problem(epi, bias_in, x.const_data_ptr(), wp, M, N, K,
-                                                 x.get_device(), bias_f32);
+    Sm90GemmProblem prob = cutlass_problem(epi, bias_in, x.const_data_ptr(), wp, M, N, K,
+                                           x.get_device(), bias_f32);
+    prob.tile = sm90_gemm_tile(M);  // once: the workspace query and the launch agree
     const FloatType x_type = to_float_type(x.scalar_type());
     if (run_cutlass(op, x, [&](void* ws, size_t* ws_bytes) {
           return sm90_w4a16_gemm(x_type, prob, ws, ws_bytes, stream);

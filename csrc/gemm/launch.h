@@ -38,6 +38,7 @@ struct CutlassGemmProblem {
   GemmEpilogue epi;
   int device = 0;
   int sm_count = 132;
+  int tile = 0;  // Hopper path: tokens per CTA tile (64 or 128), chosen once per call; 0: by M
 };
 
 // ---------------------------------------------------------------- small M (decode) kernels

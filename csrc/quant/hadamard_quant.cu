@@ -18,7 +18,7 @@
 //        (common/quant_math.cuh, as quantize_per_token), two codes per byte, 4-byte stores
 //        (unpacked: one int8 per code, 8-byte stores).
 // Rows too long for one CTA's shared memory (hadamard_quantize_fits) are not handled here: the
-// host op falls back to hadamard_transform + the packed per-token quantizer.
+// host op falls back to hadamard_transform + the per-token quantizer (packed or int8 codes).
 //
 // Cost: the K x K stage is K FMAs per element on the CUDA cores (K = 172 for n = 11008), which
 // makes large-K sizes compute-bound; K = 1 and small K are bound by memory bandwidth.

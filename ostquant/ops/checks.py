@@ -80,7 +80,7 @@ def int4_gemm(x_packed, x_scale, x_zero, w_packed, w_scale, w_sum, bias, out_dty
         fail(op, f"K mismatch: x_packed holds K = {k}{' (int8 codes)' if codes else ''}, "
                  f"w_packed holds K = {2 * w_packed.shape[1]}")
     _check_k(op, k)
-    if codes and not x_packed.is_cuda:  # free on the host; the CUDA kernels do not scan
+    if codes and x_packed.numel() and not x_packed.is_cuda:  # free on the host; CUDA: no scan
         lo, hi = (int(v) for v in torch.aminmax(x_packed))
         if lo < -8 or hi > 7:
             fail(op, f"x_packed holds int8 codes outside the int4 range [-8, 7] "

@@ -188,8 +188,8 @@ class DecoderLayer(nn.Module):
         #: False: RoPE / Hadamard first, then ops.kv_cache_append (same numbers)
         self.fused_kv_append = True
         #: RMSNorm + per-token int4 quantization in one op (ops.rmsnorm_quantize_per_token,
-        #: codes in the layout the W4A4 GEMM reads straight into it) for the qkv and gate|up inputs when those
-        #: are A4 QuantLinears without an online Hadamard. None (default): on CUDA only. Its
+        #: codes in the layout the W4A4 GEMM reads straight into it) for the qkv and gate|up
+        #: inputs when those are A4 QuantLinears without an online Hadamard. None (default): on CUDA only. Its
         #: mean square is summed in float64 where the RMSNorm module (= transformers') sums in
         #: float32, so once in a while a code differs from the unfused path by one step; the
         #: CPU default keeps the unfused path, bit-identical to the calibrated model.

@@ -27,7 +27,7 @@ int sm90_gemm_tile(int64_t M) {
 
 cudaError_t sm90_w4a4_gemm(FloatType out_type, const Sm90GemmProblem& p, void* workspace,
                            size_t* workspace_bytes, cudaStream_t stream) {
-  const bool t64 = sm90_gemm_tile(p.M) == 64;
+  const bool t64 = (p.tile != 0 ? p.tile : sm90_gemm_tile(p.M)) == 64;
   sm90::Sm90GemmFn fn = nullptr;
   switch (out_type) {
     case FloatType::kFloat16: fn = t64 ? sm90::w4a4_t64_f16 : sm90::w4a4_t128_f16; break;
@@ -40,7 +40,7 @@ cudaError_t sm90_w4a4_gemm(FloatType out_type, const Sm90GemmProblem& p, void* w
 
 cudaError_t sm90_w4a16_gemm(FloatType x_type, const Sm90GemmProblem& p, void* workspace,
                             size_t* workspace_bytes, cudaStream_t stream) {
-  const bool t64 = sm90_gemm_tile(p.M) == 64;
+  const bool t64 = (p.tile != 0 ? p.tile : sm90_gemm_tile(p.M)) == 64;
   sm90::Sm90GemmFn fn = nullptr;
   switch (x_type) {
     case FloatType::kFloat16: fn = t64 ? sm90::w4a16_t64_f16 : sm90::w4a16_t128_f16; break;

@@ -35,8 +35,9 @@ bool sm90_gemm_supported(int64_t M, int64_t N, int64_t K);
 constexpr int64_t kSm90SmallTileMaxM = 64;
 
 // Tokens per CTA tile (64 or 128) the Hopper kernels use for M rows: 64 for M <= 64, else 128;
-// the environment variable OSTQUANT_GEMM_SM90_TILE=64|128 (read on every call) forces one, to
-// compare the two on a GPU (bench/gemm.py).
+// the environment variable OSTQUANT_GEMM_SM90_TILE=64|128 (read on every call; other values are
+// ignored) forces one, to compare the two on a GPU (bench/gemm.py). The ops choose once per
+// call and pass it in CutlassGemmProblem::tile, so the workspace query and the launch agree.
 int sm90_gemm_tile(int64_t M);
 
 // Tiles by M bucket (128 output channels x TileN tokens, TileN = sm90_gemm_tile(M)): 64 tokens
