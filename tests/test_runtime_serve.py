@@ -108,20 +108,49 @@ def test_chunked_prefill(model):
     assert chunked.extra["passes"] > whole.extra["passes"]
 
 
-def test_chunk_padding_fits_capacity_and_pool(model):
-    """A chunk pass pads its rows to its longest chunk: a prompt's last, short chunk can reach
-    past prompt + max_new_tokens (the capacity covers it); a chunk longer than every prompt
-    pads no further than the longest prompt (the reservation does not ask for more)."""
+def test_chunked_prefill_pads_nothing_and_reserves_exactly(model):
+    """The chunks of one step run as one forward per chunk length, so no row is padded: a
+    sequence's pages cover prompt + max_new_tokens - 1 positions exactly, and a pool of just
+    that many pages admits it (a padded last chunk would need another page)."""
     prompts = [list(range(10, 19)), [7], list(range(30, 39))]
     want = [w.tokens[0] for w in _alone(model, prompts, 1, stop_at_eos=False)]
     got = generate_continuous(model, prompts, 1, batch_size=2, page_size=16, prefill_chunk=4,
                               stop_at_eos=False)
     assert got.tokens == want
-    p = list(range(10, 27))  # 17 tokens: 2 pages of 16
-    for chunk in (40, 12):
+    p = list(range(10, 40))  # 30 tokens: 2 pages of 16; chunks 20 + 10 (padded: 40 -> 3 pages)
+    for chunk in (20, 40, 12):
         got = generate_continuous(model, [p], 1, batch_size=1, page_size=16, num_pages=2,
                                   prefill_chunk=chunk, stop_at_eos=False)
         assert got.tokens == _alone(model, [p], 1, stop_at_eos=False)[0].tokens
+    # 30 + 25 tokens, chunk 20, 2 new tokens: step 0 one forward of two 20-token chunks, step 1
+    # a forward of 10 and one of 5 tokens (each completes its prompt), step 2 the decode
+    two = [p, list(range(50, 75))]
+    steps = []
+    got = generate_continuous(model, two, 2, batch_size=2, page_size=16, num_pages=4,
+                              prefill_chunk=20, stop_at_eos=False,
+                              callback=lambda st: steps.append(list(st.tokens)))
+    assert got.tokens == [w.tokens[0] for w in _alone(model, two, 2, stop_at_eos=False)]
+    assert (got.extra["passes"], got.extra["forwards"]) == (3, 4)
+    assert got.extra["max_pages_used"] == 4
+    assert steps[0] == [None, None] and None not in steps[1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chunked_prefill_random_prompts_tight_pool(model, seed):
+    """Random prompt lengths, chunk sizes and slot counts over the smallest pool that holds
+    the longest sequence: admission waits, nothing runs out of pages, tokens as each alone."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 6, (1,), generator=g))
+    prompts = [torch.randint(1, 250, (int(torch.randint(1, 40, (1,), generator=g)),),
+                             generator=g).tolist() for _ in range(n)]
+    chunk = int(torch.randint(1, 24, (1,), generator=g))
+    new = int(torch.randint(1, 6, (1,), generator=g))
+    batch = int(torch.randint(1, 4, (1,), generator=g))
+    pool = max(-(-(len(q) + new - 1) // 16) for q in prompts)
+    got = generate_continuous(model, prompts, new, batch_size=batch, page_size=16,
+                              num_pages=pool, prefill_chunk=chunk, stop_at_eos=False)
+    assert got.tokens == [w.tokens[0] for w in _alone(model, prompts, new, stop_at_eos=False)]
+    assert got.extra["max_pages_used"] <= pool
 
 
 def test_admission_waits_for_pages(model):

@@ -10,7 +10,9 @@ the step is two forward passes through row views of the cache
 cache: one causal SDPA, exactly :func:`~ostquant.runtime.generate`'s prefill), then one token
 for each decoding slot, so nobody is padded to anybody else's length and idle slots cost
 nothing; ``prefill_chunk`` splits a long prompt's prefill over several steps (chunked
-prefill), the decoding slots getting a token in each. With the contiguous float cache the
+prefill), the decoding slots getting a token in each; the chunks of one step go through one
+forward per chunk length (a prompt's last chunk is usually shorter), so no chunk is padded and
+a sequence never holds a page for padding. With the contiguous float cache the
 step is one pass over every slot (the decoding slots' single tokens right-padded to the
 admitted prompt's length; real tokens never attend to padding, see
 :meth:`QuantizedCausalLM.forward`). A slot whose sequence stops (EOS or
@@ -18,8 +20,9 @@ admitted prompt's length; real tokens never attend to padding, see
 and refilled from the queue in the next step.
 
 Admission waits when the page pool is short: a prompt enters only if the pool can hold every
-sequence in flight at its longest (prompt + ``max_new_tokens``, or the admitted prompts'
-common prefill length if that is more), so a run never runs out of pages midway; the
+sequence in flight at its longest (prompt + ``max_new_tokens``, or, for whole-prompt
+prefill, the admitted prompts' common prefill length if that is more), so a run never runs out
+of pages midway; the
 sequences already decoding go first. A prompt that does not fit even in an otherwise idle
 cache raises :class:`~ostquant.runtime.CacheFullError`.
 
@@ -69,15 +72,15 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
             (``tokens[i]`` the token prompt ``i`` got in this step, None if none).
         prefill_chunk: paged cache only: prefill at most this many prompt tokens of a
             sequence per step (chunked prefill), so a long prompt does not hold the decoding
-            slots' next tokens back for its whole prefill; None (default): whole prompts.
-            Rows of one chunk pass are padded to its longest chunk, so admission reserves
-            pages as if a prompt's last chunk were padded to ``min(prefill_chunk, longest
-            prompt)`` tokens (conservative with a tight ``num_pages``).
+            slots' next tokens back for its whole prefill; None (default): whole prompts
+            (the prompts admitted in one step prefilled together, padded to the longest).
+            The chunks of one step run as one forward per chunk length, unpadded, so a
+            sequence reserves exactly prompt + ``max_new_tokens`` - 1 positions' pages.
 
     Returns a :class:`GenerationResult` in prompt order; ``prefill_seconds`` is the first
     step, ``decode_seconds`` all later steps (which include the prefills of prompts admitted
-    later); ``extra`` holds ``passes`` (steps), ``forwards`` (forward passes: up to two a step
-    with the paged cache), ``admitted_late`` (prompts admitted while other slots were
+    later); ``extra`` holds ``passes`` (steps), ``forwards`` (forward passes; with the paged
+    cache one for the decoding slots and one per prefill chunk length in a step), ``admitted_late`` (prompts admitted while other slots were
     decoding) and ``max_pages_used`` (paged cache).
 
     Raises ``ValueError`` for an empty batch or prompt, token ids outside the vocabulary,
@@ -104,9 +107,7 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
     # holds another's padding. Contiguous float cache: one pass for every slot, where a
     # decoding slot carries the padding of a prompt admitted in the same pass (up to
     # `longest` tokens).
-    max_len = max([longest + max_new_tokens] + [
-        _prefill_end(len(p), len(p), prefill_chunk, longest) for p in ids]) if paged \
-        else 2 * longest + max_new_tokens
+    max_len = longest + max_new_tokens if paged else 2 * longest + max_new_tokens
     cache = model.new_cache(B, max_len, paged=paged, page_size=page_size, num_pages=num_pages) \
         if paged else model.new_cache(B, max_len)
     eos = eos_set(model.eos_token_id if eos_token_id is None else eos_token_id) \
@@ -142,18 +143,14 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
         busy = [b for b in range(B) if slot_of[b] is not None]
         decoding = [b for b in busy if not paged or done_prefill[b] == len(ids[slot_of[b]])]
         admit = _admit_paged(cache, queue, slot_of, reserved, ids, max_new_tokens,
-                             prefill_chunk, longest) if paged else _admit(queue, slot_of)
+                             prefill_chunk) if paged else _admit(queue, slot_of)
         if not busy and not admit:
             i = queue[0]
-            need = _pages_needed(cache, len(ids[i]), len(ids[i]), max_new_tokens, prefill_chunk,
-                                 longest)
-            pad = "" if prefill_chunk is None else (
-                f", its last prefill chunk counted as padded to {min(prefill_chunk, longest)} "
-                f"tokens as another prompt's chunk in the same pass can make it")
+            need = _pages_needed(cache, len(ids[i]), len(ids[i]), max_new_tokens, prefill_chunk)
             raise CacheFullError(
                 f"generate_continuous: prompt {i} ({len(ids[i])} tokens) + max_new_tokens "
                 f"({max_new_tokens}) does not fit the KV cache's page pool even alone: it may "
-                f"need {need} pages of {page_size} tokens{pad}; the pool has "
+                f"need {need} pages of {page_size} tokens; the pool has "
                 f"{cache.num_pages}; use more num_pages or a smaller batch_size")
         if decoding and admit:
             admitted_late += len(admit)
@@ -166,14 +163,15 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
         if paged:
             prefilling = [b for b in range(B)
                           if slot_of[b] is not None and b not in decoding]
-            if prefilling:  # the next chunk (or the whole rest) of each prompt being prefilled
-                C = prefill_chunk or max(len(p) for p in ids)
-                rows = [ids[slot_of[b]][done_prefill[b]:done_prefill[b] + C]
-                        for b in prefilling]
+            # the next chunk (or the whole rest) of each prompt being prefilled: whole prompts
+            # in one padded forward, chunks in one unpadded forward per chunk length
+            C = prefill_chunk or max(len(p) for p in ids)
+            for group in _prefill_groups(prefilling, slot_of, done_prefill, ids,
+                                         prefill_chunk):
+                rows = [ids[slot_of[b]][done_prefill[b]:done_prefill[b] + C] for b in group]
                 completes = any(done_prefill[b] + len(r) == len(ids[slot_of[b]])
-                                for b, r in zip(prefilling, rows))
-                for b, r, t in zip(prefilling, rows,
-                                   forward(rows, cache.rows(prefilling), completes)):
+                                for b, r in zip(group, rows))
+                for b, r, t in zip(group, rows, forward(rows, cache.rows(group), completes)):
                     done_prefill[b] += len(r)
                     if done_prefill[b] == len(ids[slot_of[b]]):
                         nxt[b] = t  # the prompt is in: its first generated token
@@ -232,33 +230,47 @@ def _admit(queue: List[int], slot_of: List[Optional[int]]) -> dict:
     return admit
 
 
-def _prefill_end(n: int, common: int, chunk: Optional[int], longest: int) -> int:
+def _prefill_groups(prefilling: List[int], slot_of: List[Optional[int]],
+                    done_prefill: List[int], ids: List[List[int]],
+                    chunk: Optional[int]) -> List[List[int]]:
+    """The forwards of one step's prefill, each a list of slots: whole prompts (``chunk``
+    None) all in one (padded to the longest); chunks grouped by length, longest first, so no
+    row of a forward is padded (usually one group of full chunks plus the prompts whose last,
+    shorter chunk this is)."""
+    if not prefilling:
+        return []
+    if chunk is None:
+        return [prefilling]
+    by_len: dict = {}
+    for b in prefilling:
+        by_len.setdefault(min(chunk, len(ids[slot_of[b]]) - done_prefill[b]), []).append(b)
+    return [by_len[n] for n in sorted(by_len, reverse=True)]
+
+
+def _prefill_end(n: int, common: int, chunk: Optional[int]) -> int:
     """The furthest position a prompt of ``n`` tokens writes during its prefill, padding
     included: the admitted prompts' common length ``common`` (whole prompts prefilled together),
-    or with chunked prefill the start of its last chunk plus the longest chunk a pass can hold
-    (rows of one pass are padded to the longest row: at most ``min(chunk, longest)``)."""
-    if chunk is None:
-        return common
-    return (n - 1) // chunk * chunk + min(chunk, longest)
+    or ``n`` with chunked prefill (its forwards are unpadded, see :func:`_prefill_groups`)."""
+    return common if chunk is None else n
 
 
 def _pages_needed(cache: PagedKVCache, n: int, common: int, max_new_tokens: int,
-                  chunk: Optional[int], longest: int) -> int:
+                  chunk: Optional[int]) -> int:
     """Pages a sequence with an ``n``-token prompt may come to hold: its prefill's padding, or
     its prompt + ``max_new_tokens`` - 1 positions (the last sampled token is never stored),
     whichever reaches further."""
-    return cache.pages_for(max(_prefill_end(n, common, chunk, longest), n + max_new_tokens - 1))
+    return cache.pages_for(max(_prefill_end(n, common, chunk), n + max_new_tokens - 1))
 
 
 def _admit_paged(cache: PagedKVCache, queue: List[int], slot_of: List[Optional[int]],
                  reserved: List[int], ids: List[List[int]], max_new_tokens: int,
-                 chunk: Optional[int], longest: int) -> dict:
+                 chunk: Optional[int]) -> dict:
     """As :func:`_admit`, but a prompt enters only if the page pool still covers every
     sequence in flight at its longest afterwards: ``reserved[b]`` pages for slot ``b``, its
     prompt + ``max_new_tokens`` tokens, or the admitted prompts' common prefill length (the
     padding of a batched prefill takes pages too), whichever is more (the last token sampled is
     never stored, so prompt + ``max_new_tokens`` - 1 positions); with ``chunk`` (chunked
-    prefill) see :func:`_prefill_end`. Finished slots give their reservation back, so every
+    prefill: unpadded) just the latter. Finished slots give their reservation back, so every
     later pass fits and a run never runs out of pages midway; the sequences already decoding
     go first."""
     admit: dict = {}
@@ -269,7 +281,7 @@ def _admit_paged(cache: PagedKVCache, queue: List[int], slot_of: List[Optional[i
         S = max(len(ids[i]) for i in trial.values())  # the admitted prefill's length
         want = list(reserved)
         for a, i in trial.items():
-            want[a] = _pages_needed(cache, len(ids[i]), S, max_new_tokens, chunk, longest)
+            want[a] = _pages_needed(cache, len(ids[i]), S, max_new_tokens, chunk)
         if sum(want) > cache.num_pages:
             break
         admit = trial
