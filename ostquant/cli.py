@@ -712,8 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "finished sequence's slot taking the next prompt (default: all prompts "
                         "in one batch)")
     g.add_argument("--prefill-chunk", type=int, default=None,
-                   help="with --batch-size and an int4 KV cache: prefill at most this many "
-                        "prompt tokens per sequence and step (chunked prefill)")
+                   help="with --batch-size: prefill at most this many prompt tokens per "
+                        "sequence and step (chunked prefill)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="replay the decode step as a CUDA graph (CUDA with the compiled "
                         "kernels; otherwise a warning and eager decoding)")

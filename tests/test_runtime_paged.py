@@ -205,3 +205,39 @@ def test_row_view_goes_stale_when_the_parent_releases(model):
     with pytest.raises(RuntimeError, match="stale"):
         model(_ids(2, 1), x)
     assert c.lengths == [2, 2]
+
+
+def test_float_cache_row_views():
+    """The contiguous float (KV16) cache has row views too (continuous batching uses them):
+    appends land in the parent's storage rows, lengths follow, the logits are the whole
+    batch's; stale after a release; the contiguous int4 cache has none (paged instead)."""
+    m = QuantizedCausalLM.random("tiny", "w4a16", dtype=torch.float32, seed=3)
+    ids = _ids(3, 21, seed=4)
+    lens = [21, 9, 14]
+    full = m.new_cache(3, 48)
+    want = m(ids, full, input_lengths=lens)
+    c = m.new_cache(3, 48)
+    got20 = m(ids[[2, 0]], c.rows([2, 0]), input_lengths=[lens[2], lens[0]])
+    got1 = m(ids[[1]], c.rows([1]), input_lengths=[9])
+    assert c.lengths == full.lengths == lens and c.seqlens.tolist() == lens
+    torch.testing.assert_close(got20[0, :14], want[2, :14], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got20[1], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got1[0, :9], want[1, :9], rtol=1e-5, atol=1e-5)
+    for lay in range(m.spec.num_layers):  # the same K/V rows as the whole-batch prefill
+        for b, n in enumerate(lens):
+            torch.testing.assert_close(c.layers[lay][0][b, :n], full.layers[lay][0][b, :n],
+                                       rtol=1e-5, atol=1e-5)
+    feed = want[torch.arange(3), torch.tensor(lens) - 1].argmax(-1, keepdim=True)
+    w = m(feed, full, logits="last")
+    v = c.rows([0, 2])
+    g = m(feed[[0, 2]], v, logits="last")
+    torch.testing.assert_close(g, w[[0, 2]], rtol=1e-5, atol=1e-5)
+    assert c.lengths == [22, 9, 15]
+    assert v.rows([1]).slots == [2]
+    c.release(1)
+    with pytest.raises(RuntimeError, match="stale"):
+        m(feed[[0, 2]], v)
+    with pytest.raises(RuntimeError, match="parent cache"):
+        c.rows([0]).release(0)
+    with pytest.raises(NotImplementedError, match="PagedKVCache"):
+        QuantizedCausalLM.random("tiny", "w4a4kv4", num_layers=1).new_cache(2, 16).rows([0])

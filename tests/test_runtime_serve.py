@@ -181,11 +181,21 @@ def test_prompt_that_never_fits_is_a_clear_error(model):
 
 
 def test_float_kv_cache_model():
+    """KV16 models (contiguous float cache) batch continuously through row views as well:
+    admitted prompts prefill apart from the decoding slots (no padding), whole or chunked;
+    tokens as each prompt alone."""
     m = QuantizedCausalLM.random("tiny", "w4a16", dtype=torch.float32, seed=3)
     want = _alone(m, PROMPTS[:4], 6, stop_at_eos=False)
     got = m.generate_continuous(PROMPTS[:4], 6, batch_size=3, stop_at_eos=False)
     assert got.tokens == [w.tokens[0] for w in want]
     assert "max_pages_used" not in got.extra
+    prompts, eos = _late_long_prompt(m, 10)
+    want = _alone(m, prompts, 10, eos_token_id=eos)
+    for chunk in (None, 8):
+        got = generate_continuous(m, prompts, 10, batch_size=2, eos_token_id=eos,
+                                  prefill_chunk=chunk)
+        assert got.tokens == [w.tokens[0] for w in want], chunk
+        assert got.extra["admitted_late"] == 1 and got.extra["forwards"] > got.extra["passes"]
 
 
 def test_streaming_callback_and_seeded_sampling(model):
@@ -216,6 +226,4 @@ def test_bad_arguments(model):
         generate_continuous(model, [[1, 2], [10 ** 6]], 4)
     with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
         generate_continuous(model, PROMPTS, 4, prefill_chunk=0)
-    kv16 = QuantizedCausalLM.random("tiny", "w4a16", dtype=torch.float32, seed=3)
-    with pytest.raises(ValueError, match="paged int4 KV cache"):
-        generate_continuous(kv16, PROMPTS, 4, prefill_chunk=4)
+

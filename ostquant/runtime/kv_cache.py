@@ -118,6 +118,7 @@ class KVCache:
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self._host_lens = [0] * batch_size
         self._graph_safe = False
+        self._epoch = 0  # bumped by release / reset / rewind: row views made before go stale
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int,
@@ -137,6 +138,7 @@ class KVCache:
         """Forget the contents (all lengths 0), or set the lengths to ``lengths`` (e.g. to
         re-time a decode step at a fixed context). Data is not cleared."""
         lengths = [0] * self.batch_size if lengths is None else self._checked_lengths(lengths)
+        self._epoch += 1
         self._host_lens = lengths
         self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
 
@@ -149,6 +151,26 @@ class KVCache:
                              f"[0, {self.batch_size})")
         self._host_lens[b] = 0
         self.seqlens[b] = 0
+        self._epoch += 1
+
+    def rows(self, slots: Sequence[int]) -> "KVCache":
+        """A cache over sequences ``slots`` of this one (in that order), for a forward pass that
+        serves only them: it writes into this cache's storage, and advancing its lengths
+        advances theirs here. A view is for passes made before this cache changes otherwise:
+        after :meth:`release`, :meth:`reset` or :meth:`rewind` it raises (make a new one).
+        Continuous batching runs a newly admitted prompt's prefill, and the decoding
+        sequences' next tokens, as separate passes through such views, so no sequence is
+        padded to another's length. Sequences are released (and lengths reset) on this cache,
+        not on the view. The contiguous int4 cache has none (its kernels take whole cache
+        tensors): use :class:`PagedKVCache`."""
+        if self.kv_bits != 16:
+            raise NotImplementedError("KVCache.rows: row views of the contiguous int4 cache "
+                                      "are not supported; use PagedKVCache")
+        return _ContiguousRows(self, slots)
+
+    def _batch_index(self) -> Optional[torch.Tensor]:
+        """The storage rows this cache's sequences live in (None: all, in order)."""
+        return None
 
     def _checked_lengths(self, lengths: Sequence[int]) -> List[int]:
         lengths = [int(x) for x in lengths]
@@ -180,6 +202,7 @@ class KVCache:
                              f"({min(self._host_lens)})")
         self._host_lens = [x - n for x in self._host_lens]
         self.seqlens -= n
+        self._epoch += 1
 
     def advance(self, counts: Sequence[int], counts_t: Optional[torch.Tensor] = None) -> None:
         """Add ``counts[b]`` valid tokens to sequence ``b`` after a forward pass.
@@ -236,7 +259,8 @@ class KVCache:
         kc, vc = self.layers[layer]
         S = k.shape[1]
         pos = self.seqlens.long()[:, None] + torch.arange(S, device=self.device)[None, :]
-        bidx = torch.arange(self.batch_size, device=self.device)[:, None]
+        idx = self._batch_index()
+        bidx = (torch.arange(self.batch_size, device=self.device) if idx is None else idx)[:, None]
         kc[bidx, pos] = k.to(kc.dtype)
         vc[bidx, pos] = v.to(vc.dtype)
 
@@ -249,7 +273,10 @@ class KVCache:
             v = ref.dequantize_kv(vq[:, :length], vs[:, :length], vz[:, :length])
             return k.to(self.dtype), v.to(self.dtype)
         kc, vc = self.layers[layer]
-        return kc[:, :length], vc[:, :length]
+        idx = self._batch_index()
+        if idx is None:
+            return kc[:, :length], vc[:, :length]
+        return kc[idx, :length], vc[idx, :length]
 
     def attend(self, layer: int, q: torch.Tensor, sm_scale: float, fresh: bool) -> torch.Tensor:
         """Causal attention of ``q`` [B, Sq, Hq, D] (the last ``Sq`` tokens of each sequence,
@@ -366,7 +393,6 @@ class PagedKVCache(KVCache):
                                       device=device)
         self._pages: List[List[int]] = [[] for _ in range(batch_size)]  # host copy of the table
         self._free: List[int] = list(range(self.num_pages - 1, -1, -1))  # pop() -> lowest id
-        self._epoch = 0  # bumped by release / reset: row views made before are stale
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int,
@@ -429,7 +455,6 @@ class PagedKVCache(KVCache):
         super().release(b)
         self._free.extend(reversed(self._pages[b]))
         self._pages[b].clear()  # in place: row views share the list objects
-        self._epoch += 1
         self._sync_table()
 
     def rows(self, slots: Sequence[int]) -> "PagedKVCache":
@@ -449,7 +474,6 @@ class PagedKVCache(KVCache):
         """Forget the contents and give every page back (``lengths=None``), or set the lengths
         to ``lengths`` (pages are taken so that each sequence covers its length; the data in
         them is not cleared, as for :meth:`KVCache.reset`)."""
-        self._epoch += 1
         if lengths is None:
             for b in range(self.batch_size):
                 self._free.extend(reversed(self._pages[b]))
@@ -475,7 +499,6 @@ class PagedKVCache(KVCache):
     def rewind(self, n: int = 1) -> None:
         """As :meth:`KVCache.rewind` (the pages stay held); row views made before go stale."""
         super().rewind(n)
-        self._epoch += 1
 
     def ensure_room(self, new_tokens: int) -> None:
         """Take now the pages ``new_tokens`` more tokens of every sequence need (a CUDA-graph
@@ -533,39 +556,42 @@ class PagedKVCache(KVCache):
                 f"{self.page_size}, lengths={self._host_lens}, {self.nbytes / 2**20:.1f} MiB)")
 
 
-class _PagedRows(PagedKVCache):
-    """Sequences ``slots`` of a :class:`PagedKVCache` as a cache of their own
-    (:meth:`PagedKVCache.rows`): the same pool tensors, free list and per-sequence page lists
-    (the list objects themselves, so pages taken here are the parent's), a block table and
-    lengths of its own that are written back to the parent's rows as they change."""
+class _RowView:
+    """What the row views of a cache (:meth:`KVCache.rows`) share: sequences ``slots`` of a
+    parent cache as a cache of their own, over the parent's storage, with lengths of their own
+    that are written back to the parent's rows as they change; stale (raising) once the parent
+    released, reset or rewound sequences."""
 
-    def __init__(self, parent: PagedKVCache, slots: Sequence[int]):
+    def _init_view(self, parent: KVCache, slots: Sequence[int], names: Sequence[str]) -> None:
         slots = [int(b) for b in slots]
+        who = type(parent).__name__
         if not slots or len(set(slots)) != len(slots) or \
                 not all(0 <= b < parent.batch_size for b in slots):
-            raise ValueError(f"PagedKVCache.rows: need distinct sequence indices in "
+            raise ValueError(f"{who}.rows: need distinct sequence indices in "
                              f"[0, {parent.batch_size}), got {slots}")
-        if isinstance(parent, _PagedRows):
+        if isinstance(parent, _RowView):
             slots = [parent.slots[b] for b in slots]
             parent = parent.parent
         self.parent = parent
         self.slots = slots
         for name in ("num_layers", "max_len", "num_kv_heads", "head_dim", "kv_bits", "dtype",
-                     "device", "page_size", "num_pages", "layers", "_free"):
+                     "device", "layers", *names):
             setattr(self, name, getattr(parent, name))
         self.batch_size = len(slots)
         self._idx = torch.tensor(slots, dtype=torch.long, device=parent.device)
-        self._pages = [parent._pages[b] for b in slots]
-        self.block_table = parent.block_table.index_select(0, self._idx)
         self.seqlens = parent.seqlens.index_select(0, self._idx)
         self._host_lens = [parent._host_lens[b] for b in slots]
         self._graph_safe = False
         self._epoch = parent._epoch
 
+    def _batch_index(self) -> Optional[torch.Tensor]:
+        return self._idx
+
     def _check_current(self) -> None:
         if self._epoch != self.parent._epoch:
-            raise RuntimeError("PagedKVCache.rows view is stale: the parent cache released or "
-                               "reset sequences since it was made; make a new view")
+            raise RuntimeError(f"{type(self.parent).__name__}.rows view is stale: the parent "
+                               f"cache released, reset or rewound sequences since it was made; "
+                               f"make a new view")
 
     def check_room(self, new_tokens: int) -> None:
         self._check_current()
@@ -575,10 +601,6 @@ class _PagedRows(PagedKVCache):
         self._check_current()
         return super().attend(layer, q, sm_scale, fresh)
 
-    def _sync_table(self) -> None:
-        super()._sync_table()
-        self.parent._sync_table()
-
     def advance(self, counts: Sequence[int], counts_t: Optional[torch.Tensor] = None) -> None:
         self._check_current()
         super().advance(counts, counts_t)
@@ -587,7 +609,10 @@ class _PagedRows(PagedKVCache):
         self.parent.seqlens.index_copy_(0, self._idx, self.seqlens)
 
     def _parent_only(self, what: str):
-        raise RuntimeError(f"PagedKVCache.rows view: {what} the parent cache")
+        raise RuntimeError(f"{type(self.parent).__name__}.rows view: {what} the parent cache")
+
+    def rows(self, slots: Sequence[int]) -> "KVCache":
+        return type(self)(self, slots)  # a view of the parent's rows (see _init_view)
 
     def release(self, b: int) -> None:
         self._parent_only("release sequences on")
@@ -605,3 +630,26 @@ class _PagedRows(PagedKVCache):
     def nbytes(self) -> int:
         """Bytes of the parent cache (the view holds no storage of its own)."""
         return self.parent.nbytes
+
+
+class _ContiguousRows(_RowView, KVCache):
+    """Sequences ``slots`` of a float :class:`KVCache` (:meth:`KVCache.rows`): appends write
+    the parent's storage rows ``slots``, reads gather them."""
+
+    def __init__(self, parent: KVCache, slots: Sequence[int]):
+        self._init_view(parent, slots, ())
+
+
+class _PagedRows(_RowView, PagedKVCache):
+    """Sequences ``slots`` of a :class:`PagedKVCache` (:meth:`PagedKVCache.rows`): the same
+    pool tensors, free list and per-sequence page lists (the list objects themselves, so pages
+    taken here are the parent's), a block table of its own written back to the parent's."""
+
+    def __init__(self, parent: PagedKVCache, slots: Sequence[int]):
+        self._init_view(parent, slots, ("page_size", "num_pages", "_free"))
+        self._pages = [self.parent._pages[b] for b in self.slots]
+        self.block_table = self.parent.block_table.index_select(0, self._idx)
+
+    def _sync_table(self) -> None:
+        super()._sync_table()
+        self.parent._sync_table()

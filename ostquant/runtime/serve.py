@@ -4,34 +4,29 @@ pages) taken over by the next prompt at once.
 :func:`generate_continuous` keeps ``batch_size`` slots in one KV cache (a
 :class:`~ostquant.runtime.PagedKVCache` for an int4 KV cache, so sequences share one page
 pool; the contiguous float cache for KV16 models). Each step gives every decoding slot one
-token, and a slot that has just been given a new prompt its first token. With the paged cache
-the step is two forward passes through row views of the cache
-(:meth:`~ostquant.runtime.PagedKVCache.rows`): the admitted prompts' prefill (from an empty
-cache: one causal SDPA, exactly :func:`~ostquant.runtime.generate`'s prefill), then one token
-for each decoding slot, so nobody is padded to anybody else's length and idle slots cost
-nothing; ``prefill_chunk`` splits a long prompt's prefill over several steps (chunked
-prefill), the decoding slots getting a token in each; the chunks of one step go through one
-forward per chunk length (a prompt's last chunk is usually shorter), so no chunk is padded and
-a sequence never holds a page for padding. With the contiguous float cache the
-step is one pass over every slot (the decoding slots' single tokens right-padded to the
-admitted prompt's length; real tokens never attend to padding, see
-:meth:`QuantizedCausalLM.forward`). A slot whose sequence stops (EOS or
-``max_new_tokens``) is released (:meth:`KVCache.release`: length 0, pages back to the pool)
-and refilled from the queue in the next step.
+token, and a slot that has just been given a new prompt its first token. A step is separate
+forward passes through row views of the cache (:meth:`~ostquant.runtime.KVCache.rows`): the
+admitted prompts' prefill (from an empty cache: one causal SDPA, exactly
+:func:`~ostquant.runtime.generate`'s prefill), then one token for each decoding slot, so
+nobody is padded to anybody else's length and idle slots cost nothing; ``prefill_chunk``
+splits a long prompt's prefill over several steps (chunked prefill), the decoding slots
+getting a token in each; the chunks of one step go through one forward per chunk length (a
+prompt's last chunk is usually shorter), so no chunk is padded and a sequence never holds a
+page for padding. A slot whose sequence stops (EOS or ``max_new_tokens``) is released
+(:meth:`KVCache.release`: length 0, pages back to the pool) and refilled from the queue in the
+next step.
 
 Admission waits when the page pool is short: a prompt enters only if the pool can hold every
 sequence in flight at its longest (prompt + ``max_new_tokens``, or, for whole-prompt
 prefill, the admitted prompts' common prefill length if that is more), so a run never runs out
-of pages midway; the
-sequences already decoding go first. A prompt that does not fit even in an otherwise idle
-cache raises :class:`~ostquant.runtime.CacheFullError`.
+of pages midway; the sequences already decoding go first. A prompt that does not fit even in
+an otherwise idle cache raises :class:`~ostquant.runtime.CacheFullError`.
 
 Greedy tokens equal :func:`~ostquant.runtime.generate` run on each prompt alone, up to float
-rounding (batching changes the shapes the GEMMs see; a prompt prefilled in chunks, or with the
-contiguous cache admitted mid-stream, attends through the decode attention kernel rather than
-one causal SDPA call: the same math, another summation order — with 4-bit activations such a
-difference can move a per-token quantization code by one step, and on a near-tie a greedy
-token).
+rounding (batching changes the shapes the GEMMs see; a prompt prefilled in chunks attends
+through the decode attention kernel rather than one causal SDPA call: the same math, another
+summation order — with 4-bit activations such a difference can move a per-token quantization
+code by one step, and on a near-tie a greedy token).
 """
 from __future__ import annotations
 
@@ -70,8 +65,8 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
             add_special_tokens, pad_token_id: as for :func:`~ostquant.runtime.generate`.
         callback: called after every step with a :class:`Step` over the *prompts*
             (``tokens[i]`` the token prompt ``i`` got in this step, None if none).
-        prefill_chunk: paged cache only: prefill at most this many prompt tokens of a
-            sequence per step (chunked prefill), so a long prompt does not hold the decoding
+        prefill_chunk: prefill at most this many prompt tokens of a sequence per step
+            (chunked prefill), so a long prompt does not hold the decoding
             slots' next tokens back for its whole prefill; None (default): whole prompts
             (the prompts admitted in one step prefilled together, padded to the longest).
             The chunks of one step run as one forward per chunk length, unpadded, so a
@@ -79,8 +74,8 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
 
     Returns a :class:`GenerationResult` in prompt order; ``prefill_seconds`` is the first
     step, ``decode_seconds`` all later steps (which include the prefills of prompts admitted
-    later); ``extra`` holds ``passes`` (steps), ``forwards`` (forward passes; with the paged
-    cache one for the decoding slots and one per prefill chunk length in a step), ``admitted_late`` (prompts admitted while other slots were
+    later); ``extra`` holds ``passes`` (steps), ``forwards`` (forward passes: one for the
+    decoding slots and one per prefill chunk length in a step), ``admitted_late`` (prompts admitted while other slots were
     decoding) and ``max_pages_used`` (paged cache).
 
     Raises ``ValueError`` for an empty batch or prompt, token ids outside the vocabulary,
@@ -92,9 +87,6 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
     if prefill_chunk is not None:
         if int(prefill_chunk) < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        if model.spec.kv_bits != 4:
-            raise ValueError("prefill_chunk needs the paged int4 KV cache; this model's KV "
-                             "cache is 16-bit (whole prompts are prefilled)")
         prefill_chunk = int(prefill_chunk)
     cfg = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
     tok, ids = prepare_prompts(model, prompts, max_new_tokens, tokenizer, add_special_tokens)
@@ -102,12 +94,12 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
     B = min(batch_size, n)
     longest = max(len(p) for p in ids)
     paged = model.spec.kv_bits == 4
-    # Paged (int4) cache: each pass serves only its sequences, through row views of the cache
-    # (the admitted prompts' prefill, then the decoding slots' next tokens): a sequence never
-    # holds another's padding. Contiguous float cache: one pass for every slot, where a
-    # decoding slot carries the padding of a prompt admitted in the same pass (up to
-    # `longest` tokens).
-    max_len = longest + max_new_tokens if paged else 2 * longest + max_new_tokens
+    # Each pass serves only its sequences, through row views of the cache (the admitted
+    # prompts' prefill, then the decoding slots' next tokens): a sequence never holds another's
+    # padding, so prompt + max_new_tokens positions suffice (a whole-prompt prefill pads to at
+    # most the longest prompt). Int4 KV: a paged cache (sequences share one page pool);
+    # KV16: the contiguous float cache.
+    max_len = longest + max_new_tokens
     cache = model.new_cache(B, max_len, paged=paged, page_size=page_size, num_pages=num_pages) \
         if paged else model.new_cache(B, max_len)
     eos = eos_set(model.eos_token_id if eos_token_id is None else eos_token_id) \
@@ -124,7 +116,7 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
     timing = {"prefill_seconds": 0.0, "decode_seconds": 0.0}
     passes = forwards = admitted_late = max_pages = 0
     reserved = [0] * B  # pages a slot's sequence may come to hold (paged; see _admit_paged)
-    done_prefill = [0] * B  # prompt tokens of a slot's sequence already in the cache (paged)
+    done_prefill = [0] * B  # prompt tokens of a slot's sequence already in the cache
 
     def forward(rows: List[List[int]], kv, sample: bool = True) -> List[Optional[int]]:
         """One forward of right-padded ``rows`` through ``kv``; the next token of each row
@@ -141,7 +133,7 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
 
     while not all(done):
         busy = [b for b in range(B) if slot_of[b] is not None]
-        decoding = [b for b in busy if not paged or done_prefill[b] == len(ids[slot_of[b]])]
+        decoding = [b for b in busy if done_prefill[b] == len(ids[slot_of[b]])]
         admit = _admit_paged(cache, queue, slot_of, reserved, ids, max_new_tokens,
                              prefill_chunk) if paged else _admit(queue, slot_of)
         if not busy and not admit:
@@ -160,30 +152,21 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
         sync(dev)
         t0 = time.perf_counter()
         nxt = {}  # slot -> its next token
-        if paged:
-            prefilling = [b for b in range(B)
-                          if slot_of[b] is not None and b not in decoding]
-            # the next chunk (or the whole rest) of each prompt being prefilled: whole prompts
-            # in one padded forward, chunks in one unpadded forward per chunk length
-            C = prefill_chunk or max(len(p) for p in ids)
-            for group in _prefill_groups(prefilling, slot_of, done_prefill, ids,
-                                         prefill_chunk):
-                rows = [ids[slot_of[b]][done_prefill[b]:done_prefill[b] + C] for b in group]
-                completes = any(done_prefill[b] + len(r) == len(ids[slot_of[b]])
-                                for b, r in zip(group, rows))
-                for b, r, t in zip(group, rows, forward(rows, cache.rows(group), completes)):
-                    done_prefill[b] += len(r)
-                    if done_prefill[b] == len(ids[slot_of[b]]):
-                        nxt[b] = t  # the prompt is in: its first generated token
-            if decoding:
-                nxt.update(zip(decoding, forward([[feed[b]] for b in decoding],
-                                                 cache.rows(decoding))))
-        else:
-            rows = [ids[admit[b]] if b in admit else [feed[b]] if slot_of[b] is not None
-                    else [pad_token_id]  # idle slot: one padding token, released below
-                    for b in range(B)]
-            nxt.update((b, t) for b, t in enumerate(forward(rows, cache))
-                       if slot_of[b] is not None)
+        prefilling = [b for b in range(B) if slot_of[b] is not None and b not in decoding]
+        # the next chunk (or the whole rest) of each prompt being prefilled: whole prompts in
+        # one padded forward, chunks in one unpadded forward per chunk length
+        C = prefill_chunk or longest
+        for group in _prefill_groups(prefilling, slot_of, done_prefill, ids, prefill_chunk):
+            rows = [ids[slot_of[b]][done_prefill[b]:done_prefill[b] + C] for b in group]
+            completes = any(done_prefill[b] + len(r) == len(ids[slot_of[b]])
+                            for b, r in zip(group, rows))
+            for b, r, t in zip(group, rows, forward(rows, cache.rows(group), completes)):
+                done_prefill[b] += len(r)
+                if done_prefill[b] == len(ids[slot_of[b]]):
+                    nxt[b] = t  # the prompt is in: its first generated token
+        if decoding:
+            nxt.update(zip(decoding, forward([[feed[b]] for b in decoding],
+                                             cache.rows(decoding))))
         timing["prefill_seconds" if passes == 0 else "decode_seconds"] += \
             time.perf_counter() - t0
         passes += 1
@@ -193,8 +176,6 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
         for b in range(B):
             i = slot_of[b]
             if i is None:
-                if not paged:
-                    cache.release(b)
                 continue
             if b not in nxt:  # still prefilling (chunked)
                 continue
