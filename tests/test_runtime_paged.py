@@ -2,6 +2,8 @@
 numbers as the contiguous cache, pages taken as sequences grow and given back, clear errors."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -241,3 +243,44 @@ def test_float_cache_row_views():
         c.rows([0]).release(0)
     with pytest.raises(NotImplementedError, match="PagedKVCache"):
         QuantizedCausalLM.random("tiny", "w4a4kv4", num_layers=1).new_cache(2, 16).rows([0])
+
+
+@pytest.mark.parametrize("preset", ["w4a16", "w4a4kv4"])
+def test_views_go_stale_when_lengths_move_elsewhere(preset, monkeypatch):
+    """Any length change other than through the view itself makes older views stale: a
+    forward through the parent or through an overlapping view (they would write at old
+    positions and write old lengths back). Views are not for decode_step / CUDA graphs."""
+    m = QuantizedCausalLM.random("tiny", preset, dtype=torch.float32, num_layers=1, seed=2)
+    paged = preset.endswith("kv4")
+    c = m.new_cache(2, 32, paged=True, page_size=16) if paged else m.new_cache(2, 32)
+    m(_ids(2, 5), c)
+    v01, v1 = c.rows([0, 1]), c.rows([1])
+    m(_ids(1, 1), v1)
+    assert c.lengths == [5, 6]
+    with pytest.raises(RuntimeError, match="stale"):
+        m(_ids(2, 1), v01)
+    with pytest.raises(RuntimeError, match="stale"):
+        v01.rows([0])
+    m(_ids(1, 1), v1)  # the view that moved the lengths stays current
+    assert c.lengths == [5, 7]
+    v0 = c.rows([0])
+    m(_ids(2, 1), c)
+    with pytest.raises(RuntimeError, match="stale"):
+        m(_ids(1, 1), v0)
+    assert c.lengths == [6, 8]
+    with pytest.raises(ValueError, match="not a row view"):
+        m.decode_step(_ids(1, 1), c.rows([1]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "row view" in graph_unavailable_reason(types.SimpleNamespace(
+        device=torch.device("cuda"), spec=m.spec, modules=m.modules), c.rows([0]))
+
+
+def test_float_cache_views_of_consecutive_rows_read_without_a_copy():
+    m = QuantizedCausalLM.random("tiny", "w4a16", dtype=torch.float32, num_layers=1)
+    c = m.new_cache(4, 16)
+    m(_ids(4, 3), c)
+    k, _ = c.rows([1, 2]).read(0, 3)
+    assert k.data_ptr() == c.layers[0][0][1].data_ptr()  # a view of rows 1..2
+    k, _ = c.rows([2, 1]).read(0, 3)  # not a run in order: gathered
+    assert k.data_ptr() != c.layers[0][0][2].data_ptr()
+    assert torch.equal(k, c.layers[0][0][[2, 1], :3])

@@ -82,6 +82,8 @@ def graph_unavailable_reason(model, cache: Optional[KVCache] = None) -> Optional
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     if cache is not None:
+        if cache.is_view:
+            return "the KV cache is a row view (KVCache.rows); capture over the cache itself"
         if cache.device != dev:
             return f"the KV cache is on {cache.device}, the model on {dev}"
         s = model.spec

@@ -157,7 +157,9 @@ class KVCache:
         """A cache over sequences ``slots`` of this one (in that order), for a forward pass that
         serves only them: it writes into this cache's storage, and advancing its lengths
         advances theirs here. A view is for passes made before this cache changes otherwise:
-        after :meth:`release`, :meth:`reset` or :meth:`rewind` it raises (make a new one).
+        once any length moves other than through the view itself (:meth:`release`,
+        :meth:`reset`, :meth:`rewind`, a forward through this cache or another view) it raises
+        (make a new one). Not for :meth:`QuantizedCausalLM.decode_step` / CUDA graphs.
         Continuous batching runs a newly admitted prompt's prefill, and the decoding
         sequences' next tokens, as separate passes through such views, so no sequence is
         padded to another's length. Sequences are released (and lengths reset) on this cache,
@@ -168,8 +170,9 @@ class KVCache:
                                       "are not supported; use PagedKVCache")
         return _ContiguousRows(self, slots)
 
-    def _batch_index(self) -> Optional[torch.Tensor]:
-        """The storage rows this cache's sequences live in (None: all, in order)."""
+    def _batch_index(self) -> Union[None, slice, torch.Tensor]:
+        """The storage rows this cache's sequences live in: None (all, in order), a slice (a
+        run of consecutive rows: read without a copy) or an index tensor."""
         return None
 
     def _checked_lengths(self, lengths: Sequence[int]) -> List[int]:
@@ -213,6 +216,7 @@ class KVCache:
         if counts_t is None:
             counts_t = torch.tensor([int(c) for c in counts], dtype=torch.int32)
         self.seqlens += counts_t.to(device=self.device, dtype=torch.int32)
+        self._epoch += 1  # lengths moved: views made before would write at old positions
 
     def advance_host(self, counts: Sequence[int]) -> None:
         """Add ``counts[b]`` to the host copy of the lengths only: for when the device lengths
@@ -221,6 +225,10 @@ class KVCache:
             raise ValueError(f"KVCache.advance_host: need {self.batch_size} counts, got "
                              f"{len(counts)}")
         self._host_lens = [n + int(c) for n, c in zip(self._host_lens, counts)]
+        self._epoch += 1
+
+    #: True for a row view (:meth:`rows`) of another cache.
+    is_view = False
 
     @contextlib.contextmanager
     def graph_safe(self) -> Iterator["KVCache"]:
@@ -260,7 +268,12 @@ class KVCache:
         S = k.shape[1]
         pos = self.seqlens.long()[:, None] + torch.arange(S, device=self.device)[None, :]
         idx = self._batch_index()
-        bidx = (torch.arange(self.batch_size, device=self.device) if idx is None else idx)[:, None]
+        if isinstance(idx, torch.Tensor):
+            bidx = idx[:, None]
+        else:  # all rows, or a run of them (kc[idx] is a view: the assignment writes through)
+            if idx is not None:
+                kc, vc = kc[idx], vc[idx]
+            bidx = torch.arange(self.batch_size, device=self.device)[:, None]
         kc[bidx, pos] = k.to(kc.dtype)
         vc[bidx, pos] = v.to(vc.dtype)
 
@@ -458,15 +471,8 @@ class PagedKVCache(KVCache):
         self._sync_table()
 
     def rows(self, slots: Sequence[int]) -> "PagedKVCache":
-        """A cache over sequences ``slots`` of this one (in that order), for a forward pass that
-        serves only them: it shares this cache's page pool, so what the pass writes and the
-        pages it takes are this cache's, and advancing its lengths advances theirs here. A view
-        is for passes made before this cache changes otherwise: after :meth:`release` or
-        :meth:`reset` it raises (make a new one).
-        Continuous batching runs a newly admitted prompt's prefill, and the decoding
-        sequences' next tokens, as separate passes through such views, so no sequence is
-        padded to another's length. Sequences are released (and lengths reset) on this cache,
-        not on the view."""
+        """As :meth:`KVCache.rows`: a view over sequences ``slots`` that shares this cache's
+        page pool, so what a pass through it writes and the pages it takes are this cache's."""
         return _PagedRows(self, slots)
 
     # ------------------------------------------------------------------ lengths
@@ -579,19 +585,24 @@ class _RowView:
             setattr(self, name, getattr(parent, name))
         self.batch_size = len(slots)
         self._idx = torch.tensor(slots, dtype=torch.long, device=parent.device)
+        first = slots[0]
+        self._rows = slice(first, first + len(slots)) \
+            if slots == list(range(first, first + len(slots))) else self._idx
         self.seqlens = parent.seqlens.index_select(0, self._idx)
         self._host_lens = [parent._host_lens[b] for b in slots]
         self._graph_safe = False
         self._epoch = parent._epoch
 
-    def _batch_index(self) -> Optional[torch.Tensor]:
-        return self._idx
+    is_view = True
+
+    def _batch_index(self) -> Union[None, slice, torch.Tensor]:
+        return self._rows
 
     def _check_current(self) -> None:
         if self._epoch != self.parent._epoch:
             raise RuntimeError(f"{type(self.parent).__name__}.rows view is stale: the parent "
-                               f"cache released, reset or rewound sequences since it was made; "
-                               f"make a new view")
+                               f"cache's lengths changed since it was made (release, reset, "
+                               f"rewind or another forward); make a new view")
 
     def check_room(self, new_tokens: int) -> None:
         self._check_current()
@@ -607,11 +618,14 @@ class _RowView:
         for b, n in zip(self.slots, self._host_lens):
             self.parent._host_lens[b] = n
         self.parent.seqlens.index_copy_(0, self._idx, self.seqlens)
+        self.parent._epoch += 1  # other views of these rows are stale now; this one is not
+        self._epoch = self.parent._epoch
 
     def _parent_only(self, what: str):
         raise RuntimeError(f"{type(self.parent).__name__}.rows view: {what} the parent cache")
 
     def rows(self, slots: Sequence[int]) -> "KVCache":
+        self._check_current()
         return type(self)(self, slots)  # a view of the parent's rows (see _init_view)
 
     def release(self, b: int) -> None:

@@ -245,6 +245,10 @@ class QuantizedCausalLM(nn.Module):
         cache's host lengths too. ``False``: the caller does both (a captured step runs no
         Python when replayed).
         """
+        if cache.is_view:
+            raise ValueError("decode_step needs the KV cache itself, not a row view "
+                             "(KVCache.rows): a view's lengths are written back only by "
+                             "forward()")
         if update_host:
             self.check_inputs(input_ids, cache)
             if input_ids.shape[1] != 1:

@@ -70,12 +70,14 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
             slots' next tokens back for its whole prefill; None (default): whole prompts
             (the prompts admitted in one step prefilled together, padded to the longest).
             The chunks of one step run as one forward per chunk length, unpadded, so a
-            sequence reserves exactly prompt + ``max_new_tokens`` - 1 positions' pages.
+            sequence reserves exactly prompt + ``max_new_tokens`` - 1 positions' pages
+            (prompts shorter than the chunk admitted together take one forward per distinct
+            length, where whole-prompt prefill pads them into one).
 
     Returns a :class:`GenerationResult` in prompt order; ``prefill_seconds`` is the first
     step, ``decode_seconds`` all later steps (which include the prefills of prompts admitted
-    later); ``extra`` holds ``passes`` (steps), ``forwards`` (forward passes: one for the
-    decoding slots and one per prefill chunk length in a step), ``admitted_late`` (prompts admitted while other slots were
+    later); ``extra`` holds ``passes`` (steps), ``forwards`` (forward passes: in a step one
+    for the decoding slots, and one for whole-prompt prefills or one per chunk length), ``admitted_late`` (prompts admitted while other slots were
     decoding) and ``max_pages_used`` (paged cache).
 
     Raises ``ValueError`` for an empty batch or prompt, token ids outside the vocabulary,
