@@ -477,11 +477,12 @@ def _opcheck_cases():
         ("int4_gemm", (*w4a4_big, torch.float32)),
         ("w4a16_gemm", (x, wp, ws, b)),
         ("w4a16_gemm", (xb, wpb, wsb, bb)),
+        ("int4_gemm", (ref.unpack_int4(w4a4_big[0]), *w4a4_big[1:], torch.bfloat16)),  # codes
     ]
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_gemm_opcheck_cuda(case):
     name, args = _opcheck_cases()[case]
     args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
