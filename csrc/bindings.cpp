@@ -12,6 +12,7 @@
 #include <string>
 
 #include "attention/ops.h"
+#include "gemm/launch.h"
 #include "gemm/ops.h"
 #include "gemm/sm90/launch.h"
 #include "hadamard/ops.h"
@@ -111,7 +112,9 @@ PyMODINIT_FUNC PyInit__C(void) {
   // (sm80/).
   if (PyModule_AddIntConstant(m, "has_cutlass", OSTQUANT_HAS_CUTLASS) < 0 ||
       PyModule_AddIntConstant(m, "sm90_gemm", OSTQUANT_SM90_GEMM) < 0 ||
-      PyModule_AddIntConstant(m, "sm80_gemm", OSTQUANT_SM80_GEMM) < 0) {
+      PyModule_AddIntConstant(m, "sm80_gemm", OSTQUANT_SM80_GEMM) < 0 ||
+      // the largest M the decode (small-M) GEMM kernels take: int4_gemm reads packed codes
+      PyModule_AddIntConstant(m, "small_m_max", static_cast<long>(ostquant::kSmallMMax)) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

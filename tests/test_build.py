@@ -150,6 +150,11 @@ def test_extension_loads_and_registers_cuda_kernels():
 
     assert C.has_cutlass in (0, 1)
     assert C.sm90_gemm in (0, C.has_cutlass) and C.sm80_gemm in (0, C.has_cutlass)
+    # the decode-kernel bound the Python side uses to answer int4_gemm_takes_codes early
+    assert C.small_m_max == O._SMALL_M_MAX == 16
+    # without a GPU: no device answers "codes" (and the C++ query does not fail)
+    assert C.int4_gemm_takes_codes(0, 256, 512, 512, False) is False or torch.cuda.is_available()
+    assert C.sm90_gemm_tile(17) in (64, 128)
 
 
 @pytest.mark.skipif(not _extension_built(), reason="ostquant._C was not built (pure-Python install)")

@@ -41,6 +41,11 @@ def _load_extension():
 _load_extension()
 
 
+#: M up to which int4_gemm runs the decode kernels (packed activations; a cheap early answer of
+#: int4_gemm_takes_codes for decode steps). 0 without the extension.
+_SMALL_M_MAX = int(getattr(_ext, "small_m_max", 0))
+
+
 def extension_loaded() -> bool:
     """True if the compiled CUDA extension ``ostquant._C`` was imported."""
     return _ext is not None
@@ -124,6 +129,8 @@ def int4_gemm_takes_codes(device: torch.device, M: int, N: int, K: int,
     or :func:`quantize_per_token`) and save the kernel's widening pass; either layout gives the
     same result on every path. False off CUDA or without the extension.
     """
+    if M <= _SMALL_M_MAX:  # decode-size M: the small-M kernels read packed codes
+        return False
     device = torch.device(device)
     if device.type != "cuda" or _ext is None or not hasattr(_ext, "int4_gemm_takes_codes"):
         return False
