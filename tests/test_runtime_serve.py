@@ -108,10 +108,11 @@ def test_chunked_prefill(model):
     assert chunked.extra["passes"] > whole.extra["passes"]
 
 
-def test_chunked_prefill_pads_nothing_and_reserves_exactly(model):
-    """The chunks of one step run as one forward per chunk length, so no row is padded: a
-    sequence's pages cover prompt + max_new_tokens - 1 positions exactly, and a pool of just
-    that many pages admits it (a padded last chunk would need another page)."""
+def test_chunked_prefill_reserves_exactly(model):
+    """A sequence's pages cover prompt + max_new_tokens - 1 positions exactly, and a pool of
+    just that many pages admits it: a step's chunks share a forward, a shorter chunk padded
+    only into positions its sequence has reserved anyway, else it runs in a forward of its
+    own."""
     prompts = [list(range(10, 19)), [7], list(range(30, 39))]
     want = [w.tokens[0] for w in _alone(model, prompts, 1, stop_at_eos=False)]
     got = generate_continuous(model, prompts, 1, batch_size=2, page_size=16, prefill_chunk=4,
@@ -122,17 +123,25 @@ def test_chunked_prefill_pads_nothing_and_reserves_exactly(model):
         got = generate_continuous(model, [p], 1, batch_size=1, page_size=16, num_pages=2,
                                   prefill_chunk=chunk, stop_at_eos=False)
         assert got.tokens == _alone(model, [p], 1, stop_at_eos=False)[0].tokens
-    # 30 + 25 tokens, chunk 20, 2 new tokens: step 0 one forward of two 20-token chunks, step 1
-    # a forward of 10 and one of 5 tokens (each completes its prompt), step 2 the decode
+    # 30 + 25 tokens, chunk 20, 2 new tokens: step 1's chunks (10 and 5 tokens) share one
+    # forward, the 5 padded to 10 within the 2 pages its 25 + 1 positions reserve
     two = [p, list(range(50, 75))]
     steps = []
     got = generate_continuous(model, two, 2, batch_size=2, page_size=16, num_pages=4,
                               prefill_chunk=20, stop_at_eos=False,
                               callback=lambda st: steps.append(list(st.tokens)))
     assert got.tokens == [w.tokens[0] for w in _alone(model, two, 2, stop_at_eos=False)]
-    assert (got.extra["passes"], got.extra["forwards"]) == (3, 4)
+    assert (got.extra["passes"], got.extra["forwards"]) == (3, 3)
     assert got.extra["max_pages_used"] == 4
     assert steps[0] == [None, None] and None not in steps[1]
+    # 40 + 16 tokens, chunk 24, 1 new token: the 16-token prompt reserves 1 page, so it does
+    # not pad to 24 with the other's first chunk: a forward of its own; both fit 3 + 1 pages
+    pair = [list(range(100, 140)), list(range(150, 166))]
+    got = generate_continuous(model, pair, 1, batch_size=2, page_size=16, num_pages=4,
+                              prefill_chunk=24, stop_at_eos=False)
+    assert got.tokens == [w.tokens[0] for w in _alone(model, pair, 1, stop_at_eos=False)]
+    assert (got.extra["passes"], got.extra["forwards"]) == (2, 3)  # both admitted at once
+    assert got.extra["max_pages_used"] <= 4
 
 
 @pytest.mark.parametrize("seed", range(4))

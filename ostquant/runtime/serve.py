@@ -10,9 +10,9 @@ admitted prompts' prefill (from an empty cache: one causal SDPA, exactly
 :func:`~ostquant.runtime.generate`'s prefill), then one token for each decoding slot, so
 nobody is padded to anybody else's length and idle slots cost nothing; ``prefill_chunk``
 splits a long prompt's prefill over several steps (chunked prefill), the decoding slots
-getting a token in each; the chunks of one step go through one forward per chunk length (a
-prompt's last chunk is usually shorter), so no chunk is padded and a sequence never holds a
-page for padding. A slot whose sequence stops (EOS or ``max_new_tokens``) is released
+getting a token in each; a step's chunks share one forward, a short last chunk padded only
+into positions its sequence has reserved anyway (else it gets a forward of its own), so no
+sequence ever holds a page for padding. A slot whose sequence stops (EOS or ``max_new_tokens``) is released
 (:meth:`KVCache.release`: length 0, pages back to the pool) and refilled from the queue in the
 next step.
 
@@ -69,16 +69,16 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
             (chunked prefill), so a long prompt does not hold the decoding
             slots' next tokens back for its whole prefill; None (default): whole prompts
             (the prompts admitted in one step prefilled together, padded to the longest).
-            The chunks of one step run as one forward per chunk length, unpadded, so a
-            sequence reserves exactly prompt + ``max_new_tokens`` - 1 positions' pages
-            (prompts shorter than the chunk admitted together take one forward per distinct
-            length, where whole-prompt prefill pads them into one).
+            A sequence reserves exactly prompt + ``max_new_tokens`` - 1 positions' pages:
+            the chunks of one step share a forward, a shorter chunk padded only into
+            positions its sequence has reserved anyway (else it runs in a forward of its
+            own, see ``_prefill_groups``).
 
     Returns a :class:`GenerationResult` in prompt order; ``prefill_seconds`` is the first
     step, ``decode_seconds`` all later steps (which include the prefills of prompts admitted
     later); ``extra`` holds ``passes`` (steps), ``forwards`` (forward passes: in a step one
-    for the decoding slots, and one for whole-prompt prefills or one per chunk length), ``admitted_late`` (prompts admitted while other slots were
-    decoding) and ``max_pages_used`` (paged cache).
+    for the decoding slots and one or more for prefills), ``admitted_late`` (prompts admitted
+    while other slots were decoding) and ``max_pages_used`` (paged cache).
 
     Raises ``ValueError`` for an empty batch or prompt, token ids outside the vocabulary,
     ``batch_size < 1``, ``max_new_tokens < 1`` or a bad ``prefill_chunk``;
@@ -156,9 +156,13 @@ def generate_continuous(model, prompts, max_new_tokens: int = 32, *, batch_size:
         nxt = {}  # slot -> its next token
         prefilling = [b for b in range(B) if slot_of[b] is not None and b not in decoding]
         # the next chunk (or the whole rest) of each prompt being prefilled: whole prompts in
-        # one padded forward, chunks in one unpadded forward per chunk length
+        # one padded forward; chunks padded to the step's longest only within what their
+        # sequence has reserved anyway (else in a forward of their own length)
         C = prefill_chunk or longest
-        for group in _prefill_groups(prefilling, slot_of, done_prefill, ids, prefill_chunk):
+        room = [min(max_len, reserved[b] * cache.page_size) if paged else max_len
+                for b in range(B)]
+        for group in _prefill_groups(prefilling, slot_of, done_prefill, ids, prefill_chunk,
+                                     room):
             rows = [ids[slot_of[b]][done_prefill[b]:done_prefill[b] + C] for b in group]
             completes = any(done_prefill[b] + len(r) == len(ids[slot_of[b]])
                             for b, r in zip(group, rows))
@@ -214,26 +218,36 @@ def _admit(queue: List[int], slot_of: List[Optional[int]]) -> dict:
 
 
 def _prefill_groups(prefilling: List[int], slot_of: List[Optional[int]],
-                    done_prefill: List[int], ids: List[List[int]],
-                    chunk: Optional[int]) -> List[List[int]]:
+                    done_prefill: List[int], ids: List[List[int]], chunk: Optional[int],
+                    room: Sequence[int]) -> List[List[int]]:
     """The forwards of one step's prefill, each a list of slots: whole prompts (``chunk``
-    None) all in one (padded to the longest); chunks grouped by length, longest first, so no
-    row of a forward is padded (usually one group of full chunks plus the prompts whose last,
-    shorter chunk this is)."""
+    None) all in one (padded to the longest). Chunks: a forward is padded to its longest chunk
+    L, and a slot joins it only if its padded end ``done + L`` stays within ``room[b]``, the
+    positions its sequence may take anyway (its reserved pages, the capacity); the others form
+    the next forward with the next longest chunk. So padding never takes a page the admission
+    did not count (reservation: prompt + ``max_new_tokens`` - 1 positions), and usually one
+    forward serves every chunk: a prompt's short last chunk pads into the positions its
+    generated tokens will use."""
     if not prefilling:
         return []
     if chunk is None:
         return [prefilling]
-    by_len: dict = {}
-    for b in prefilling:
-        by_len.setdefault(min(chunk, len(ids[slot_of[b]]) - done_prefill[b]), []).append(b)
-    return [by_len[n] for n in sorted(by_len, reverse=True)]
+    length = {b: min(chunk, len(ids[slot_of[b]]) - done_prefill[b]) for b in prefilling}
+    left = sorted(prefilling, key=lambda b: -length[b])
+    groups = []
+    while left:
+        longest = length[left[0]]  # fits its own slot: done + length <= prompt <= room
+        group = [b for b in left if done_prefill[b] + longest <= room[b]]
+        groups.append(group)
+        left = [b for b in left if b not in group]
+    return groups
 
 
 def _prefill_end(n: int, common: int, chunk: Optional[int]) -> int:
     """The furthest position a prompt of ``n`` tokens writes during its prefill, padding
-    included: the admitted prompts' common length ``common`` (whole prompts prefilled together),
-    or ``n`` with chunked prefill (its forwards are unpadded, see :func:`_prefill_groups`)."""
+    included, as far as the reservation must count it: the admitted prompts' common length
+    ``common`` (whole prompts prefilled together), or ``n`` with chunked prefill (its chunks
+    pad only into positions already reserved, see :func:`_prefill_groups`)."""
     return common if chunk is None else n
 
 
@@ -253,7 +267,7 @@ def _admit_paged(cache: PagedKVCache, queue: List[int], slot_of: List[Optional[i
     prompt + ``max_new_tokens`` tokens, or the admitted prompts' common prefill length (the
     padding of a batched prefill takes pages too), whichever is more (the last token sampled is
     never stored, so prompt + ``max_new_tokens`` - 1 positions); with ``chunk`` (chunked
-    prefill: unpadded) just the latter. Finished slots give their reservation back, so every
+    prefill: padding stays within it) just the latter. Finished slots give their reservation back, so every
     later pass fits and a run never runs out of pages midway; the sequences already decoding
     go first."""
     admit: dict = {}
