@@ -180,6 +180,29 @@ def test_rms_norm_matches_float64(dtype):
     assert torch.equal(ref.rms_norm(x, None, 1e-6)[1], torch.zeros(576, dtype=dtype))  # zero row
 
 
+def test_sqrt_rn_is_correctly_rounded():
+    """ref.sqrt_rn = IEEE float32 sqrt (the kernel's __fsqrt_rn): checked against the exact
+    criterion (the true root is nearer to the result than to either neighbour, decided in
+    rationals) on random values over many binades, squares and their neighbours, and specials.
+    (torch.sqrt on float32 CPU tensors misses this on some builds, which is why it exists.)"""
+    from fractions import Fraction
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(4000, generator=g) * 10.0 ** torch.randint(-30, 30, (4000,), generator=g),
+                   torch.arange(1, 2000, dtype=torch.float32) ** 2,
+                   torch.nextafter(torch.arange(1, 2000, dtype=torch.float32) ** 2, torch.tensor(0.0)),
+                   torch.tensor([0.0, 1e-45, 1.17e-38, 3.4e38, 0.13691])])
+    s = ref.sqrt_rn(x)
+    assert s.dtype == torch.float32
+    for xi, si in zip(x.tolist(), s.tolist()):
+        a = Fraction(xi)
+        up = torch.nextafter(torch.tensor(si), torch.tensor(float("inf"))).item()
+        dn = torch.nextafter(torch.tensor(si), torch.tensor(0.0)).item()
+        hi, lo = (Fraction(si) + Fraction(up)) / 2, (Fraction(si) + Fraction(dn)) / 2
+        assert lo * lo <= a <= hi * hi or (si == 0.0 and xi == 0.0), (xi, si)
+    special = ref.sqrt_rn(torch.tensor([float("inf"), float("nan"), -1.0]))
+    assert special[0] == float("inf") and torch.isnan(special[1:]).all()
+
+
 def test_rmsnorm_quant_eps_zero_and_scale_invariance():
     x = _data((4, 64), torch.float32, seed=2)
     x[1] = torch.randn(64)  # no zero row: eps = 0 is fine

@@ -51,9 +51,13 @@ constexpr float kLog2e = 1.4426950408889634f;
 // ------------------------------------------------------------------------------ helpers
 
 __device__ __forceinline__ float fast_exp2(float x) {
+#if defined(OSTQ_SIMT_EMU)  // tests/simt
+  return exp2f(x);
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 
 template <typename T>
@@ -70,11 +74,15 @@ struct MmaType<__half> {
   }
   __device__ static __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
+#if defined(OSTQ_SIMT_EMU)  // tests/simt
+    ::ostq_emu::mma_m16n8k16<__half>(c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -89,11 +97,15 @@ struct MmaType<__nv_bfloat16> {
   }
   __device__ static __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
+#if defined(OSTQ_SIMT_EMU)  // tests/simt
+    ::ostq_emu::mma_m16n8k16<__nv_bfloat16>(c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 

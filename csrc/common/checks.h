@@ -53,6 +53,11 @@ inline std::string float_str(double v) {
 }
 
 inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+#if defined(OSTQ_SIMT_EMU)  // tests/simt: the emulated kernels run on host memory
+  OSTQ_CHECK(op, t.is_cpu(), name, " must be a CPU tensor for the emulated kernel, got device ",
+             t.device().str());
+  return;
+#endif
   OSTQ_CHECK(op, t.is_cuda(), name, " must be a CUDA tensor for the CUDA kernel, got device ",
              t.device().str());
 }

