@@ -180,8 +180,14 @@ def prepare(build_dir: Path) -> list[Path]:
 
 def load(verbose: bool = False):
     """Build (or reuse) and import the emulated-kernel module."""
+    import sys
+
     from torch.utils import cpp_extension
 
+    # the ninja of this environment (the `ninja` package) when python runs unactivated
+    bindir = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(bindir, "ninja")) and bindir not in os.environ["PATH"].split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ["PATH"]
     inc = cuda_include()
     fp = _fingerprint()
     base = Path(os.environ.get("OSTQUANT_SIMT_BUILD",
@@ -196,8 +202,17 @@ def load(verbose: bool = False):
              "-DOSTQ_SIMT_EMU", "-DOSTQUANT_HAS_CUTLASS=0", "-DOSTQUANT_SM90_GEMM=0",
              "-DOSTQUANT_SM80_GEMM=0", "-include", str(HERE / "simt_emu.h"),
              "-Wno-unused-variable", "-Wno-unused-function"]
+    ldflags = []
+    if os.environ.get("OSTQUANT_SIMT_ASAN") == "1":  # run python with LD_PRELOAD=libasan.so
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+        ldflags += ["-fsanitize=address"]
+        fp += "-asan"
+        base = base.with_name(base.name + "-asan")
+        base.mkdir(parents=True, exist_ok=True)
+        units = prepare(base)
     return cpp_extension.load(
-        name=f"ostquant_simt_{fp}",
+        name=f"ostquant_simt_{fp.replace('-', '_')}",
+        extra_ldflags=ldflags,
         sources=[str(u) for u in units] + [str(HERE / "emu_bindings.cpp"),
                                             str(HERE / "selftest.cpp")],
         extra_cflags=flags,
