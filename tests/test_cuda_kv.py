@@ -211,7 +211,7 @@ def _filled_cache(B, cap, hkv, d, lens, dtype, g):
     return caches
 
 
-def _to_paged(caches, lens, page, g):
+def _to_paged(caches, lens, page, g, device="cuda"):
     """Copy a contiguous cache into a shuffled page pool; returns pools + block table."""
     (kc, ks, kz), (vc, vs, vz) = caches
     B, cap, hkv, dh = kc.shape
@@ -220,7 +220,7 @@ def _to_paged(caches, lens, page, g):
     table = _block_table(B, max_pages, n, g)
     pools = []
     for src in (kc, ks, kz, vc, vs, vz):
-        pool = torch.zeros((n, page) + tuple(src.shape[2:]), dtype=src.dtype, device="cuda")
+        pool = torch.zeros((n, page) + tuple(src.shape[2:]), dtype=src.dtype, device=device)
         for b in range(B):
             for p in range(max_pages):
                 lo, hi = p * page, min((p + 1) * page, cap)
@@ -231,7 +231,7 @@ def _to_paged(caches, lens, page, g):
     for b in range(B):
         used = -(-int(lens[b]) // page)
         table[b, used:] = -1
-    return pools, table.cuda()
+    return pools, table.to(device)
 
 
 CASES_DECODE = [

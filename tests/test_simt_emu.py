@@ -42,7 +42,7 @@ import build as simt_build  # noqa: E402
 from test_cuda_fused_quant import SET_IDS, SETTINGS, _check_triplet, _data  # noqa: E402
 from test_cuda_gemm import _w4a4_inputs, _w4a16_inputs  # noqa: E402
 from test_cuda_kv import (_assert_equal, _block_table, _check_attention, _cos_sin,  # noqa: E402
-                          _junk_cache, _kv_data, _sdpa_reference)
+                          _junk_cache, _kv_data, _sdpa_reference, _to_paged)
 
 pytestmark = pytest.mark.simt
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -381,26 +381,6 @@ def _filled_cache(B, cap, hkv, d, lens, dtype, g):
     return caches
 
 
-def _to_paged(caches, lens, page, g):
-    (kc, ks, kz), (vc, vs, vz) = caches
-    B, cap = kc.shape[:2]
-    max_pages = -(-cap // page)
-    n = B * max_pages + 3
-    table = _block_table(B, max_pages, n, g)
-    pools = []
-    for src in (kc, ks, kz, vc, vs, vz):
-        pool = torch.zeros((n, page) + tuple(src.shape[2:]), dtype=src.dtype)
-        for b in range(B):
-            for p in range(max_pages):
-                lo, hi = p * page, min((p + 1) * page, cap)
-                if lo < hi:
-                    pool[int(table[b, p]), : hi - lo] = src[b, lo:hi]
-        pools.append(pool)
-    for b in range(B):
-        table[b, -(-int(lens[b]) // page):] = -1
-    return pools, table
-
-
 ATTN_CASES = [
     # (hq, hkv, d, lens, sq): decode (sq = 1) and prefill, MHA / GQA, one or two row tiles
     (4, 4, 64, [1, 7, 16, 100], 1),
@@ -430,7 +410,7 @@ def test_kv_attention(E, case, paged, dtype):
         want = _sdpa_reference(q, *caches[0], *caches[1], lens, causal, d ** -0.5)
         with poisoned():
             if paged:
-                pools, table = _to_paged(caches, lens, 16, g)
+                pools, table = _to_paged(caches, lens, 16, g, device="cpu")
                 got = both_orders(E, lambda: E.paged_int4_kv_attention(
                     q, *pools, table, lens, d ** -0.5, causal, -1))
                 if sq == 1:  # a host bound on the lengths changes the split plan only
