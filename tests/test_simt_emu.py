@@ -123,6 +123,12 @@ def test_emulator_schedules_expose_missing_barriers(E):
     assert torch.equal(synced, want) and torch.equal(T.neighbour(64, True), want)
 
 
+def test_emulator_shared_memory_starts_each_block_as_garbage(E):
+    out = E.selftest.stale_shared()
+    assert torch.equal(out[:64], torch.arange(64, dtype=torch.int32))
+    assert (out[64:] == -1).all(), "block 1 saw block 0's shared memory"
+
+
 def test_emulator_launch_configuration_errors(E):
     T = E.selftest
     ok, bad_config, bad_value = 0, 9, 1  # cudaSuccess, InvalidConfiguration, InvalidValue

@@ -6,7 +6,9 @@ force-included and OSTQ_SIMT_EMU defined:
 
 * ``kernel<<<grid, block[, smem[, stream]]>>>(args);`` becomes
   ``::ostq_emu::launch("kernel", fn_key(kernel), grid, block, smem, stream, [&] { kernel(args); });``
-* ``extern __shared__ T name[];`` becomes a pointer to the launch's dynamic shared memory.
+* ``extern __shared__ T name[];`` becomes a pointer to the launch's dynamic shared memory and
+  ``__shared__ T name[N];`` a reference to the block's array for that declaration (both start
+  every block as 0xFF bytes).
 
 Everything else — the launchers' plans, the ops' argument checks and workspace handling, the
 kernels themselves — is the code the GPU build compiles. Not emulated: the CUTLASS GEMMs (sm90/,
@@ -107,11 +109,24 @@ def rewrite_launches(src: str, where: str = "") -> tuple[str, int]:
         n += 1
 
 
+_STATIC_SMEM = re.compile(r"__shared__\s+([\w:]+)\s+(\w+)\s*\[([^\]]+)\]\s*;")
+_site = [0]
+
+
 def rewrite_shared(src: str) -> tuple[str, int]:
-    """`extern __shared__ T x[];` -> `T* x = <the launch's dynamic shared memory>;`."""
-    return _EXTERN_SMEM.subn(
+    """`extern __shared__ T x[];` -> `T* x = <the launch's dynamic shared memory>;`,
+    `__shared__ T x[N];` -> `T (&x)[N] = <this block's array for this declaration>;`."""
+    src, n = _EXTERN_SMEM.subn(
         lambda m: (f"{m.group(1)}* {m.group(2)} = "
                    f"reinterpret_cast<{m.group(1)}*>(::ostq_emu::S().dyn_smem.data());"), src)
+
+    def static(m):
+        _site[0] += 1
+        t, name, size = m.group(1), m.group(2), m.group(3)
+        return (f"{t} (&{name})[{size}] = "
+                f"::ostq_emu::shared_array<{t}, static_cast<size_t>({size})>({_site[0]});")
+    src, k = _STATIC_SMEM.subn(static, src)
+    return src, n + k
 
 
 def sources() -> list[Path]:
@@ -156,6 +171,7 @@ def prepare(build_dir: Path) -> list[Path]:
     """Write the rewritten sources under build_dir/src; returns the translation units."""
     src_dir = build_dir / "src"
     units, launches = [], 0
+    _site[0] = 0  # declaration ids: the same for the same sources
     for p in sources():
         rel = p.relative_to(CSRC)
         text = p.read_text()
@@ -175,6 +191,12 @@ def prepare(build_dir: Path) -> list[Path]:
             out.write_text(text)                          # ninja rebuilds nothing
     if launches == 0:
         raise RuntimeError("simt emulator: found no kernel launches to rewrite")
+    # the emulator's self-tests, with their __shared__ arrays rewritten like the kernels'
+    text, _ = rewrite_shared((HERE / "selftest.cpp").read_text())
+    out = src_dir / "units" / "simt__selftest.cpp"
+    if not out.is_file() or out.read_text() != text:
+        out.write_text(text)
+    units.append(out)
     return units
 
 
@@ -213,8 +235,7 @@ def load(verbose: bool = False):
     return cpp_extension.load(
         name=f"ostquant_simt_{fp.replace('-', '_')}",
         extra_ldflags=ldflags,
-        sources=[str(u) for u in units] + [str(HERE / "emu_bindings.cpp"),
-                                            str(HERE / "selftest.cpp")],
+        sources=[str(u) for u in units] + [str(HERE / "emu_bindings.cpp")],
         extra_cflags=flags,
         extra_include_paths=[str(HERE / "stubs"), str(base / "src"), str(inc)] + cute_dirs,
         build_directory=str(base),

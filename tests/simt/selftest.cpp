@@ -29,6 +29,23 @@ at::Tensor neighbour(int64_t threads, bool sync) {
   return out;
 }
 
+// Block 0 writes its shared array, block 1 only reads it: on a GPU block 1 reads garbage (its
+// own shared memory); here 0xFF bytes (-1), not block 0's values.
+void stale_shared_kernel(int* out) {
+  __shared__ int s[64];
+  if (blockIdx.x == 0) s[threadIdx.x] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  out[blockIdx.x * 64 + threadIdx.x] = s[threadIdx.x];
+}
+
+at::Tensor stale_shared() {
+  at::Tensor out = at::zeros({128}, at::kInt);
+  int* p = out.data_ptr<int>();
+  ostq_emu::launch("stale_shared_kernel", nullptr, dim3(2), dim3(64), 0, nullptr,
+                   [&] { stale_shared_kernel(p); });
+  return out;
+}
+
 // Threads below `exit_below` return before the block's barrier.
 void early_exit_kernel(int exit_below) {
   if (static_cast<int>(threadIdx.x) < exit_below) return;
@@ -213,6 +230,7 @@ std::string mma_layouts_vs_cute() {
 void register_selftests(pybind11::module_& m) {
   auto t = m.def_submodule("selftest", "checks of the SIMT emulator itself");
   t.def("neighbour", &neighbour, "threads write s[i], read s[i+1] with or without a barrier");
+  t.def("stale_shared", &stale_shared, "block 1 reads a shared array only block 0 wrote");
   t.def("faulty", &faulty, "run a faulty kernel; returns the emulator's error message");
   t.def("launch_error", &launch_error, "cudaGetLastError() after a launch configuration");
   t.def("mma", &mma, "one emulated warp-wide mma of A [16, K] and B [K, 8]");

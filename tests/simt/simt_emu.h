@@ -7,7 +7,8 @@
 // Each CUDA thread of a block is a fiber (ucontext) on the calling OS thread; blocks run one
 // after another. A fiber runs until it reaches __syncthreads() or a warp-collective operation
 // (shuffle, vote, mma.sync) and waits there until every thread taking part has arrived, as on
-// the GPU. What it checks on the way (each raises std::runtime_error, naming the kernel):
+// the GPU. Shared memory (`__shared__` arrays, rewritten by build.py, and the dynamic buffer)
+// starts each block as 0xFF bytes. What it checks on the way (each raises std::runtime_error, naming the kernel):
 //
 //   * __syncthreads() reached by only part of a block (some threads returned or wait elsewhere);
 //   * a warp collective whose mask names a lane that does not exist, has returned, or has not
@@ -40,7 +41,9 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <vector>
 
 namespace ostq_emu {
@@ -79,6 +82,8 @@ struct Sched {
   int block_arrived = 0;
   std::vector<WarpState> warps;
   std::vector<unsigned char> dyn_smem;
+  // per block: (declaration site, element type, count) -> storage
+  std::map<std::tuple<int, size_t, size_t>, std::vector<unsigned char>> static_smem;
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
   std::string kernel;        // name for messages
@@ -360,11 +365,15 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
   s.body_arg = &body;
   s.error.clear();
   s.aborting = false;
-  s.dyn_smem.assign(smem + 16, 0xFF);  // garbage: NaN for floats, -1 for ints
+  s.dyn_smem.resize(smem + 16);
   for (unsigned bz = 0; bz < grid.z && !s.aborting; ++bz)
     for (unsigned by = 0; by < grid.y && !s.aborting; ++by)
       for (unsigned bx = 0; bx < grid.x && !s.aborting; ++bx) {
         s.block_idx = uint3{bx, by, bz};
+        // every block starts with garbage shared memory (NaN floats, -1 integers), so a read
+        // of what no thread of *this* block wrote shows
+        std::fill(s.dyn_smem.begin(), s.dyn_smem.end(), 0xFF);
+        s.static_smem.clear();
         s.live = s.nthreads;
         s.block_arrived = 0;
         for (auto& w : s.warps) w.arrived = 0;
@@ -422,6 +431,15 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
     s.aborting = false;
     throw std::runtime_error(msg);
   }
+}
+
+// `__shared__ T name[N];` (build.py rewrites it into this): the block's array for declaration
+// `site`, the same storage for every thread of the block, fresh garbage in each block.
+template <typename T, size_t N>
+inline T (&shared_array(int site))[N] {
+  auto& buf = S().static_smem[std::make_tuple(site, typeid(T).hash_code(), N)];
+  if (buf.empty()) buf.assign(sizeof(T) * N + 16, 0xFF);
+  return *reinterpret_cast<T(*)[N]>(buf.data());
 }
 
 // ------------------------------------------------------------------------------ runtime API
