@@ -39,6 +39,7 @@
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
 #include "common/int4.cuh"
+#include "common/mma.cuh"
 
 namespace ostquant {
 namespace {
@@ -74,15 +75,7 @@ struct MmaType<__half> {
   }
   __device__ static __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-#if defined(OSTQ_SIMT_EMU)  // tests/simt
-    ::ostq_emu::mma_m16n8k16<__half>(c, a, b0, b1);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
+    mma_16816<__half>(c, a, b0, b1);
   }
 };
 
@@ -97,15 +90,7 @@ struct MmaType<__nv_bfloat16> {
   }
   __device__ static __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-#if defined(OSTQ_SIMT_EMU)  // tests/simt
-    ::ostq_emu::mma_m16n8k16<__nv_bfloat16>(c, a, b0, b1);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
+    mma_16816<__nv_bfloat16>(c, a, b0, b1);
   }
 };
 
