@@ -321,6 +321,71 @@ def test_int4_gemm_split_k_plans(E):
         E.set_sm_count(132)
 
 
+# --------------------------------------------------------------------------- views, leading dims
+
+def _misaligned(x):
+    """x's values in a contiguous tensor that starts one element past an aligned address."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype)
+    v = buf[1:].view(x.shape)
+    v.copy_(x)
+    return v
+
+
+@pytest.mark.parametrize("M", [4, 33])
+def test_int4_gemm_views(E, M):
+    """Misaligned and non-contiguous inputs are copied, not misread (small-M and portable)."""
+    N, K = 77, 256
+    xp, sx, zx, wp, sw, wsum, b = _w4a4_inputs(M, N, K, False, torch.bfloat16, True, device="cpu")
+    want = ref.int4_gemm(xp, sx, zx, wp, sw, wsum, b, torch.float16)
+    w_t = wp.t().contiguous().t()
+    sx_s = torch.stack([sx, sx]).t()[:, 0]
+    with poisoned():
+        _assert_equal(E.int4_gemm(_misaligned(xp), sx_s, zx, w_t, sw, wsum, b, torch.float16),
+                      want, f"views M={M}")
+
+
+def test_quantizers_on_views_and_leading_dims(E):
+    x = _data((4, 300, 64), torch.bfloat16, seed=11)  # many rows per CTA
+    with poisoned():
+        _check_triplet(E.hadamard_quantize_per_token(x, 0.125, 4, False, 1.0, True),
+                       ref.hadamard_quantize_per_token(x, 0.125, 4, False, 1.0), "4x300x64")
+        y = _data((6, 1024), torch.bfloat16, seed=14)
+        want = ref.hadamard_quantize_per_token(y, 1024 ** -0.5, 4, False, 1.0)
+        for v, what in ((_misaligned(y), "misaligned"), (y.t().contiguous().t(), "transposed")):
+            _check_triplet(E.hadamard_quantize_per_token(v, 1024 ** -0.5, 4, False, 1.0, True),
+                           want, f"hadamard_quantize {what}")
+        z = _data((3, 5, 4096), torch.bfloat16, seed=5)
+        want = ref.quantize_per_token_packed(z, 4, False, 1.0)
+        for v, what in ((_misaligned(z), "misaligned"),
+                        (z.transpose(0, 1).contiguous().transpose(0, 1), "non-contiguous")):
+            _check_triplet(E.quantize_per_token_packed(v, 4, False, 1.0), want, f"packed {what}")
+        w = torch.rand(4096).to(torch.bfloat16)
+        want = ref.rmsnorm_quantize_per_token(z, w, 1e-6, 4, False, 1.0)
+        _check_triplet(E.rmsnorm_quantize_per_token(_misaligned(z), _misaligned(w), 1e-6, 4,
+                                                    False, 1.0, True), want, "rmsnorm misaligned")
+        h = _data((5, 3, 40), torch.float16, seed=12)
+        torch.testing.assert_close(E.hadamard_transform(_misaligned(h), 0.3),
+                                   ref.hadamard_transform_ordered(h, 0.3), rtol=0, atol=0)
+
+
+def test_kv_append_special_rows_and_views(E):
+    """Zero, constant, one-sided and tie rows, int64 lengths, a non-contiguous k."""
+    d, hkv = 128, 2
+    rows = [torch.zeros(d), torch.full((d,), 0.37), torch.rand(d) + 0.1, -(torch.rand(d) + 0.1),
+            (torch.arange(d) % 17 - 8).float() * 0.5, torch.full((d,), -3.0),
+            torch.randn(d) * 1e4, torch.randn(d) * 1e-6]
+    k = torch.stack(rows).view(1, 4, hkv, d).to(torch.bfloat16)
+    v = k.flip(1)
+    kc = _junk_cache(1, 8, hkv, d, torch.Generator().manual_seed(1))
+    vc = _junk_cache(1, 8, hkv, d, torch.Generator().manual_seed(2))
+    ke, ve = [t.clone() for t in kc], [t.clone() for t in vc]
+    lens = torch.tensor([3], dtype=torch.int64)
+    O.kv_cache_append(k, v, *kc, *vc, lens)
+    E.kv_cache_append(k.transpose(1, 2).contiguous().transpose(1, 2), v, *ke, *ve, lens)
+    for got, want in zip(ke + ve, kc + vc):
+        _assert_equal(got, want, "special rows")
+
+
 # --------------------------------------------------------------------------- KV cache
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
