@@ -220,7 +220,7 @@ def load(verbose: bool = False):
     # cute needs libcu++ (CUDA 13: include/cccl, which nvcc adds by itself)
     cute_dirs = [cute] + ([str(inc / "cccl")] if (inc / "cccl").is_dir() else []) if cute else []
     flags = ["-DOSTQ_SIMT_HAVE_CUTE"] if cute else []
-    flags += ["-std=c++20", "-O1", "-g0", "-ffp-contract=off", "-fno-strict-aliasing",
+    flags += ["-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-g0", "-ffp-contract=off", "-fno-strict-aliasing",
              "-DOSTQ_SIMT_EMU", "-DOSTQUANT_HAS_CUTLASS=0", "-DOSTQUANT_SM90_GEMM=0",
              "-DOSTQUANT_SM80_GEMM=0", "-include", str(HERE / "simt_emu.h"),
              "-Wno-unused-variable", "-Wno-unused-function"]

@@ -30,6 +30,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -46,6 +47,15 @@
 #include <typeinfo>
 #include <vector>
 
+// Fiber switches: _setjmp/_longjmp between stacks (no signal-mask syscall: ~50x faster than
+// swapcontext, which only starts each fiber), or swapcontext throughout under AddressSanitizer,
+// which follows stack switches only through it.
+#if defined(__SANITIZE_ADDRESS__)
+#define OSTQ_SIMT_FAST_SWITCH 0
+#else
+#define OSTQ_SIMT_FAST_SWITCH 1
+#endif
+
 namespace ostq_emu {
 
 constexpr int kWarpSize = 32;
@@ -57,6 +67,8 @@ enum class St { kRun, kBlockWait, kWarpWait, kDone };
 
 struct Fiber {
   ucontext_t ctx;
+  jmp_buf jb;           // where a suspended fiber resumes (fast switch)
+  bool started = false;
   char* stack = nullptr;
   uint3 tid;
   int lin = 0;
@@ -72,6 +84,7 @@ struct WarpState {
 
 struct Sched {
   ucontext_t main_ctx;
+  jmp_buf main_jb;
   std::vector<Fiber> fibers;
   Fiber* cur = nullptr;
   uint3 block_idx{0, 0, 0};
@@ -117,7 +130,11 @@ inline long long launch_count() { return S().launches; }
 inline void yield_to_scheduler() {
   Sched& s = S();
   Fiber* f = s.cur;
+#if OSTQ_SIMT_FAST_SWITCH
+  if (!_setjmp(f->jb)) _longjmp(s.main_jb, 1);
+#else
   swapcontext(&f->ctx, &s.main_ctx);
+#endif
 }
 
 inline int lane_id() { return S().cur->lin % kWarpSize; }
@@ -253,45 +270,69 @@ struct MmaOperands {
   uint32_t b[2];
 };
 
-// D = A·B + C for the warp, each lane's D from every lane's A and B fragments. fp16/bf16 products
-// are exact in fp32; the 16 products are summed in fp32 (the hardware's order is unspecified).
+// Where element (row, col) of A / B sits: (lane, element) — the inverse of the maps above, built
+// from them (so the two can never disagree).
+struct Slot {
+  int8_t lane = -1, e = -1;
+};
+template <int R, int C, int NE>
+struct InverseMap {
+  Slot at[R][C];
+  explicit InverseMap(Coord (*fwd)(int, int)) {
+    for (int l = 0; l < kWarpSize; ++l)
+      for (int e = 0; e < NE; ++e) {
+        const Coord c = fwd(l, e);
+        at[c.row][c.col] = Slot{static_cast<int8_t>(l), static_cast<int8_t>(e)};
+      }
+  }
+};
+
+// D = A·B + C for the warp: every lane posts its fragments, then computes its own four D
+// elements from the rows / columns it needs. fp16/bf16 products are exact in fp32; the 16
+// products are summed in k order in fp32 (the hardware's order is unspecified).
 template <typename H>
 inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  static const InverseMap<16, 16, 8> ia(a_16816);
+  static const InverseMap<16, 8, 4> ib(b_16816);
   MmaOperands all[kWarpSize];
   warp_exchange(0xffffffffu, MmaOperands{{a[0], a[1], a[2], a[3]}, {b0, b1}}, "mma.sync.m16n8k16",
                 all);
-  float A[16][16], B[16][8];
-  for (int l = 0; l < kWarpSize; ++l)
-    for (int e = 0; e < 8; ++e) {
-      const Coord ca = a_16816(l, e), cb = b_16816(l, e);
-      A[ca.row][ca.col] = half_bits_to_float<H>(static_cast<uint16_t>(all[l].a[e / 2] >> (16 * (e & 1))));
-      if (e < 4) B[cb.row][cb.col] = half_bits_to_float<H>(static_cast<uint16_t>(all[l].b[e / 2] >> (16 * (e & 1))));
-    }
+  auto A = [&](int r, int k) {
+    const Slot s = ia.at[r][k];
+    return half_bits_to_float<H>(static_cast<uint16_t>(all[s.lane].a[s.e / 2] >> (16 * (s.e & 1))));
+  };
+  auto B = [&](int k, int n) {
+    const Slot s = ib.at[k][n];
+    return half_bits_to_float<H>(static_cast<uint16_t>(all[s.lane].b[s.e / 2] >> (16 * (s.e & 1))));
+  };
   const int lane = lane_id();
   for (int e = 0; e < 4; ++e) {
     const Coord cc = c_16n8(lane, e);
     float acc = 0.f;
-    for (int k = 0; k < 16; ++k) acc += A[cc.row][k] * B[k][cc.col];
+    for (int k = 0; k < 16; ++k) acc += A(cc.row, k) * B(k, cc.col);
     c[e] += acc;
   }
 }
 
 inline void mma_m16n8k32_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  static const InverseMap<16, 32, 16> ia(a_16832);
+  static const InverseMap<32, 8, 8> ib(b_16832);
   MmaOperands all[kWarpSize];
   warp_exchange(0xffffffffu, MmaOperands{{a[0], a[1], a[2], a[3]}, {b0, b1}}, "mma.sync.m16n8k32",
                 all);
-  int A[16][32], B[32][8];
-  for (int l = 0; l < kWarpSize; ++l)
-    for (int e = 0; e < 16; ++e) {
-      const Coord ca = a_16832(l, e), cb = b_16832(l, e);
-      A[ca.row][ca.col] = static_cast<int8_t>(all[l].a[e / 4] >> (8 * (e & 3)));
-      if (e < 8) B[cb.row][cb.col] = static_cast<int8_t>(all[l].b[e / 4] >> (8 * (e & 3)));
-    }
+  auto A = [&](int r, int k) {
+    const Slot s = ia.at[r][k];
+    return static_cast<int>(static_cast<int8_t>(all[s.lane].a[s.e / 4] >> (8 * (s.e & 3))));
+  };
+  auto B = [&](int k, int n) {
+    const Slot s = ib.at[k][n];
+    return static_cast<int>(static_cast<int8_t>(all[s.lane].b[s.e / 4] >> (8 * (s.e & 3))));
+  };
   const int lane = lane_id();
   for (int e = 0; e < 4; ++e) {
     const Coord cc = c_16n8(lane, e);
     int acc = 0;
-    for (int k = 0; k < 32; ++k) acc += A[cc.row][k] * B[k][cc.col];
+    for (int k = 0; k < 32; ++k) acc += A(cc.row, k) * B(k, cc.col);
     c[e] += acc;
   }
 }
@@ -316,7 +357,10 @@ inline void fiber_entry() {
               " thread(s) wait at __syncthreads()";
     s.aborting = true;
   }
-  // returns to main_ctx through uc_link
+#if OSTQ_SIMT_FAST_SWITCH
+  _longjmp(s.main_jb, 1);  // never returns: the scheduler resumes
+#endif
+  // (swapcontext build) returns to main_ctx through uc_link
 }
 
 inline std::string dim_str(dim3 d) {
@@ -385,6 +429,7 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
                         static_cast<unsigned>(i / block.x % block.y),
                         static_cast<unsigned>(i / (block.x * block.y))};
           f.state = St::kRun;
+          f.started = false;
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = f.stack;
           f.ctx.uc_stack.ss_size = kStackBytes;
@@ -398,7 +443,19 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
             if (f.state != St::kDone) all_done = false;
             if (f.state != St::kRun) continue;
             s.cur = &f;
+#if OSTQ_SIMT_FAST_SWITCH
+            if (!_setjmp(s.main_jb)) {
+              if (!f.started) {
+                f.started = true;
+                ucontext_t here;  // never resumed: the fiber comes back through main_jb
+                swapcontext(&here, &f.ctx);
+              } else {
+                _longjmp(f.jb, 1);
+              }
+            }
+#else
             swapcontext(&s.main_ctx, &f.ctx);
+#endif
             s.cur = nullptr;
             ran = true;
             if (s.aborting) break;
