@@ -10,10 +10,14 @@ run with the threads of each block scheduled in reverse order, which changes the
 missing barrier. Outputs are filled with NaN / max-int before each call
 (torch.utils.deterministic.fill_uninitialized_memory), so unwritten elements fail.
 
+The CUTLASS 2.x int4 IMMA GEMM (csrc/gemm/sm80, Ampere/Ada) runs too when the CUTLASS headers
+are there (patched for the emulator by tests/simt/cutlass_overlay.py), on an emulated compute
+capability 8.x device (set_compute_capability) or with OSTQUANT_GEMM_IMMA=1.
+
 What this cannot show: speed, the hardware's exact float rounding of mma (fp32 sums in some
-order), memory-model effects between blocks, and the CUTLASS GEMMs (TMA/wgmma; the emulated
-build compiles their stubs, so int4_gemm takes the small-M kernels for M ≤ 16 and the
-portable unpack + matmul path above).
+order), memory-model effects between blocks, and the Hopper CUTLASS GEMMs (TMA/wgmma; the
+emulated build compiles their stubs, so at compute capability 9.0 int4_gemm takes the small-M
+kernels for M ≤ 16 and the portable unpack + matmul path above).
 
 The quantized runtime runs on the emulated kernels too (their ops registered as the CPU kernels
 of torch.ops.ostquant.*): a tiny QuaRot model end to end, and SmolLM2-135M's greedy tokens
@@ -144,10 +148,14 @@ def test_emulator_launch_configuration_errors(E):
     assert T.launch_error(1, 32, 0, 300 * 1024) == bad_value  # more than an H100 has
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8, "int4"])
 def test_emulated_mma_is_a_matmul(E, dtype):
     g = torch.Generator().manual_seed(3)
-    if dtype == torch.int8:
+    if dtype == "int4":  # m16n8k64 s4 (int8 tensors holding the codes)
+        a = torch.randint(-8, 8, (16, 64), generator=g, dtype=torch.int8)
+        b = torch.randint(-8, 8, (64, 8), generator=g, dtype=torch.int8)
+        assert torch.equal(E.selftest.mma(a, b), a.int() @ b.int())
+    elif dtype == torch.int8:
         a = torch.randint(-128, 128, (16, 32), generator=g, dtype=torch.int8)
         b = torch.randint(-128, 128, (32, 8), generator=g, dtype=torch.int8)
         assert torch.equal(E.selftest.mma(a, b), a.int() @ b.int())
@@ -162,6 +170,19 @@ def test_mma_fragment_layouts_agree_with_cutlass(E):
     if not E.selftest.have_cute:
         pytest.skip("CUTLASS headers not found: layout cross-check not built")
     assert E.selftest.mma_layouts_vs_cute() == ""
+
+
+def test_ldmatrix_agrees_with_cutlass(E):
+    """The emulated ldmatrix (x1 / x2 / x4, plain and .trans) against cute's LDSM traits."""
+    if not E.selftest.have_cute:
+        pytest.skip("CUTLASS headers not found: layout cross-check not built")
+    assert E.selftest.ldmatrix_vs_cute() == ""
+
+
+def test_emulated_cp_async(E):
+    """cp.async lands at the wait_group covering its commit group (not before), zfill writes
+    zeros, a predicated-off copy nothing; misaligned / global destinations and shared sources fail."""
+    assert E.selftest.cp_async_semantics() == ""
 
 
 # --------------------------------------------------------------------------- pack / quantize
@@ -323,6 +344,121 @@ def test_int4_gemm_split_k_plans(E):
                 _assert_equal(E.int4_gemm(*args, torch.float16), want, f"{sms} SMs")
     finally:
         E.set_sm_count(132)
+
+
+# --------------------------------------------------------------------------- CUTLASS int4 IMMA GEMM
+
+IMMA = "Kernel2<GemmKernel>"  # the launch in CUTLASS's GemmUniversalBase::run (sm80/ only here)
+
+
+@contextlib.contextmanager
+def emulated_device(E, cc=(8, 0), imma_env=None):
+    """The emulated device reports compute capability `cc` (and its shared memory);
+    OSTQUANT_GEMM_IMMA set to `imma_env` (None: unset) for the block."""
+    old = os.environ.pop("OSTQUANT_GEMM_IMMA", None)
+    if imma_env is not None:
+        os.environ["OSTQUANT_GEMM_IMMA"] = imma_env
+    E.set_compute_capability(*cc)
+    try:
+        yield
+    finally:
+        E.set_compute_capability(9, 0)
+        os.environ.pop("OSTQUANT_GEMM_IMMA", None)
+        if old is not None:
+            os.environ["OSTQUANT_GEMM_IMMA"] = old
+
+
+def launches(E, fn):
+    """(fn(), {kernel: launches during fn})."""
+    before = E.launches_by_name()
+    out = fn()
+    after = E.launches_by_name()
+    return out, {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def _need_sm80(E):
+    if not E.sm80_gemm:
+        pytest.skip("emulator built without the CUTLASS int4 IMMA GEMM (no CUTLASS headers, or "
+                    "OSTQUANT_SIMT_CUTLASS=0)")
+
+
+# (M, N, K): M = 17 just above the small-M kernels; odd M; M > 128 (a partial second token
+# tile); N = 8 and N not a multiple of the 256-channel tile; K = 32 (one partial k tile) and
+# K % 128 != 0 tails; whole tiles; a long LLaMA-2-7B down_proj K.
+IMMA_SHAPES = [(17, 264, 160), (33, 8, 32), (130, 136, 96), (129, 520, 416), (256, 256, 256),
+               (20, 256, 11008)]
+# (x_zero + w_sum given, bias dtype, output): asymmetric with bias, symmetric without
+IMMA_EPI = [(True, torch.float16, torch.bfloat16), (False, None, torch.float16),
+            (True, None, torch.float16), (False, torch.bfloat16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("MNK", IMMA_SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in IMMA_SHAPES])
+def test_int4_gemm_imma(E, MNK):
+    """The CUTLASS 2.x int4 IMMA GEMM (csrc/gemm/sm80: multistage cp.async mainloop, ldmatrix,
+    mma.sync m16n8k64 s4, the dequantization as an Sm80 EVT) on an emulated compute capability
+    8.0 device: bit-identical to the reference for fp16 / bf16 output, with and without x_zero,
+    w_sum and bias, in both thread orders; every call launches that kernel and nothing else."""
+    _need_sm80(E)
+    M, N, K = MNK
+    epis = IMMA_EPI if K <= 416 else IMMA_EPI[:1]
+    with emulated_device(E, (8, 0)):
+        for asym, bias, out in epis:
+            args = _w4a4_inputs(M, N, K, not asym, bias, True, device="cpu")
+            want = ref.int4_gemm(*args, out)
+            what = f"imma M={M} N={N} K={K} asym={asym} bias={bias} out={out}"
+            with poisoned():
+                got, ran = launches(E, lambda: both_orders(E, lambda: E.int4_gemm(*args, out)))
+            assert ran == {IMMA: 2}, f"{what}: ran {ran}"
+            _assert_equal(got, want, what)
+
+
+def test_int4_gemm_imma_inputs(E):
+    """x_zero without w_sum (the op sums the weights first), int8 code activations (packed
+    first), misaligned / non-contiguous inputs and vectors (copied to aligned ones: the EVT reads
+    w_scale / w_sum / bias 16 bytes at a time), float32 output (not instantiated: portable path)."""
+    _need_sm80(E)
+    M, N, K = 40, 264, 192
+    xp, sx, zx, wp, sw, wsum, b = _w4a4_inputs(M, N, K, False, torch.float16, True, device="cpu")
+    want = ref.int4_gemm(xp, sx, zx, wp, sw, wsum, b, torch.bfloat16)
+    with emulated_device(E, (8, 6)), poisoned():  # 8.6: 99 KiB of shared memory per block
+        got, ran = launches(E, lambda: E.int4_gemm(xp, sx, zx, wp, sw, None, b, torch.bfloat16))
+        assert IMMA in ran and len(ran) == 2, ran  # + the w_sum kernel
+        _assert_equal(got, want, "imma without w_sum")
+        got, ran = launches(E, lambda: E.int4_gemm(ref.unpack_int4(xp), sx, zx, wp, sw, wsum, b,
+                                                   torch.bfloat16))
+        assert IMMA in ran and len(ran) == 2, ran  # + the pack kernel
+        _assert_equal(got, want, "imma int8 codes")
+        got, ran = launches(E, lambda: E.int4_gemm(
+            _misaligned(xp), _misaligned(sx), _misaligned(zx), wp.t().contiguous().t(),
+            _misaligned(sw), _misaligned(wsum), _misaligned(b), torch.bfloat16))
+        assert ran == {IMMA: 1}, ran
+        _assert_equal(got, want, "imma misaligned inputs")
+        want32 = ref.int4_gemm(xp, sx, zx, wp, sw, wsum, b, torch.float32)
+        got, ran = launches(E, lambda: E.int4_gemm(xp, sx, zx, wp, sw, wsum, b, torch.float32))
+        assert IMMA not in ran, ran
+        _assert_equal(got, want32, "float32 output")
+
+
+@pytest.mark.parametrize("cc,env,M,N,imma", [
+    ((8, 0), None, 17, 64, True),     # Ampere: the IMMA kernel by default
+    ((8, 9), None, 64, 64, True),     # Ada (99 KiB of shared memory per block)
+    ((9, 0), "1", 17, 64, True),      # Hopper, forced (the Hopper kernels are not built here)
+    ((9, 0), None, 17, 64, False),    # Hopper: not by default -> portable path
+    ((8, 0), "0", 17, 64, False),     # turned off
+    ((8, 0), None, 16, 64, False),    # small M: the decode kernels
+    ((8, 0), None, 17, 36, False),    # N % 8 != 0: portable path
+])
+def test_int4_gemm_imma_dispatch(E, cc, env, M, N, imma):
+    """Which devices, settings and shapes take the IMMA kernel (gemm_ops.cpp's use_imma); the
+    others give the same bits on their own paths."""
+    _need_sm80(E)
+    args = _w4a4_inputs(M, N, 96, False, None, True, device="cpu")
+    want = ref.int4_gemm(*args, torch.float16)
+    with emulated_device(E, cc, env), poisoned():
+        got, ran = launches(E, lambda: E.int4_gemm(*args, torch.float16))
+        assert (IMMA in ran) == imma, ran
+        _assert_equal(got, want, f"cc={cc} OSTQUANT_GEMM_IMMA={env} M={M} N={N}")
+        assert not E.int4_gemm_takes_codes(0, M, N, 96, False)
 
 
 # --------------------------------------------------------------------------- views, leading dims

@@ -11,10 +11,14 @@ force-included and OSTQ_SIMT_EMU defined:
   every block as 0xFF bytes).
 
 Everything else — the launchers' plans, the ops' argument checks and workspace handling, the
-kernels themselves — is the code the GPU build compiles. Not emulated: the CUTLASS GEMMs (sm90/,
-sm80/: TMA / wgmma / IMMA pipelines; built as their stubs, so int4_gemm takes the small-M kernels
-for M <= 16 and the portable path above, as on a GPU without them). bindings.cpp is replaced by
+kernels themselves — is the code the GPU build compiles. bindings.cpp is replaced by
 tests/simt/emu_bindings.cpp, which exposes the ops to Python.
+
+With the CUTLASS headers (cutlass/find_cutlass.py; OSTQUANT_SIMT_CUTLASS=0 leaves them out) the
+Ampere int4 IMMA GEMM (sm80/, CUTLASS 2.x: ldmatrix, cp.async, mma.sync) is built too
+(OSTQUANT_SM80_GEMM=1), through an overlay of patched CUTLASS headers (cutlass_overlay.py)
+searched before the installed ones. The Hopper GEMMs (sm90/: TMA, wgmma) stay stubs
+(OSTQUANT_SM90_GEMM=0), as on a GPU build without them.
 
 ``load()`` returns the module (cached per source hash under ~/.cache/ostquant/simt); it raises
 RuntimeError when the CUDA headers (CUDA_HOME/include) or a C++ compiler are missing.
@@ -30,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 HERE = Path(__file__).resolve().parent
 
-# The dispatcher registration is replaced by emu_bindings.cpp. (The CUTLASS files compile to their
-# stubs: OSTQUANT_SM90_GEMM = OSTQUANT_SM80_GEMM = 0.)
+# The dispatcher registration is replaced by emu_bindings.cpp. (The Hopper CUTLASS files compile to
+# their stubs: OSTQUANT_SM90_GEMM = 0.)
 _SKIP = re.compile(r"^bindings\.cpp$")
 
 _LAUNCH = re.compile(r"<<<")
@@ -81,6 +85,13 @@ def rewrite_launches(src: str, where: str = "") -> tuple[str, int]:
         j = start
         while j > 0 and src[j - 1] not in ";{}":
             j -= 1
+        # the statement starts after blank, comment and preprocessor lines (kept as they are)
+        while True:
+            nl = src.find("\n", j, start)
+            line = src[j:start if nl < 0 else nl].strip()
+            if nl < 0 or not (line == "" or line.startswith("//") or line.startswith("#")):
+                break
+            j = nl + 1
         head = src[j:start]
         kernel_lines = [ln for ln in head.splitlines() if not ln.strip().startswith("//")]
         kernel = " ".join(ln.strip() for ln in kernel_lines).strip()
@@ -140,7 +151,8 @@ def sources() -> list[Path]:
 
 def _fingerprint() -> str:
     h = hashlib.sha256()
-    for p in sources() + sorted(HERE.rglob("*.h")) + sorted(HERE.rglob("*.cpp")) + [Path(__file__)]:
+    for p in (sources() + sorted(HERE.rglob("*.h")) + sorted(HERE.rglob("*.cpp")) + [Path(__file__)]
+              + [HERE / "cutlass_overlay.py"]):
         h.update(p.as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -155,7 +167,7 @@ def cuda_include() -> Path:
 
 
 def _cutlass_include() -> str | None:
-    """CUTLASS's include directory (for the layout self-test against cute), or None."""
+    """CUTLASS's include directory (the sm80 GEMM, the layout self-test against cute), or None."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("find_cutlass", ROOT / "cutlass" / "find_cutlass.py")
     mod = importlib.util.module_from_spec(spec)
@@ -212,26 +224,37 @@ def load(verbose: bool = False):
         os.environ["PATH"] = bindir + os.pathsep + os.environ["PATH"]
     inc = cuda_include()
     fp = _fingerprint()
+    cute = _cutlass_include()
+    sm80 = cute is not None and os.environ.get("OSTQUANT_SIMT_CUTLASS", "1") != "0"
+    if cute is not None and not sm80:
+        fp += "-nocutlass"
+    if os.environ.get("OSTQUANT_SIMT_ASAN") == "1":
+        fp += "-asan"
     base = Path(os.environ.get("OSTQUANT_SIMT_BUILD",
                                Path.home() / ".cache" / "ostquant" / "simt")) / fp
     base.mkdir(parents=True, exist_ok=True)
     units = prepare(base)
-    cute = _cutlass_include()
     # cute needs libcu++ (CUDA 13: include/cccl, which nvcc adds by itself)
     cute_dirs = [cute] + ([str(inc / "cccl")] if (inc / "cccl").is_dir() else []) if cute else []
     flags = ["-DOSTQ_SIMT_HAVE_CUTE"] if cute else []
+    if sm80:
+        # the patched CUTLASS headers, searched before the installed ones
+        if str(HERE) not in sys.path:
+            sys.path.insert(0, str(HERE))
+        import cutlass_overlay
+        cutlass_overlay.write_overlay(cute, base / "cutlass_overlay")
+        cute_dirs = [str(base / "cutlass_overlay")] + cute_dirs
+        # CUTLASS's headers redeclare names in class scope ("changes meaning"), which g++
+        # rejects unless -fpermissive (nvcc's front end accepts them)
+        flags += ["-fpermissive", "-Wno-deprecated-declarations"]
     flags += ["-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-g0", "-ffp-contract=off", "-fno-strict-aliasing",
-             "-DOSTQ_SIMT_EMU", "-DOSTQUANT_HAS_CUTLASS=0", "-DOSTQUANT_SM90_GEMM=0",
-             "-DOSTQUANT_SM80_GEMM=0", "-include", str(HERE / "simt_emu.h"),
+             "-DOSTQ_SIMT_EMU", f"-DOSTQUANT_HAS_CUTLASS={int(sm80)}", "-DOSTQUANT_SM90_GEMM=0",
+             f"-DOSTQUANT_SM80_GEMM={int(sm80)}", "-include", str(HERE / "simt_emu.h"),
              "-Wno-unused-variable", "-Wno-unused-function"]
     ldflags = []
     if os.environ.get("OSTQUANT_SIMT_ASAN") == "1":  # run python with LD_PRELOAD=libasan.so
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
         ldflags += ["-fsanitize=address"]
-        fp += "-asan"
-        base = base.with_name(base.name + "-asan")
-        base.mkdir(parents=True, exist_ok=True)
-        units = prepare(base)
     return cpp_extension.load(
         name=f"ostquant_simt_{fp.replace('-', '_')}",
         extra_ldflags=ldflags,

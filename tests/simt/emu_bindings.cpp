@@ -8,6 +8,7 @@
 #include "attention/ops.h"
 #include "gemm/launch.h"
 #include "gemm/ops.h"
+#include "gemm/sm80/launch.h"
 #include "hadamard/ops.h"
 #include "quant/ops.h"
 
@@ -41,6 +42,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Run the threads of a block in descending (True) or ascending order between barriers.");
   m.def("set_sm_count", [](int n) { ostq_emu::set_sm_count(n); },
         "SM count the emulated device reports (launch plans: split-K / split-KV).");
+  m.def("set_compute_capability", [](int major, int minor) {
+    ostq_emu::set_compute_capability(major, minor);
+  }, "Compute capability the emulated device reports (default 9.0; also sets its shared memory).");
   m.def("launch_count", []() { return ostq_emu::launch_count(); });
+  m.def("launches_by_name", []() { return ostq_emu::S().launch_names; },
+        "{kernel expression: launches} since the module was loaded (which path ran).");
   m.attr("small_m_max") = static_cast<int64_t>(kSmallMMax);
+  m.attr("sm80_gemm") = static_cast<int>(OSTQUANT_SM80_GEMM);  // the CUTLASS int4 IMMA GEMM built
 }

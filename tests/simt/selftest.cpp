@@ -7,6 +7,8 @@
 #include <string>
 
 #if defined(OSTQ_SIMT_HAVE_CUTE)
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/atom/copy_traits_sm75.hpp>
 #include <cute/atom/mma_traits_sm80.hpp>
 #endif
 
@@ -104,7 +106,7 @@ void noop_kernel() {}
 // cudaFuncSetAttribute(MaxDynamicSharedMemorySize, optin) when optin > 0 (whose own error wins).
 int launch_error(int64_t grid_x, int64_t block_x, int64_t smem, int64_t optin) {
   (void)cudaGetLastError();
-  ostq_emu::S().smem_optin.clear();
+  ostq_emu::S().smem_optin.erase(ostq_emu::fn_key(noop_kernel));  // (others keep theirs: CUTLASS sets its once)
   if (optin > 0) {
     const cudaError_t e = cudaFuncSetAttribute(noop_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(optin));
@@ -120,10 +122,30 @@ int launch_error(int64_t grid_x, int64_t block_x, int64_t smem, int64_t optin) {
 }
 
 // One warp-wide mma on the given matrices, fragments loaded through the emulator's own layouts:
-// A [16, K], B [K, 8] (K = 16: float16 / bfloat16; K = 32: int8) -> [16, 8] (fp32 / int32).
+// A [16, K], B [K, 8] (K = 16: float16 / bfloat16; K = 32: int8; K = 64: int8 holding int4
+// codes) -> [16, 8] (fp32 / int32).
 void mma_kernel(const at::Tensor& a, const at::Tensor& b, at::Tensor& d) {
   const int lane = threadIdx.x;
   uint32_t fa[4] = {0, 0, 0, 0}, fb[2] = {0, 0};
+  if (a.scalar_type() == at::kChar && a.size(1) == 64) {  // s4: nibble e % 8 of register e / 8
+    const int8_t* A = a.data_ptr<int8_t>();
+    const int8_t* B = b.data_ptr<int8_t>();
+    for (int e = 0; e < 32; ++e) {
+      const auto c = ostq_emu::a_16864(lane, e);
+      fa[e / 8] |= static_cast<uint32_t>(A[c.row * 64 + c.col] & 0xF) << (4 * (e % 8));
+    }
+    for (int e = 0; e < 16; ++e) {
+      const auto c = ostq_emu::b_16864(lane, e);
+      fb[e / 8] |= static_cast<uint32_t>(B[c.row * 8 + c.col] & 0xF) << (4 * (e % 8));
+    }
+    int acc[4] = {0, 0, 0, 0};
+    ostq_emu::mma_m16n8k64_s4_sat(acc, fa, fb, acc);
+    for (int e = 0; e < 4; ++e) {
+      const auto c = ostq_emu::c_16n8(lane, e);
+      d.data_ptr<int>()[c.row * 8 + c.col] = acc[e];
+    }
+    return;
+  }
   if (a.scalar_type() == at::kChar) {
     const int8_t* A = a.data_ptr<int8_t>();
     const int8_t* B = b.data_ptr<int8_t>();
@@ -221,9 +243,113 @@ std::string mma_layouts_vs_cute() {
     r = compare_layouts<MMA_Traits<SM80_16x8x32_S32S8S8S32_TN>>(
         "m16n8k32.s8", 16, 8, 32, ostq_emu::a_16832, ostq_emu::b_16832, 16, 8);
   }
+  if (r.empty()) {  // CUTLASS's int4 IMMA GEMM (csrc/gemm/sm80)
+    r = compare_layouts<MMA_Traits<SM80_16x8x64_S32S4S4S32_TN>>(
+        "m16n8k64.s4", 16, 8, 64, ostq_emu::a_16864, ostq_emu::b_16864, 32, 16);
+  }
+  return r;
+}
+
+// The emulated ldmatrix (what CUTLASS's ldsm becomes, tests/simt/cutlass_overlay.py) against
+// cute's LDSM copy traits, whose DstLayout maps (lane, bit of the lane's registers) to the bit of
+// the 8x8 b16 matrices as the lanes' row addresses give them (row = bit / 128). Lane l's row
+// address points at row l of a 32 x 8 matrix of b16 values 8 * row + col.
+template <class Traits>
+std::string compare_ldsm(const char* name, int count, bool trans) {
+  std::vector<uint32_t> got(32 * 4, 0xFFFFFFFFu);
+  ostq_emu::launch(name, nullptr, dim3(1), dim3(32), 32 * 16, nullptr, [&] {
+    auto* rows = reinterpret_cast<uint16_t*>(ostq_emu::S().dyn_smem.data());
+    const int lane = threadIdx.x;
+    for (int c = 0; c < 8; ++c) rows[8 * lane + c] = static_cast<uint16_t>(8 * lane + c);
+    __syncwarp();
+    unsigned d[4];
+    ostq_emu::ldmatrix(d, count, trans, rows + 8 * lane);
+    for (int j = 0; j < count; ++j) got[4 * lane + j] = d[j];
+  });
+  typename Traits::DstLayout dst{};
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int j = 0; j < count; ++j) {
+      for (int h = 0; h < 2; ++h) {  // the two b16 halves of register j
+        const int bit = static_cast<int>(dst(lane, 32 * j + 16 * h));
+        const int want = 8 * (bit / 128) + (bit % 128) / 16;
+        const int have = static_cast<int>(got[4 * lane + j] >> (16 * h) & 0xFFFF);
+        if (have != want) {
+          return std::string(name) + ": lane " + std::to_string(lane) + " register " +
+                 std::to_string(j) + " half " + std::to_string(h) + " holds element " +
+                 std::to_string(have) + " here, " + std::to_string(want) + " in cute";
+        }
+      }
+    }
+  }
+  return "";
+}
+
+std::string ldmatrix_vs_cute() {
+  using namespace cute;
+  std::string r = compare_ldsm<Copy_Traits<SM75_U32x1_LDSM_N>>("ldmatrix.x1", 1, false);
+  if (r.empty()) r = compare_ldsm<Copy_Traits<SM75_U32x2_LDSM_N>>("ldmatrix.x2", 2, false);
+  if (r.empty()) r = compare_ldsm<Copy_Traits<SM75_U32x4_LDSM_N>>("ldmatrix.x4", 4, false);
+  if (r.empty()) r = compare_ldsm<Copy_Traits<SM75_U16x2_LDSM_T>>("ldmatrix.x1.trans", 1, true);
+  if (r.empty()) r = compare_ldsm<Copy_Traits<SM75_U16x4_LDSM_T>>("ldmatrix.x2.trans", 2, true);
+  if (r.empty()) r = compare_ldsm<Copy_Traits<SM75_U16x8_LDSM_T>>("ldmatrix.x4.trans", 4, true);
   return r;
 }
 #endif
+
+// cp.async as the emulator runs it: copies land at the cp.async.wait_group that covers their
+// commit group, not before; zfill with the predicate off writes zeros; the checks on addresses.
+// "" when all holds, else what did not.
+std::string cp_async_semantics() {
+  std::string bad;
+  alignas(16) static int src[16];
+  for (int i = 0; i < 16; ++i) src[i] = 100 + i;
+  auto expect = [&](bool ok, const char* what) {
+    if (!ok && bad.empty()) bad = what;
+  };
+  ostq_emu::launch("cp_async_semantics", nullptr, dim3(1), dim3(1), 64, nullptr, [&] {
+    int* s = reinterpret_cast<int*>(ostq_emu::S().dyn_smem.data());  // 16 ints, 0xFF bytes
+    ostq_emu::cp_async(s, src, 16, true, false);                      // group 0
+    ostq_emu::cp_async_commit();
+    ostq_emu::cp_async(s + 4, src + 4, 16, true, true);               // group 1
+    ostq_emu::cp_async(s + 8, src + 8, 16, false, true);              // group 1, zfill
+    ostq_emu::cp_async_commit();
+    ostq_emu::cp_async(s + 12, src + 12, 16, false, false);           // predicated off
+    expect(s[0] == -1 && s[4] == -1, "a copy landed before any wait");
+    ostq_emu::cp_async_wait(1);
+    expect(s[0] == 100 && s[3] == 103, "wait_group 1 did not land group 0");
+    expect(s[4] == -1 && s[8] == -1, "wait_group 1 landed the newest group");
+    ostq_emu::cp_async_wait(0);
+    expect(s[4] == 104 && s[7] == 107, "wait_group 0 did not land group 1");
+    expect(s[8] == 0 && s[11] == 0, "zfill with the predicate off did not write zeros");
+    expect(s[12] == -1, "a predicated-off cp.async wrote");
+    ostq_emu::cp_async(s + 12, src + 12, 16, true, false);            // not committed
+    ostq_emu::cp_async_wait(-1);                                      // wait_all
+    expect(s[12] == 112, "wait_all did not land the uncommitted copy");
+  });
+  auto error_of = [](auto&& body) -> std::string {
+    try {
+      ostq_emu::launch("cp_async_checks", nullptr, dim3(1), dim3(1), 64, nullptr, body);
+    } catch (const std::runtime_error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  const std::string misaligned = error_of([&] {
+    ostq_emu::cp_async(ostq_emu::S().dyn_smem.data() + 8, src, 16, true, true);
+  });
+  expect(misaligned.find("not aligned to 16 bytes") != std::string::npos,
+         "a misaligned cp.async destination passed");
+  const std::string global_dst = error_of([&] { ostq_emu::cp_async(src, src + 4, 16, true, true); });
+  expect(global_dst.find("outside shared memory") != std::string::npos,
+         "a cp.async into global memory passed");
+  const std::string smem_src = error_of([&] {
+    unsigned char* s = ostq_emu::S().dyn_smem.data();
+    ostq_emu::cp_async(s, s + 16, 16, true, true);
+  });
+  expect(smem_src.find("global access to shared memory") != std::string::npos,
+         "a cp.async from shared memory passed");
+  return bad;
+}
 
 }  // namespace
 
@@ -234,8 +360,11 @@ void register_selftests(pybind11::module_& m) {
   t.def("faulty", &faulty, "run a faulty kernel; returns the emulator's error message");
   t.def("launch_error", &launch_error, "cudaGetLastError() after a launch configuration");
   t.def("mma", &mma, "one emulated warp-wide mma of A [16, K] and B [K, 8]");
+  t.def("cp_async_semantics", &cp_async_semantics,
+        "cp.async groups, zfill and address checks of the emulator ('' when they hold)");
 #if defined(OSTQ_SIMT_HAVE_CUTE)
   t.def("mma_layouts_vs_cute", &mma_layouts_vs_cute);
+  t.def("ldmatrix_vs_cute", &ldmatrix_vs_cute);
   t.attr("have_cute") = true;
 #else
   t.attr("have_cute") = false;

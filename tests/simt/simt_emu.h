@@ -23,8 +23,11 @@
 // gives different results under the two orders, which the tests compare.
 //
 // Tensor-core instructions are emulated from the fragment layouts of the PTX ISA
-// (mma.sync.aligned.m16n8k16 f16/bf16 -> f32, m16n8k32 s8 -> s32), ex2.approx as exp2f.
-// Only what ostquant's kernels use is here; the CUTLASS kernels (TMA, wgmma) are out of reach.
+// (mma.sync.aligned.m16n8k16 f16/bf16 -> f32, m16n8k32 s8 -> s32, m16n8k64 s4 -> s32), ex2.approx
+// as exp2f. For CUTLASS's Ampere int4 GEMM (csrc/gemm/sm80, through the patched headers of
+// cutlass_overlay.py) also ldmatrix, cp.async (landing at cp.async.wait_group), ld/st.global,
+// with alignment and shared-vs-global checks. Only what ostquant's kernels use is here; the
+// Hopper CUTLASS kernels (TMA, wgmma) are out of reach.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -61,9 +64,17 @@ namespace ostq_emu {
 constexpr int kWarpSize = 32;
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kDefaultSmemLimit = 48 * 1024;
-constexpr size_t kMaxSmemOptin = 227 * 1024;  // H100: 232448 bytes
 
 enum class St { kRun, kBlockWait, kWarpWait, kDone };
+
+// A cp.async in flight (CUTLASS's multistage mainloops): the bytes it read, written to shared
+// memory only when a cp.async.wait_group that covers its group runs (or the thread ends).
+struct PendingCopy {
+  unsigned char* dst;
+  unsigned char data[16];
+  int bytes;
+  long long group;      // commit groups of the thread before it was issued
+};
 
 struct Fiber {
   ucontext_t ctx;
@@ -73,6 +84,8 @@ struct Fiber {
   uint3 tid;
   int lin = 0;
   St state = St::kDone;
+  std::vector<PendingCopy> cp_pending;  // cp.async issued, not yet waited for
+  long long cp_committed = 0;           // cp.async.commit_group count
 };
 
 struct WarpState {
@@ -95,6 +108,9 @@ struct Sched {
   int block_arrived = 0;
   std::vector<WarpState> warps;
   std::vector<unsigned char> dyn_smem;
+  int sync_count = 0;         // __syncthreads_count's sum
+  size_t dyn_smem_bytes = 0; // the launch's dynamic shared memory (dyn_smem has 16 more)
+  std::map<std::string, long long> launch_names;  // launches per kernel name (tests: which path ran)
   // per block: (declaration site, element type, count) -> storage
   std::map<std::tuple<int, size_t, size_t>, std::vector<unsigned char>> static_smem;
   void (*body)(void*) = nullptr;
@@ -115,6 +131,36 @@ inline Sched& S() {
 
 inline void set_schedule(bool reverse) { S().reverse = reverse; }
 inline long long launch_count() { return S().launches; }
+
+// The emulated device (runtime API below): an H100 SXM unless a test says otherwise.
+struct Device {
+  int cc_major = 9, cc_minor = 0;
+  int sm_count = 132;
+  size_t smem_optin = 227 * 1024;        // cudaDevAttrMaxSharedMemoryPerBlockOptin
+  size_t smem_per_sm = 228 * 1024;       // for the occupancy query
+};
+inline Device& device() {
+  static Device d;
+  return d;
+}
+// Compute capability and the shared memory that goes with it (A100 8.0: 163 KiB opt-in per
+// block, 164 KiB per SM; 8.6 / 8.9: 99 / 100 KiB; 9.0: 227 / 228 KiB).
+inline void set_compute_capability(int major, int minor) {
+  Device& d = device();
+  d.cc_major = major;
+  d.cc_minor = minor;
+  const int cc = 10 * major + minor;
+  if (cc == 80 || cc == 87) {
+    d.smem_optin = 163 * 1024;
+    d.smem_per_sm = 164 * 1024;
+  } else if (cc >= 86 && cc < 90) {
+    d.smem_optin = 99 * 1024;
+    d.smem_per_sm = 100 * 1024;
+  } else {
+    d.smem_optin = 227 * 1024;
+    d.smem_per_sm = 228 * 1024;
+  }
+}
 
 // Abort the whole launch from inside a fiber (launch() adds the kernel and the block).
 [[noreturn]] inline void fail(const std::string& what) {
@@ -248,7 +294,18 @@ inline Coord b_16832(int lane, int e) {
   const int g = lane / 4, t = lane % 4, reg = e / 4;
   return {4 * t + (e & 3) + reg * 16, g};
 }
-// C/D (16x8, fp32 or s32) of both shapes: c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8).
+// m16n8k64 s4 A (16x64; CUTLASS's int4 IMMA GEMM): eight 4-bit codes per register, element 0
+// in the low nibble: a0 (row g, k 8t..8t+7), a1 (row g+8), a2 (row g, k+32), a3 (row g+8, k+32).
+inline Coord a_16864(int lane, int e) {
+  const int g = lane / 4, t = lane % 4, reg = e / 8;
+  return {g + (reg & 1) * 8, 8 * t + (e & 7) + (reg >> 1) * 32};
+}
+// m16n8k64 s4 B (64x8): b0 (k 8t..8t+7, col g), b1 (k 8t+32..).  Coord = (k, n).
+inline Coord b_16864(int lane, int e) {
+  const int g = lane / 4, t = lane % 4, reg = e / 8;
+  return {8 * t + (e & 7) + reg * 32, g};
+}
+// C/D (16x8, fp32 or s32) of every shape: c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8).
 inline Coord c_16n8(int lane, int e) {
   const int g = lane / 4, t = lane % 4;
   return {g + (e >> 1) * 8, 2 * t + (e & 1)};
@@ -337,12 +394,43 @@ inline void mma_m16n8k32_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, ui
   }
 }
 
+// mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32.satfinite: D = sat(A·B + C), exact int sums
+// clamped to the int32 range.
+inline void mma_m16n8k64_s4_sat(int* d, const uint32_t* a, const uint32_t* b, const int* c) {
+  static const InverseMap<16, 64, 32> ia(a_16864);
+  static const InverseMap<64, 8, 16> ib(b_16864);
+  MmaOperands all[kWarpSize];
+  warp_exchange(0xffffffffu, MmaOperands{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}},
+                "mma.sync.m16n8k64.s4", all);
+  auto nib = [](uint32_t reg, int i) {  // sign-extended 4-bit code i of a register
+    return static_cast<int>(static_cast<int32_t>(reg << (28 - 4 * i)) >> 28);
+  };
+  auto A = [&](int r, int k) {
+    const Slot s = ia.at[r][k];
+    return nib(all[s.lane].a[s.e / 8], s.e & 7);
+  };
+  auto B = [&](int k, int n) {
+    const Slot s = ib.at[k][n];
+    return nib(all[s.lane].b[s.e / 8], s.e & 7);
+  };
+  const int lane = lane_id();
+  for (int e = 0; e < 4; ++e) {
+    const Coord cc = c_16n8(lane, e);
+    long long acc = c[e];
+    for (int k = 0; k < 64; ++k) acc += A(cc.row, k) * B(k, cc.col);
+    d[e] = static_cast<int>(std::clamp<long long>(acc, INT32_MIN, INT32_MAX));
+  }
+}
+
 // ------------------------------------------------------------------------------ launches
 
 inline void fiber_entry() {
   Sched& s = S();
   try {
     s.body(s.body_arg);
+    // copies still in flight land anyway (a kernel that never waits for them: its problem)
+    for (const PendingCopy& c : s.cur->cp_pending) std::memcpy(c.dst, c.data, c.bytes);
+    s.cur->cp_pending.clear();
   } catch (const std::exception& e) {
     if (s.error.empty()) s.error = e.what();
     s.aborting = true;
@@ -391,12 +479,13 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
   }
   size_t limit = kDefaultSmemLimit;
   auto it = s.smem_optin.find(fn);
-  if (it != s.smem_optin.end()) limit = std::max(limit, it->second);
+  if (it != s.smem_optin.end()) limit = std::max(limit, std::min(it->second, device().smem_optin));
   if (smem > limit) {
     set_error(cudaErrorInvalidValue);
     return;
   }
   ++s.launches;
+  ++s.launch_names[name];
   s.kernel = std::string(name) + "<<<" + dim_str(grid) + ", " + dim_str(block) + ", " +
              std::to_string(smem) + ">>>";
   s.grid_dim = grid;
@@ -410,6 +499,7 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
   s.error.clear();
   s.aborting = false;
   s.dyn_smem.resize(smem + 16);
+  s.dyn_smem_bytes = smem;
   for (unsigned bz = 0; bz < grid.z && !s.aborting; ++bz)
     for (unsigned by = 0; by < grid.y && !s.aborting; ++by)
       for (unsigned bx = 0; bx < grid.x && !s.aborting; ++bx) {
@@ -420,6 +510,7 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
         s.static_smem.clear();
         s.live = s.nthreads;
         s.block_arrived = 0;
+        s.sync_count = 0;
         for (auto& w : s.warps) w.arrived = 0;
         for (int i = 0; i < s.nthreads; ++i) {
           Fiber& f = s.fibers[i];
@@ -430,6 +521,8 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
                         static_cast<unsigned>(i / (block.x * block.y))};
           f.state = St::kRun;
           f.started = false;
+          f.cp_pending.clear();
+          f.cp_committed = 0;
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = f.stack;
           f.ctx.uc_stack.ss_size = kStackBytes;
@@ -499,6 +592,119 @@ inline T (&shared_array(int site))[N] {
   return *reinterpret_cast<T(*)[N]>(buf.data());
 }
 
+// ------------------------------------------------------------------------------ CUTLASS 2.x
+// What tests/simt/cutlass_overlay.py puts in place of the inline PTX of CUTLASS's Ampere GEMM
+// (ldmatrix, cp.async, ld/st.global, ld.shared), with the checks the hardware makes: shared
+// memory operands inside the launch's shared memory, global ones outside it, addresses aligned
+// to the access size.
+
+inline bool in_smem(const void* p, size_t bytes) {
+  const Sched& s = S();
+  const auto* b = static_cast<const unsigned char*>(p);
+  const unsigned char* lo = s.dyn_smem.data();
+  if (b >= lo && b + bytes <= lo + s.dyn_smem_bytes) return true;
+  for (const auto& kv : s.static_smem) {
+    const unsigned char* a = kv.second.data();
+    if (b >= a && b + bytes <= a + kv.second.size() - 16) return true;
+  }
+  return false;
+}
+inline bool overlaps_smem(const void* p, size_t bytes) {
+  const Sched& s = S();
+  const auto* b = static_cast<const unsigned char*>(p);
+  const unsigned char* lo = s.dyn_smem.data();
+  return b < lo + s.dyn_smem.size() && b + bytes > lo;
+}
+inline void check_access(const char* what, const void* p, size_t bytes, bool shared) {
+  if (reinterpret_cast<uintptr_t>(p) % std::min<size_t>(bytes, 16) != 0) {
+    fail(std::string(what) + ": address " + std::to_string(reinterpret_cast<uintptr_t>(p)) +
+         " is not aligned to " + std::to_string(std::min<size_t>(bytes, 16)) + " bytes");
+  }
+  if (shared && !in_smem(p, bytes)) fail(std::string(what) + ": address outside shared memory");
+  if (!shared && overlaps_smem(p, bytes)) fail(std::string(what) + ": global access to shared memory");
+}
+
+// ld.global / st.global of `bytes` (predicated: nothing happens, nothing is checked, when off).
+inline void global_load(void* dst, const void* src, int bytes, bool pred) {
+  if (!pred) return;
+  check_access("ld.global", src, bytes, false);
+  std::memcpy(dst, src, bytes);
+}
+inline void global_store(void* dst, const void* src, int bytes, bool pred) {
+  if (!pred) return;
+  check_access("st.global", dst, bytes, false);
+  std::memcpy(dst, src, bytes);
+}
+inline void shared_load(void* dst, const void* src, int bytes) {
+  check_access("ld.shared", src, bytes, true);
+  std::memcpy(dst, src, bytes);
+}
+
+// cp.async.{ca,cg}.shared.global [dst], [src], bytes[, src_bytes]: the source is read now, the
+// destination written when a cp.async.wait_group covering it runs (so a read of the stage
+// before the wait sees the old bytes). zfill with pred off: src_bytes = 0, zeros are written.
+inline void cp_async(void* dst, const void* src, int bytes, bool pred, bool zfill) {
+  if (!pred && !zfill) return;
+  check_access("cp.async (shared destination)", dst, bytes, true);
+  PendingCopy c;
+  c.dst = static_cast<unsigned char*>(dst);
+  c.bytes = bytes;
+  if (pred) {
+    check_access("cp.async (global source)", src, bytes, false);
+    std::memcpy(c.data, src, bytes);
+  } else {
+    std::memset(c.data, 0, bytes);
+  }
+  Fiber* f = S().cur;
+  c.group = f->cp_committed;
+  f->cp_pending.push_back(c);
+}
+inline void cp_async_commit() { ++S().cur->cp_committed; }
+// cp.async.wait_group n: every group but the n most recent committed ones has landed;
+// n < 0: cp.async.wait_all (the uncommitted copies too).
+inline void cp_async_wait(int n) {
+  Fiber* f = S().cur;
+  const long long upto = n < 0 ? f->cp_committed + 1 : f->cp_committed - n;
+  std::vector<PendingCopy> keep;
+  for (const PendingCopy& c : f->cp_pending) {
+    if (c.group < upto) {
+      std::memcpy(c.dst, c.data, c.bytes);
+    } else {
+      keep.push_back(c);
+    }
+  }
+  f->cp_pending.swap(keep);
+}
+
+// ldmatrix.sync.aligned.m8n8{.x1,.x2,.x4}{,.trans}.shared.b16: a warp collective. Lane 8j + r
+// names row r of matrix j (16 bytes); lane l receives in d[j] the 32 bits (row l/4, b16 columns
+// 2(l%4), 2(l%4)+1) of matrix j, or with .trans (rows 2(l%4), 2(l%4)+1 of column l/4).
+inline void ldmatrix(unsigned* d, int count, bool trans, const void* ptr) {
+  const void* rows[kWarpSize];
+  warp_exchange(0xffffffffu, ptr, trans ? "ldmatrix.trans" : "ldmatrix", rows);
+  const int lane = lane_id();
+  for (int j = 0; j < count; ++j) {
+    for (int r = 0; r < 8; ++r) check_access("ldmatrix (row address)", rows[8 * j + r], 16, true);
+    auto at = [&](int r, int c) {
+      uint16_t v;
+      std::memcpy(&v, static_cast<const unsigned char*>(rows[8 * j + r]) + 2 * c, 2);
+      return static_cast<uint32_t>(v);
+    };
+    const int g = lane / 4, t = lane % 4;
+    d[j] = trans ? (at(2 * t, g) | at(2 * t + 1, g) << 16) : (at(g, 2 * t) | at(g, 2 * t + 1) << 16);
+  }
+}
+
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor[WithFlags]: blocks of `threads` threads and
+// `smem` bytes of dynamic shared memory per SM (2048 threads, 32 blocks, 1 KiB reserved per block).
+template <typename F>
+inline cudaError_t occupancy(int* blocks, F* /*fn*/, int threads, size_t smem, unsigned = 0) {
+  if (threads <= 0 || threads > 1024) return set_error(cudaErrorInvalidValue);
+  const size_t by_smem = device().smem_per_sm / (smem + 1024);
+  *blocks = static_cast<int>(std::min<size_t>({32, static_cast<size_t>(2048 / threads), by_smem}));
+  return cudaSuccess;
+}
+
 // ------------------------------------------------------------------------------ runtime API
 
 inline cudaError_t getLastError() {
@@ -511,7 +717,8 @@ inline cudaError_t getDevice(int* d) {
   *d = 0;
   return cudaSuccess;
 }
-// The emulated device: an H100 SXM (compute capability 9.0, 132 SMs, 227 KiB opt-in smem).
+// The emulated device: an H100 SXM (compute capability 9.0, 132 SMs, 227 KiB opt-in smem)
+// unless set_compute_capability / set_sm_count say otherwise.
 inline int& sm_count_setting() {
   static int n = 132;
   return n;
@@ -520,16 +727,16 @@ inline void set_sm_count(int n) { sm_count_setting() = n; }
 inline cudaError_t deviceGetAttribute(int* v, cudaDeviceAttr attr, int /*device*/) {
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *v = sm_count_setting(); return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMajor: *v = 9; return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMinor: *v = 0; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = static_cast<int>(kMaxSmemOptin); return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *v = device().cc_major; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *v = device().cc_minor; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = static_cast<int>(device().smem_optin); return cudaSuccess;
     default: return set_error(cudaErrorInvalidValue);
   }
 }
 template <typename F>
 inline cudaError_t funcSetAttribute(F* fn, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
-  if (value < 0 || static_cast<size_t>(value) > kMaxSmemOptin) return set_error(cudaErrorInvalidValue);
+  if (value < 0 || static_cast<size_t>(value) > device().smem_optin) return set_error(cudaErrorInvalidValue);
   S().smem_optin[reinterpret_cast<const void*>(fn)] = static_cast<size_t>(value);
   return cudaSuccess;
 }
@@ -589,6 +796,20 @@ template <typename A, typename B>
 inline std::common_type_t<A, B> max(A a, B b) {
   return a < b ? b : a;
 }
+// and CUDA's non-template overloads, which win over cute::min / cute::max templates where
+// CUTLASS calls min(int, int) unqualified (the templates above alone are ambiguous there)
+#define OSTQ_EMU_MINMAX(T)                         \
+  inline T min(T a, T b) { return b < a ? b : a; } \
+  inline T max(T a, T b) { return a < b ? b : a; }
+OSTQ_EMU_MINMAX(int)
+OSTQ_EMU_MINMAX(unsigned)
+OSTQ_EMU_MINMAX(long)
+OSTQ_EMU_MINMAX(unsigned long)
+OSTQ_EMU_MINMAX(long long)
+OSTQ_EMU_MINMAX(unsigned long long)
+OSTQ_EMU_MINMAX(float)
+OSTQ_EMU_MINMAX(double)
+#undef OSTQ_EMU_MINMAX
 #undef __trap
 #define __trap() ::ostq_emu::fail("__trap()")
 
@@ -599,6 +820,45 @@ inline std::common_type_t<A, B> max(A a, B b) {
 
 inline void __syncthreads() { ::ostq_emu::syncthreads(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::ostq_emu::warp_arrive(mask, "__syncwarp"); }
+// __syncthreads_count / _and / _or: a barrier that also counts the threads whose predicate holds
+inline int __syncthreads_count(int pred) {
+  ::ostq_emu::Sched& s = ::ostq_emu::S();
+  s.sync_count += pred ? 1 : 0;
+  ::ostq_emu::syncthreads();  // every thread has counted
+  const int r = s.sync_count;
+  ::ostq_emu::syncthreads();  // every thread has read
+  s.sync_count = 0;
+  ::ostq_emu::syncthreads();  // reset before anyone counts again
+  return r;
+}
+inline int __syncthreads_and(int pred) { return __syncthreads_count(pred) == ::ostq_emu::S().nthreads; }
+inline int __syncthreads_or(int pred) { return __syncthreads_count(pred) != 0; }
+// Blocks run one after another and a fiber yields only at barriers and collectives, so plain
+// read-modify-writes are atomic here and fences have nothing to order.
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+template <typename T>
+inline T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
+template <typename T>
+inline T atomicCAS(T* p, T cmp, T v) {
+  const T old = *p;
+  if (old == cmp) *p = v;
+  return old;
+}
+template <typename T>
+inline T atomicExch(T* p, T v) {
+  const T old = *p;
+  *p = v;
+  return old;
+}
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+// named in CUTLASS headers this emulation never instantiates: fail if one ever runs
+inline __half2 __hfma2(__half2, __half2, __half2) { ::ostq_emu::fail("__hfma2 is not emulated"); }
 
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
@@ -682,6 +942,8 @@ inline float __int_as_float(int u) {
 #define cudaGetDevice ::ostq_emu::getDevice
 #define cudaDeviceGetAttribute ::ostq_emu::deviceGetAttribute
 #define cudaFuncSetAttribute ::ostq_emu::funcSetAttribute
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor ::ostq_emu::occupancy
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags ::ostq_emu::occupancy
 #define cudaHostAlloc ::ostq_emu::hostAlloc
 #define cudaHostGetDevicePointer ::ostq_emu::hostGetDevicePointer
 #define cudaFreeHost ::ostq_emu::freeHost
