@@ -384,12 +384,32 @@ def _need_sm80(E):
 
 # (M, N, K): M = 17 just above the small-M kernels; odd M; M > 128 (a partial second token
 # tile); N = 8 and N not a multiple of the 256-channel tile; K = 32 (one partial k tile) and
-# K % 128 != 0 tails; whole tiles; a long LLaMA-2-7B down_proj K.
+# K % 128 != 0 tails; whole tiles; 7 channel tiles (the threadblock swizzle's widest setting,
+# 8, with idle blocks); a long LLaMA-2-7B down_proj K.
 IMMA_SHAPES = [(17, 264, 160), (33, 8, 32), (130, 136, 96), (129, 520, 416), (256, 256, 256),
-               (20, 256, 11008)]
+               (40, 1544, 64), (20, 256, 11008)]
 # (x_zero + w_sum given, bias dtype, output): asymmetric with bias, symmetric without
 IMMA_EPI = [(True, torch.float16, torch.bfloat16), (False, None, torch.float16),
             (True, None, torch.float16), (False, torch.bfloat16, torch.bfloat16)]
+
+
+def test_cutlass_overlay_substitutions_are_asserted(tmp_path):
+    """The overlay applies every substitution to the installed CUTLASS, and a header that no
+    longer holds a pattern (another CUTLASS version) fails loudly instead of staying unpatched."""
+    import cutlass_overlay as ov
+    inc = simt_build._cutlass_include()
+    if inc is None:
+        pytest.skip("CUTLASS headers not found")
+    done = ov.write_overlay(inc, tmp_path)
+    assert [rel for rel, _ in done] == [rel for rel, _, _ in ov.PATCHES]
+    for rel, _ in done:
+        assert (tmp_path / rel).read_text() != (Path(inc) / rel).read_text(), rel
+    mma = (Path(inc) / "cutlass/arch/mma_sm80.h").read_text()
+    with pytest.raises(ov.OverlayError, match="mma_sm80"):
+        ov._mma_sm80(mma.replace("m16n8k64.row.col.s32.s4.s4.s32.satfinite", "m16n8k64.s4"))
+    cp = (Path(inc) / "cutlass/arch/memory_sm80.h").read_text()
+    with pytest.raises(ov.OverlayError, match="zfill"):
+        ov._memory_sm80(cp.replace("zeros.clear();", "zeros.fill(0);", 1))
 
 
 @pytest.mark.parametrize("MNK", IMMA_SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in IMMA_SHAPES])
