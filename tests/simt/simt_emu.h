@@ -268,43 +268,30 @@ inline T shfl_from(unsigned mask, T v, int src, const char* what) {
 
 // Fragment layouts of the PTX ISA ("Matrix fragments for mma.m16n8k16 with floating point type",
 // "... mma.m16n8k32"): lane = 4 * group + t. Element e of a lane's fragment (e counts 16-bit
-// halves for m16n8k16, bytes for m16n8k32, low bits first, register after register) holds:
+// halves for m16n8k16, bytes for m16n8k32, nibbles for m16n8k64, low bits first, register after register) holds:
 struct Coord {
   int row, col;
 };
-// m16n8k16 A (16x16, row-major): regs a0 (row g, k 2t..2t+1), a1 (row g+8), a2 (row g, k+8),
-// a3 (row g+8, k+8).
-inline Coord a_16816(int lane, int e) {
-  const int g = lane / 4, t = lane % 4, reg = e / 2;
-  return {g + (reg & 1) * 8, 2 * t + (e & 1) + (reg >> 1) * 8};
+// The A and B fragments of m16n8k16 (f16/bf16), m16n8k32 (s8) and m16n8k64 (s4) share one
+// pattern with E = elements per 32-bit register (2, 4, 8; element 0 in the low bits) and
+// K = 8E: A (16xK, row-major): a0 (row g, k Et..Et+E-1), a1 (row g+8), a2 (row g, k+K/2),
+// a3 (row g+8, k+K/2). B (Kx8, "col"; Coord = (k, n)): b0 (k Et..Et+E-1, col g), b1 (k+K/2).
+template <int E>
+inline Coord a_frag(int lane, int e) {
+  const int g = lane / 4, t = lane % 4, reg = e / E;
+  return {g + (reg & 1) * 8, E * t + e % E + (reg >> 1) * 4 * E};
 }
-// m16n8k16 B (16x8, "col"): b0 (k 2t..2t+1, col g), b1 (k 2t+8..).  Coord = (k, n).
-inline Coord b_16816(int lane, int e) {
-  const int g = lane / 4, t = lane % 4, reg = e / 2;
-  return {2 * t + (e & 1) + reg * 8, g};
+template <int E>
+inline Coord b_frag(int lane, int e) {
+  const int g = lane / 4, t = lane % 4, reg = e / E;
+  return {E * t + e % E + reg * 4 * E, g};
 }
-// m16n8k32 s8 A (16x32): a0 (row g, k 4t..4t+3), a1 (row g+8), a2 (row g, k+16), a3 (row g+8,
-// k+16).
-inline Coord a_16832(int lane, int e) {
-  const int g = lane / 4, t = lane % 4, reg = e / 4;
-  return {g + (reg & 1) * 8, 4 * t + (e & 3) + (reg >> 1) * 16};
-}
-// m16n8k32 s8 B (32x8): b0 (k 4t..4t+3, col g), b1 (k 4t+16..).  Coord = (k, n).
-inline Coord b_16832(int lane, int e) {
-  const int g = lane / 4, t = lane % 4, reg = e / 4;
-  return {4 * t + (e & 3) + reg * 16, g};
-}
-// m16n8k64 s4 A (16x64; CUTLASS's int4 IMMA GEMM): eight 4-bit codes per register, element 0
-// in the low nibble: a0 (row g, k 8t..8t+7), a1 (row g+8), a2 (row g, k+32), a3 (row g+8, k+32).
-inline Coord a_16864(int lane, int e) {
-  const int g = lane / 4, t = lane % 4, reg = e / 8;
-  return {g + (reg & 1) * 8, 8 * t + (e & 7) + (reg >> 1) * 32};
-}
-// m16n8k64 s4 B (64x8): b0 (k 8t..8t+7, col g), b1 (k 8t+32..).  Coord = (k, n).
-inline Coord b_16864(int lane, int e) {
-  const int g = lane / 4, t = lane % 4, reg = e / 8;
-  return {8 * t + (e & 7) + reg * 32, g};
-}
+inline Coord a_16816(int lane, int e) { return a_frag<2>(lane, e); }
+inline Coord b_16816(int lane, int e) { return b_frag<2>(lane, e); }
+inline Coord a_16832(int lane, int e) { return a_frag<4>(lane, e); }
+inline Coord b_16832(int lane, int e) { return b_frag<4>(lane, e); }
+inline Coord a_16864(int lane, int e) { return a_frag<8>(lane, e); }  // CUTLASS's int4 IMMA GEMM
+inline Coord b_16864(int lane, int e) { return b_frag<8>(lane, e); }
 // C/D (16x8, fp32 or s32) of every shape: c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8).
 inline Coord c_16n8(int lane, int e) {
   const int g = lane / 4, t = lane % 4;
@@ -344,52 +331,65 @@ struct InverseMap {
   }
 };
 
-// D = A·B + C for the warp: every lane posts its fragments, then computes its own four D
-// elements from the rows / columns it needs. fp16/bf16 products are exact in fp32; the 16
-// products are summed in k order in fp32 (the hardware's order is unspecified).
+// The warp's operands of one m16n8k(8E) mma: every lane posts its fragments (a rendezvous of
+// the whole warp), then reads the elements of the rows / columns it needs; dec(reg, i) decodes
+// element i (E per 32-bit register, low bits first).
+template <int E, class Dec>
+struct MmaWarpOperands {
+  MmaOperands all[kWarpSize];
+  MmaWarpOperands(const uint32_t* a, const uint32_t* b, const char* what) {
+    warp_exchange(0xffffffffu, MmaOperands{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}}, what, all);
+  }
+  auto A(int r, int k) const {
+    static const InverseMap<16, 8 * E, 4 * E> ia(a_frag<E>);
+    const Slot s = ia.at[r][k];
+    return Dec{}(all[s.lane].a[s.e / E], s.e % E);
+  }
+  auto B(int k, int n) const {
+    static const InverseMap<8 * E, 8, 2 * E> ib(b_frag<E>);
+    const Slot s = ib.at[k][n];
+    return Dec{}(all[s.lane].b[s.e / E], s.e % E);
+  }
+};
+template <typename H>
+struct DecHalf {
+  float operator()(uint32_t reg, int i) const {
+    return half_bits_to_float<H>(static_cast<uint16_t>(reg >> (16 * i)));
+  }
+};
+struct DecS8 {
+  int operator()(uint32_t reg, int i) const { return static_cast<int8_t>(reg >> (8 * i)); }
+};
+struct DecS4 {  // sign-extended 4-bit code
+  int operator()(uint32_t reg, int i) const {
+    return static_cast<int32_t>(reg << (28 - 4 * i)) >> 28;
+  }
+};
+
+// D = A·B + C for the warp, each lane computing its own four D elements. fp16/bf16 products are
+// exact in fp32; the 16 products are summed in k order in fp32 (the hardware's order is
+// unspecified).
 template <typename H>
 inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  static const InverseMap<16, 16, 8> ia(a_16816);
-  static const InverseMap<16, 8, 4> ib(b_16816);
-  MmaOperands all[kWarpSize];
-  warp_exchange(0xffffffffu, MmaOperands{{a[0], a[1], a[2], a[3]}, {b0, b1}}, "mma.sync.m16n8k16",
-                all);
-  auto A = [&](int r, int k) {
-    const Slot s = ia.at[r][k];
-    return half_bits_to_float<H>(static_cast<uint16_t>(all[s.lane].a[s.e / 2] >> (16 * (s.e & 1))));
-  };
-  auto B = [&](int k, int n) {
-    const Slot s = ib.at[k][n];
-    return half_bits_to_float<H>(static_cast<uint16_t>(all[s.lane].b[s.e / 2] >> (16 * (s.e & 1))));
-  };
+  const uint32_t b[2] = {b0, b1};
+  const MmaWarpOperands<2, DecHalf<H>> op(a, b, "mma.sync.m16n8k16");
   const int lane = lane_id();
   for (int e = 0; e < 4; ++e) {
     const Coord cc = c_16n8(lane, e);
     float acc = 0.f;
-    for (int k = 0; k < 16; ++k) acc += A(cc.row, k) * B(k, cc.col);
+    for (int k = 0; k < 16; ++k) acc += op.A(cc.row, k) * op.B(k, cc.col);
     c[e] += acc;
   }
 }
 
 inline void mma_m16n8k32_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  static const InverseMap<16, 32, 16> ia(a_16832);
-  static const InverseMap<32, 8, 8> ib(b_16832);
-  MmaOperands all[kWarpSize];
-  warp_exchange(0xffffffffu, MmaOperands{{a[0], a[1], a[2], a[3]}, {b0, b1}}, "mma.sync.m16n8k32",
-                all);
-  auto A = [&](int r, int k) {
-    const Slot s = ia.at[r][k];
-    return static_cast<int>(static_cast<int8_t>(all[s.lane].a[s.e / 4] >> (8 * (s.e & 3))));
-  };
-  auto B = [&](int k, int n) {
-    const Slot s = ib.at[k][n];
-    return static_cast<int>(static_cast<int8_t>(all[s.lane].b[s.e / 4] >> (8 * (s.e & 3))));
-  };
+  const uint32_t b[2] = {b0, b1};
+  const MmaWarpOperands<4, DecS8> op(a, b, "mma.sync.m16n8k32");
   const int lane = lane_id();
   for (int e = 0; e < 4; ++e) {
     const Coord cc = c_16n8(lane, e);
     int acc = 0;
-    for (int k = 0; k < 32; ++k) acc += A(cc.row, k) * B(k, cc.col);
+    for (int k = 0; k < 32; ++k) acc += op.A(cc.row, k) * op.B(k, cc.col);
     c[e] += acc;
   }
 }
@@ -397,27 +397,12 @@ inline void mma_m16n8k32_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, ui
 // mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32.satfinite: D = sat(A·B + C), exact int sums
 // clamped to the int32 range.
 inline void mma_m16n8k64_s4_sat(int* d, const uint32_t* a, const uint32_t* b, const int* c) {
-  static const InverseMap<16, 64, 32> ia(a_16864);
-  static const InverseMap<64, 8, 16> ib(b_16864);
-  MmaOperands all[kWarpSize];
-  warp_exchange(0xffffffffu, MmaOperands{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}},
-                "mma.sync.m16n8k64.s4", all);
-  auto nib = [](uint32_t reg, int i) {  // sign-extended 4-bit code i of a register
-    return static_cast<int>(static_cast<int32_t>(reg << (28 - 4 * i)) >> 28);
-  };
-  auto A = [&](int r, int k) {
-    const Slot s = ia.at[r][k];
-    return nib(all[s.lane].a[s.e / 8], s.e & 7);
-  };
-  auto B = [&](int k, int n) {
-    const Slot s = ib.at[k][n];
-    return nib(all[s.lane].b[s.e / 8], s.e & 7);
-  };
+  const MmaWarpOperands<8, DecS4> op(a, b, "mma.sync.m16n8k64.s4");
   const int lane = lane_id();
   for (int e = 0; e < 4; ++e) {
     const Coord cc = c_16n8(lane, e);
     long long acc = c[e];
-    for (int k = 0; k < 64; ++k) acc += A(cc.row, k) * B(k, cc.col);
+    for (int k = 0; k < 64; ++k) acc += op.A(cc.row, k) * op.B(k, cc.col);
     d[e] = static_cast<int>(std::clamp<long long>(acc, INT32_MIN, INT32_MAX));
   }
 }
