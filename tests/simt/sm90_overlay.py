@@ -1,0 +1,189 @@
+"""The sm90 section of the CUTLASS overlay (tests/simt/sm90_study/REPORT.md, step 1): patches, on
+top of cutlass_overlay.PATCHES, that let csrc/gemm/sm90 (CUTLASS 4.2 Hopper GEMM) compile as host
+C++ with NO silent host fallback: every inline-PTX site the kernel reaches is either routed to an
+ostq_emu function or replaced by a loud failure (ostq_emu::fail with a "sm90 overlay:" message).
+Each failure site is a to-do of steps 2-6 of the report's plan.
+
+Used only by sm90_spike.py (OSTQ_SIMT_SM90 builds); the default emulator build does not load it.
+Same rules as cutlass_overlay: every pattern is counted, a mismatch fails the build.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cutlass_overlay import OverlayError, sub  # noqa: E402
+import cutlass_overlay  # noqa: E402
+
+
+def _fail(tag: str) -> str:
+    """A statement that fails the launch (ostq_emu::fail) naming the site and the function."""
+    return (f'::ostq_emu::fail(std::string("sm90 overlay: not emulated yet: {tag}: ") + '
+            f'__PRETTY_FUNCTION__);')
+
+
+def _config_hpp(t: str) -> str:
+    # host: assert (a no-op under NDEBUG) + printf, then the caller continues
+    return sub(t, "#  define CUTE_INVALID_CONTROL_PATH(x) assert(0 && x); printf(x)\n",
+               "#  if defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n"
+               "#    define CUTE_INVALID_CONTROL_PATH(x) "
+               "::ostq_emu::fail(std::string(\"sm90 overlay: CUTE_INVALID_CONTROL_PATH: \") + (x) + "
+               "\" in \" + __PRETTY_FUNCTION__)\n"
+               "#  else\n"
+               "#    define CUTE_INVALID_CONTROL_PATH(x) assert(0 && x); printf(x)\n"
+               "#  endif\n", 1, "cute/config.hpp")
+
+
+_BRKPT = '#elif defined(__CUDA_ARCH__)\n{ws}asm volatile ("brkpt;\\n" ::);\n#endif'
+
+
+def _brkpt_sites(where: str, count: int) -> Callable[[str], str]:
+    """`#if <arch> asm... #elif defined(__CUDA_ARCH__) brkpt #endif`: the host compiles nothing
+    (mbarrier / named barrier ops become no-ops, try_wait returns 0). Add a failing host branch."""
+    def f(t: str) -> str:
+        n = 0
+        for ws in ("  ", "    "):
+            old = _BRKPT.format(ws=ws)
+            k = t.count(old)
+            t = t.replace(old, _BRKPT.format(ws=ws)[:-len("#endif")] +
+                          f"#elif defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n"
+                          f"{ws}{_fail(where)}\n#endif")
+            n += k
+        if n != count:
+            raise OverlayError(f"{where}: expected {count} brkpt host branches, found {n}")
+        return t
+    return f
+
+
+def _no_dim_macros(where: str) -> Callable[[str], str]:
+    """Host-only launch code naming members gridDim / blockDim (cudaLaunchConfig_t, ClusterLauncher):
+    simt_emu.h's #define gridDim / blockDim would rewrite them; hide those macros in this header."""
+    def f(t: str) -> str:
+        if "gridDim" not in t:
+            raise OverlayError(f"{where}: no gridDim member use to protect")
+        return ('#pragma push_macro("gridDim")\n#pragma push_macro("blockDim")\n#undef gridDim\n'
+                '#undef blockDim  // (tests/simt/sm90_overlay.py)\n' + t +
+                '\n#pragma pop_macro("blockDim")\n#pragma pop_macro("gridDim")\n')
+    return f
+
+
+def _coop_kernel(t: str) -> str:
+    # without __CUDA_ARCH_FEAT_SM90_ALL the kernel body is one printf ("Arch conditional MMA ...
+    # Aborting.") and nothing else: compile the real body
+    return sub(t, "#if ! defined(ENABLE_SM90_KERNEL_LEVEL)\n",
+               "#if ! defined(ENABLE_SM90_KERNEL_LEVEL) && !defined(OSTQ_SIMT_EMU)  "
+               "// (tests/simt/sm90_overlay.py)\n", 1,
+               "sm90_gemm_tma_warpspecialized_cooperative.hpp")
+
+
+def _cluster_sm90(t: str) -> str:
+    w = "cute/arch/cluster_sm90.hpp"
+    # host: cluster_grid_dims / cluster_id_in_grid return {0,0,0} for every CTA (the tile
+    # scheduler would see one cluster); the emulator launches without clusters (1x1x1), which is
+    # the __CUDA_ARCH__ (non-sm90) branch: gridDim / blockIdx
+    t = sub(t, "#elif defined(__CUDA_ARCH__)\n  return gridDim;\n",
+            "#elif defined(__CUDA_ARCH__) || defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n"
+            "  return gridDim;\n", 1, w)
+    t = sub(t, "#elif defined(__CUDA_ARCH__)\n  return blockIdx;\n",
+            "#elif defined(__CUDA_ARCH__) || defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n"
+            "  return blockIdx;\n", 1, w)
+    # elect_one_sync: host returns true on every lane (32x TMA issue). elect.sync with the full
+    # mask: a warp collective (every lane must arrive), the lowest lane is elected
+    return sub(t, "#elif defined(__CUDA_ARCH__)\n  return (threadIdx.x % 32) == 0;\n#else\n  return true;\n",
+               "#elif defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n"
+               "  ::ostq_emu::warp_arrive(0xFFFFFFFFu, \"elect.sync\");\n"
+               "  return ::ostq_emu::lane_id() == 0;\n"
+               "#elif defined(__CUDA_ARCH__)\n  return (threadIdx.x % 32) == 0;\n#else\n  return true;\n",
+               1, w)
+
+
+def _generic_barrier(t: str) -> str:
+    # GenericBarrier::ld_acquire / red_release (stream-K locks): the host branch is x86-invalid
+    # inline PTX (ld.cg.global) or a plain load; emulation (atomic + yield, deadlock report) is
+    # step 6 of the plan
+    return sub(t, "#if (__CUDA_ARCH__ >= 700)\n",
+               "#if defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n    "
+               + _fail("cutlass/barrier.h GenericBarrier") + "\n#elif (__CUDA_ARCH__ >= 700)\n",
+               2, "cutlass/barrier.h")
+
+
+# the device asm of NumericArrayConverter<int8_t, int4b_t, 8>, transcribed (prmt.b32 default
+# mode = ostq_emu::byte_perm, with sign replication; shl / and / shr / or)
+_PRMT = """\
+      uint32_t x = storage, tmp0, tmp1, tmp2;  // (tests/simt/sm90_overlay.py)
+      tmp0 = (x << 4) & 0xf0f0f0f0u;
+      tmp1 = ::ostq_emu::byte_perm(tmp0, tmp0, 0xba98) & 0xf0f0f0f0u;
+      tmp0 = tmp0 >> 4;
+      tmp2 = tmp0 | tmp1;
+      tmp0 = x & 0xf0f0f0f0u;
+      tmp1 = ::ostq_emu::byte_perm(tmp0, tmp0, 0xba98) & 0xf0f0f0f0u;
+      tmp0 = tmp0 >> 4;
+      tmp0 = tmp0 | tmp1;
+      out[0] = ::ostq_emu::byte_perm(tmp2, tmp0, 0x5140);
+      out[1] = ::ostq_emu::byte_perm(tmp2, tmp0, 0x7362);
+"""
+
+
+def _numeric_conversion(t: str) -> str:
+    w = "cutlass/numeric_conversion.h"
+    # int4 -> int8 (W4A4 mainloop, "DirectConvert"): the host takes a scalar loop, not the code
+    # the GPU runs; take the device branch with its asm transcribed to C++
+    head = ("  static result_type convert(source_type const & source) {\n   \n"
+            "    #if defined(__CUDA_ARCH__)\n\n    if constexpr ( N == 8 ) {\n      \n"
+            "      unsigned const& storage = reinterpret_cast<unsigned const &>(source);\n"
+            "      unsigned out[2];\n\n")
+    t = sub(t, head, head.replace("#if defined(__CUDA_ARCH__)",
+                                  "#if defined(__CUDA_ARCH__) || defined(OSTQ_SIMT_EMU)") +
+            "#if defined(OSTQ_SIMT_EMU)\n" + _PRMT + "#else\n", 1, w)
+    tail = ('          : "=r"(out[0]), "=r"(out[1])\n          : "r"(storage));\n\n'
+            '      return reinterpret_cast<result_type const &>(out);\n')
+    return sub(t, tail, tail.replace("\n\n", "\n#endif  // OSTQ_SIMT_EMU\n\n", 1), 1, w)
+
+
+SM90_PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
+    ("cute/config.hpp",
+     "CUTE_INVALID_CONTROL_PATH is assert+printf on the host (continues under NDEBUG): TMA, "
+     "wgmma, stmatrix, ... host paths would run on silently: fail", _config_hpp),
+    ("cutlass/cluster_launch.hpp",
+     "host launch code with gridDim / blockDim members (no device code): hide simt_emu.h's "
+     "gridDim / blockDim macros", _no_dim_macros("cutlass/cluster_launch.hpp")),
+    ("cutlass/kernel_launch.h",
+     "config.gridDim / config.blockDim (cudaLaunchConfig_t, PDL branch): hide simt_emu.h's "
+     "macros (the launch itself is already ostq_emu::launch, cutlass_overlay)",
+     _no_dim_macros("cutlass/kernel_launch.h")),
+    ("cutlass/gemm/kernel/sm90_gemm_tma_warpspecialized_cooperative.hpp",
+     "GemmUniversal::operator() is only a printf unless __CUDA_ARCH_FEAT_SM90_ALL: compile the "
+     "kernel body", _coop_kernel),
+    ("cute/arch/cluster_sm90.hpp",
+     "cluster_grid_dims / cluster_id_in_grid are {0,0,0} on the host: gridDim / blockIdx (no "
+     "cluster launch); elect_one_sync is true on all lanes: a warp collective electing lane 0",
+     _cluster_sm90),
+    ("cutlass/barrier.h",
+     "GenericBarrier ld_acquire / red_release (stream-K locks): fail until emulated",
+     _generic_barrier),
+    ("cutlass/numeric_conversion.h",
+     "int4 -> int8 Array<.,8> converter: host scalar loop instead of the device asm: the asm "
+     "transcribed (prmt with sign replication, shifts, masks)", _numeric_conversion),
+    ("cutlass/arch/barrier.h",
+     "CUDA_BARRIER_ENABLED is 0 without __CUDA_ARCH__: every mbarrier / named-barrier / "
+     "fence op compiles to nothing on the host: fail", _brkpt_sites("cutlass/arch/barrier.h", 26)),
+]
+
+
+def write_overlay(cutlass_include: str | Path, out_dir: str | Path) -> list[tuple[str, str]]:
+    """Apply SM90_PATCHES on top of the overlay that cutlass_overlay.write_overlay wrote to
+    out_dir (a header both patch is read from out_dir, else from the installed CUTLASS)."""
+    src, out = Path(cutlass_include), Path(out_dir)
+    base = {rel for rel, _, _ in cutlass_overlay.PATCHES}
+    done = []
+    for rel, reason, patch in SM90_PATCHES:
+        text = patch(((out if rel in base else src) / rel).read_text())
+        dst = out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.is_file() or dst.read_text() != text:
+            dst.write_text(text)
+        done.append((rel, reason))
+    return done

@@ -1,0 +1,10 @@
+// Force-included after simt_emu.h in the sm90 spike build (sm90_spike.py) only.
+#pragma once
+// CUDA's wmma (mma.h, namespace nvcuda) is device-only: keep CUTLASS's wmma wrappers out by
+// including cutlass/arch/wmma.h (#pragma once) with the toolkit version macro hidden. The sm90
+// build needs __CUDACC_VER_MAJOR__ = 13 for cuda_host_adapter.hpp's
+// cudaGetDriverEntryPointByVersion path (CUDA 13 headers have no cudaGetDriverEntryPoint).
+#pragma push_macro("__CUDACC_VER_MAJOR__")
+#undef __CUDACC_VER_MAJOR__
+#include "cutlass/arch/wmma.h"
+#pragma pop_macro("__CUDACC_VER_MAJOR__")

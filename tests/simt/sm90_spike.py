@@ -1,0 +1,86 @@
+"""Step 1 of tests/simt/sm90_study/REPORT.md ("overlay spike"): compile ONE Hopper GEMM unit
+(csrc/gemm/sm90/w4a4_t128_f16.cu, OSTQUANT_SM90_GEMM=1) as host C++ for the SIMT emulator, with
+the sm80 overlay plus the sm90 section (sm90_overlay.py), and link it into a small executable.
+
+Not part of the default emulator build (build.load() is unchanged): run it by hand,
+
+    OSTQUANT_SIMT_BUILD=/tmp/simt-wt /work/main/.venv/bin/python tests/simt/sm90_spike.py
+
+It succeeds when the unit compiles, assembles (the x86 assembler rejects any inline PTX that is
+still reached) and links; it then lists the loud-failure sites (ostq_emu::fail strings with the
+"sm90 overlay" tag) that the unit contains. Nothing is run on the emulator yet.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import build  # noqa: E402
+import cutlass_overlay  # noqa: E402
+import sm90_overlay  # noqa: E402
+
+UNIT = "gemm__sm90__w4a4_t128_f16.cu.cpp"
+FLAGS = ["-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-g0", "-ffp-contract=off", "-fno-strict-aliasing",
+         "-fpermissive", "-Wno-deprecated-declarations", "-w",
+         "-DOSTQ_SIMT_EMU", "-DOSTQ_SIMT_HAVE_CUTE", "-DOSTQ_SIMT_SM90",
+         "-DOSTQUANT_HAS_CUTLASS=1", "-DOSTQUANT_SM90_GEMM=1", "-DOSTQUANT_SM80_GEMM=1",
+         "-D__CUDACC_VER_MAJOR__=13"]
+
+DRIVER = r"""
+// links the unit: references its entry point (nothing is launched)
+#include "gemm/sm90/launch.h"
+#include <cstdio>
+int main() {
+  auto fn = &ostquant::sm90::w4a4_t128_f16;
+  std::printf("linked: ostquant::sm90::w4a4_t128_f16 at %p\n", reinterpret_cast<void*>(fn));
+  return 0;
+}
+"""
+
+
+def main() -> int:
+    base = Path(os.environ.get("OSTQUANT_SIMT_BUILD", Path.home() / ".cache/ostquant/simt")) / "sm90-spike"
+    base.mkdir(parents=True, exist_ok=True)
+    cute = build._cutlass_include()
+    if cute is None:
+        sys.exit("no CUTLASS headers")
+    inc = build.cuda_include()
+    units = build.prepare(base)
+    unit = next(u for u in units if u.name == UNIT)
+    ov = base / "overlay"
+    cutlass_overlay.write_overlay(cute, ov)
+    sm90_overlay.write_overlay(cute, ov)
+    incs = [HERE / "stubs", base / "src", inc, ov, cute] + ([inc / "cccl"] if (inc / "cccl").is_dir() else [])
+    tools = Path(cute).parent / "tools" / "util" / "include"
+    if tools.is_dir():
+        incs.append(tools)
+    iflags = [f"-I{p}" for p in incs]
+    cxx = os.environ.get("CXX", "g++")
+    common = [cxx] + FLAGS + ["-include", str(HERE / "simt_emu.h"), "-include", str(HERE / "sm90_prelude.h")] + iflags
+    obj = base / "unit.o"
+    print("compiling", unit.name, flush=True)
+    r = subprocess.run(common + ["-c", str(unit), "-o", str(obj)])
+    if r.returncode:
+        return r.returncode
+    drv = base / "driver.cpp"
+    drv.write_text(DRIVER)
+    exe = base / "spike"
+    r = subprocess.run(common + [str(drv), str(obj), str(HERE / "sm90_spike_stubs.cpp"), "-o", str(exe)])
+    if r.returncode:
+        return r.returncode
+    subprocess.run([str(exe)], check=True)
+    strings = subprocess.run(["strings", str(obj)], capture_output=True, text=True).stdout
+    sites = sorted({s for s in strings.splitlines() if "sm90 overlay" in s})
+    print(f"{len(sites)} loud-failure messages compiled into the unit:")
+    for s in sites:
+        print("  ", s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
