@@ -20,9 +20,10 @@ import cutlass_overlay  # noqa: E402
 
 
 def _fail(tag: str) -> str:
-    """A statement that fails the launch (ostq_emu::fail) naming the site and the function."""
-    return (f'::ostq_emu::fail(std::string("sm90 overlay: not emulated yet: {tag}: ") + '
-            f'__PRETTY_FUNCTION__);')
+    """A statement that fails the launch (ostq_emu::fail) naming the site (file:line, one string
+    literal, so that sm90_spike.py can list the sites compiled into a unit) and the function."""
+    return (f'::ostq_emu::fail(std::string("sm90 overlay: not emulated yet: " __FILE__ ":" '
+            f'OSTQ_SM90_STR(__LINE__) " ({tag}) in ") + __PRETTY_FUNCTION__);')
 
 
 def _config_hpp(t: str) -> str:
@@ -30,8 +31,8 @@ def _config_hpp(t: str) -> str:
     return sub(t, "#  define CUTE_INVALID_CONTROL_PATH(x) assert(0 && x); printf(x)\n",
                "#  if defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n"
                "#    define CUTE_INVALID_CONTROL_PATH(x) "
-               "::ostq_emu::fail(std::string(\"sm90 overlay: CUTE_INVALID_CONTROL_PATH: \") + (x) + "
-               "\" in \" + __PRETTY_FUNCTION__)\n"
+               "::ostq_emu::fail(std::string(\"sm90 overlay: CUTE_INVALID_CONTROL_PATH at \" __FILE__ "
+               "\":\" OSTQ_SM90_STR(__LINE__) \": \") + (x) + \" in \" + __PRETTY_FUNCTION__)\n"
                "#  else\n"
                "#    define CUTE_INVALID_CONTROL_PATH(x) assert(0 && x); printf(x)\n"
                "#  endif\n", 1, "cute/config.hpp")
@@ -84,14 +85,18 @@ def _cluster_sm90(t: str) -> str:
     # host: cluster_grid_dims / cluster_id_in_grid return {0,0,0} for every CTA (the tile
     # scheduler would see one cluster); the emulator launches without clusters (1x1x1), which is
     # the __CUDA_ARCH__ (non-sm90) branch: gridDim / blockIdx
-    t = sub(t, "#elif defined(__CUDA_ARCH__)\n  return gridDim;\n",
+    t = sub(t, "#elif defined(__CUDA_ARCH__)\n  // MSVC requires protecting use of gridDim",
             "#elif defined(__CUDA_ARCH__) || defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n"
-            "  return gridDim;\n", 1, w)
-    t = sub(t, "#elif defined(__CUDA_ARCH__)\n  return blockIdx;\n",
+            "  // MSVC requires protecting use of gridDim", 1, w)
+    t = sub(t, "#elif defined(__CUDA_ARCH__)\n  // MSVC requires protecting use of blockIdx",
             "#elif defined(__CUDA_ARCH__) || defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n"
-            "  return blockIdx;\n", 1, w)
+            "  // MSVC requires protecting use of blockIdx", 1, w)
     # elect_one_sync: host returns true on every lane (32x TMA issue). elect.sync with the full
     # mask: a warp collective (every lane must arrive), the lowest lane is elected
+    t = sub(t, "#elif defined(__CUDA_ARCH__)\n  return {(threadIdx.x % 32) == 0, 0};\n",
+            "#elif defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n  "
+            + _fail(w + " elect_one_leader_sync") + "\n"
+            "#elif defined(__CUDA_ARCH__)\n  return {(threadIdx.x % 32) == 0, 0};\n", 1, w)
     return sub(t, "#elif defined(__CUDA_ARCH__)\n  return (threadIdx.x % 32) == 0;\n#else\n  return true;\n",
                "#elif defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n"
                "  ::ostq_emu::warp_arrive(0xFFFFFFFFu, \"elect.sync\");\n"
@@ -143,6 +148,24 @@ def _numeric_conversion(t: str) -> str:
     return sub(t, tail, tail.replace("\n\n", "\n#endif  // OSTQ_SIMT_EMU\n\n", 1), 1, w)
 
 
+def _brkpt_checks(where: str, count: int) -> Callable[[str], str]:
+    """Debug checks (`#ifndef NDEBUG ... asm volatile("brkpt;")`): x86-invalid inline PTX on the
+    host; a failure naming the line instead (the check itself is kept)."""
+    def f(t: str) -> str:
+        return sub(t, 'asm volatile ("brkpt;\\n" ::);',
+                   '::ostq_emu::fail("sm90 overlay: debug check failed (brkpt) at " __FILE__ ":" '
+                   'OSTQ_SM90_STR(__LINE__));', count, where)
+    return f
+
+
+def _sm100_pipeline(t: str) -> str:
+    # includes "sm90_pipeline.hpp" relative to itself (the original, beside the patched copy:
+    # redefinitions); the line before already includes it by its full path
+    return sub(t, '#include "sm90_pipeline.hpp"\n',
+               '// #include "sm90_pipeline.hpp"  (tests/simt/sm90_overlay.py: bypassed the overlay)\n',
+               1, "cutlass/pipeline/sm100_pipeline.hpp")
+
+
 SM90_PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
     ("cute/config.hpp",
      "CUTE_INVALID_CONTROL_PATH is assert+printf on the host (continues under NDEBUG): TMA, "
@@ -167,10 +190,31 @@ SM90_PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
     ("cutlass/numeric_conversion.h",
      "int4 -> int8 Array<.,8> converter: host scalar loop instead of the device asm: the asm "
      "transcribed (prmt with sign replication, shifts, masks)", _numeric_conversion),
+    ("cutlass/pipeline/sm100_pipeline.hpp",
+     "includes sm90_pipeline.hpp relative to itself, bypassing the patched copy", _sm100_pipeline),
+    ("cutlass/pipeline/sm90_pipeline.hpp",
+     "the pipelines' debug role checks are inline PTX brkpt (x86-invalid): fail with the line",
+     _brkpt_checks("cutlass/pipeline/sm90_pipeline.hpp", 8)),
     ("cutlass/arch/barrier.h",
      "CUDA_BARRIER_ENABLED is 0 without __CUDA_ARCH__: every mbarrier / named-barrier / "
      "fence op compiles to nothing on the host: fail", _brkpt_sites("cutlass/arch/barrier.h", 26)),
 ]
+
+
+def check_no_bypass(cutlass_include: Path) -> None:
+    """cutlass_overlay.check_no_bypass for the sm90 patches: no unpatched header may include a
+    patched one relative to its own directory."""
+    src = Path(cutlass_include).resolve()
+    patched = {(src / rel).resolve() for rel, _, _ in cutlass_overlay.PATCHES + SM90_PATCHES}
+    for top in ("cutlass", "cute"):
+        for f in (src / top).rglob("*"):
+            if f.suffix not in (".h", ".hpp", ".inl", ".cuh") or f.resolve() in patched:
+                continue
+            for inc in cutlass_overlay._QUOTED_INCLUDE.findall(f.read_text(errors="replace")):
+                target = (f.parent / inc).resolve()
+                if target in patched and target.is_file():
+                    raise OverlayError(f"{f.relative_to(src)} includes {inc!r} relative to itself: "
+                                       f"that bypasses the patched {target.relative_to(src)}")
 
 
 def write_overlay(cutlass_include: str | Path, out_dir: str | Path) -> list[tuple[str, str]]:
@@ -178,6 +222,7 @@ def write_overlay(cutlass_include: str | Path, out_dir: str | Path) -> list[tupl
     out_dir (a header both patch is read from out_dir, else from the installed CUTLASS)."""
     src, out = Path(cutlass_include), Path(out_dir)
     base = {rel for rel, _, _ in cutlass_overlay.PATCHES}
+    check_no_bypass(src)
     done = []
     for rel, reason, patch in SM90_PATCHES:
         text = patch(((out if rel in base else src) / rel).read_text())
