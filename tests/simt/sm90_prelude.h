@@ -12,3 +12,5 @@
 // the sm90 overlay's failure sites name their line in one string literal
 #define OSTQ_SM90_STR2(x) #x
 #define OSTQ_SM90_STR(x) OSTQ_SM90_STR2(x)
+
+#include "sm90_emu.h"

@@ -74,6 +74,16 @@ def main() -> int:
     if r.returncode:
         return r.returncode
     subprocess.run([str(exe)], check=True)
+    # the self-tests of the sm90 emulator pieces (sm90_emu.h)
+    st = base / "sm90_selftest"
+    print("building sm90_selftest", flush=True)
+    r = subprocess.run(common + [str(HERE / "sm90_selftest.cpp"), str(HERE / "sm90_spike_stubs.cpp"),
+                                 "-o", str(st)])
+    if r.returncode:
+        return r.returncode
+    r = subprocess.run([str(st)])
+    if r.returncode:
+        return r.returncode
     # audit: at -O0 every instantiated function is emitted (nothing inlined, no code dropped
     # after a [[noreturn]] fail), so the assembler sees every instantiated inline-asm block and
     # the object holds every instantiated failure site's message

@@ -17,8 +17,14 @@ cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t*, const void*, void**) 
   ::ostq_emu::fail("sm90 overlay: cudaLaunchKernelExC (programmatic dependent launch) is not emulated");
 }
 
-// cuda_host_adapter.hpp (CUDA >= 13): cuTensorMapEncodeTiled is fetched through this
-cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void**, unsigned int, unsigned long long,
-                                             cudaDriverEntryPointQueryResult*) {
-  ::ostq_emu::fail(std::string("sm90 overlay: driver entry point not emulated yet: ") + symbol);
+// cuda_host_adapter.hpp (CUDA >= 13): cuTensorMapEncodeTiled is fetched through this; the
+// emulator's encode stub (sm90_emu.h) records the descriptor
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int, unsigned long long,
+                                             cudaDriverEntryPointQueryResult* status) {
+  if (std::string(symbol) == "cuTensorMapEncodeTiled") {
+    *fn = reinterpret_cast<void*>(&::ostq_emu::sm90::encode_tiled);
+    if (status) *status = cudaDriverEntryPointSuccess;
+    return cudaSuccess;
+  }
+  ::ostq_emu::fail(std::string("sm90 overlay: driver entry point not emulated: ") + symbol);
 }
