@@ -166,6 +166,49 @@ def _sm100_pipeline(t: str) -> str:
                1, "cutlass/pipeline/sm100_pipeline.hpp")
 
 
+# barrier.h functions whose failing host branch (added by _brkpt_sites) is routed to sm90_emu.h:
+# (function header, found once; the emulated statement)
+_BARRIER_ROUTES = [
+    ("static void arrive_and_wait_internal(uint32_t num_threads, uint32_t barrier_id) {",
+     "::ostq_emu::sm90::bar_sync(barrier_id, num_threads);  // NamedBarrier::sync / arrive_and_wait"),
+    ("static void init(ValueType const* smem_ptr, uint32_t arrive_count) {",
+     "::ostq_emu::sm90::mbar_init(smem_ptr, arrive_count);"),
+    ("static void wait(ValueType const* smem_ptr, uint32_t phase) {",
+     "::ostq_emu::sm90::mbar_wait_parity(smem_ptr, phase);"),
+    ("static bool try_wait(ValueType const* smem_ptr, uint32_t phase) {",
+     "return ::ostq_emu::sm90::mbar_test_parity(smem_ptr, phase);"),
+    ("static void arrive(ValueType const* smem_ptr, uint32_t cta_id, uint32_t pred) {",
+     "if (cta_id != 0) ::ostq_emu::fail(\"mbarrier arrive on cluster CTA rank \" + std::to_string(cta_id) + "
+     "\" (the emulator launches 1x1x1 clusters)\");\n    if (pred) ::ostq_emu::sm90::mbar_arrive(smem_ptr);"),
+    ("static void arrive(ValueType const* smem_ptr) {",
+     "::ostq_emu::sm90::mbar_arrive(smem_ptr);"),
+    ("static void arrive_and_expect_tx(ValueType const* smem_ptr, uint32_t transaction_bytes) {",
+     "::ostq_emu::sm90::mbar_arrive_expect_tx(smem_ptr, transaction_bytes);"),
+    ("static void expect_transaction(ValueType const* smem_ptr, uint32_t transaction_bytes) {",
+     "::ostq_emu::sm90::mbar_expect_tx(smem_ptr, transaction_bytes);"),
+    ("void fence_barrier_init() {",
+     "// fence.mbarrier_init: mbar_init is visible at once in the emulator (the kernel's\n"
+     "  // __syncthreads / cluster sync that must follow is emulated as such): nothing to do"),
+]
+
+
+def _barrier_h(t: str) -> str:
+    w = "cutlass/arch/barrier.h"
+    t = _brkpt_sites(w, 26)(t)
+    marker = "#elif defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n"
+    for header, stmt in _BARRIER_ROUTES:
+        if t.count(header) != 1:
+            raise OverlayError(f"{w}: expected one {header!r}, found {t.count(header)}")
+        i = t.index(header)
+        j = t.index(marker, i) + len(marker)
+        k = t.index("\n#endif", j)
+        if t[i:j].count("\n}") or "::ostq_emu::fail" not in t[j:k]:
+            raise OverlayError(f"{w}: no failing host branch inside {header!r}")
+        ws = t[j:k][: len(t[j:k]) - len(t[j:k].lstrip())]
+        t = t[:j] + ws + stmt + t[k:]
+    return t
+
+
 SM90_PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
     ("cute/config.hpp",
      "CUTE_INVALID_CONTROL_PATH is assert+printf on the host (continues under NDEBUG): TMA, "
@@ -197,7 +240,9 @@ SM90_PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
      _brkpt_checks("cutlass/pipeline/sm90_pipeline.hpp", 8)),
     ("cutlass/arch/barrier.h",
      "CUDA_BARRIER_ENABLED is 0 without __CUDA_ARCH__: every mbarrier / named-barrier / "
-     "fence op compiles to nothing on the host: fail", _brkpt_sites("cutlass/arch/barrier.h", 26)),
+     "fence op compiles to nothing on the host: mbarrier init / arrive / expect_tx / wait / "
+     "try_wait and bar.sync routed to sm90_emu.h, fence_barrier_init a no-op, the rest fail",
+     _barrier_h),
 ]
 
 
