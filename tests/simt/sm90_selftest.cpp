@@ -11,6 +11,8 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include "cutlass/numeric_conversion.h"  // the sm90 overlay's copy (transcribed int4 -> int8 asm)
+
 namespace {
 int g_fail = 0;
 void check(bool ok, const std::string& what) {
@@ -170,9 +172,35 @@ void test_named_barriers() {
   });
   check(has(badcount, "multiple of 32"), "bar.sync count not a warp multiple reported");
 }
+// the overlay's transcription of the int4 -> int8 converter asm (NumericArrayConverter<int8_t,
+// int4b_t, 8>, the device branch) against sign extension of each nibble
+void test_int4_to_int8() {
+  cutlass::NumericArrayConverter<int8_t, cutlass::int4b_t, 8> conv;
+  uint32_t x = 0x12345678u;
+  int bad = 0;
+  for (int it = 0; it < (1 << 18) + 16 * 8; ++it) {
+    uint32_t w;
+    if (it < 16 * 8) {
+      w = static_cast<uint32_t>(it % 16) << (4 * (it / 16));  // every nibble value in every slot
+    } else {
+      x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+      w = x;
+    }
+    cutlass::Array<cutlass::int4b_t, 8> src;
+    std::memcpy(&src, &w, 4);
+    const cutlass::Array<int8_t, 8> out = conv(src);
+    for (int i = 0; i < 8; ++i) {
+      int v = static_cast<int>((w >> (4 * i)) & 0xF);
+      if (v >= 8) v -= 16;
+      if (out[i] != v && bad++ < 3) std::printf("int4->int8: word %08x element %d: %d, expected %d\n", w, i, int(out[i]), v);
+    }
+  }
+  check(bad == 0, "int4 -> int8 converter transcription");
+}
 }  // namespace
 
 int main() {
+  test_int4_to_int8();
   test_encode();
   test_mbarrier();
   test_named_barriers();
