@@ -4,7 +4,7 @@ the sm80 overlay plus the sm90 section (sm90_overlay.py), and link it into a sma
 
 Not part of the default emulator build (build.load() is unchanged): run it by hand,
 
-    OSTQUANT_SIMT_BUILD=/tmp/simt-wt /work/main/.venv/bin/python tests/simt/sm90_spike.py
+    .venv/bin/python tests/simt/sm90_spike.py        (tests/test_simt_sm90_spike.py runs it)
 
 It succeeds when the unit compiles, assembles (the x86 assembler rejects any inline PTX that is
 still reached) and links; it then lists the loud-failure sites (ostq_emu::fail strings with the
