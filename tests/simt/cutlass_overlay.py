@@ -76,7 +76,7 @@ def _arch_h(t: str) -> str:
            "(defined(__clang__) && defined(__CUDA__))\n\n/// Computes laneId within a warp\n")
     new = ("#if defined(OSTQ_SIMT_EMU)  // (tests/simt/cutlass_overlay.py)\n"
            "CUTLASS_DEVICE int LaneId() { return ::ostq_emu::lane_id(); }\n"
-           "CUTLASS_DEVICE int SmId() { return static_cast<int>(blockIdx.x % ::ostq_emu::sm_count_setting()); }\n"
+           "CUTLASS_DEVICE int SmId() { return static_cast<int>(blockIdx.x % ::ostq_emu::device().sm_count); }\n"
            "#elif defined(__NVCC__) || defined(__CUDACC_RTC__) || "
            "(defined(__clang__) && defined(__CUDA__))\n\n/// Computes laneId within a warp\n")
     return sub(t, old, new, 1, "arch/arch.h")
@@ -287,11 +287,12 @@ PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
 _QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 
 
-def check_no_bypass(cutlass_include: Path) -> None:
-    """No unpatched CUTLASS header may reach a patched one through a quoted include relative to
-    its own directory (searched before -I, so it would get the original)."""
+def check_no_bypass(cutlass_include: Path, patches: list = PATCHES) -> None:
+    """No unpatched CUTLASS header may reach a patched one (a header of `patches`) through a
+    quoted include relative to its own directory (searched before -I, so it would get the
+    original)."""
     src = Path(cutlass_include).resolve()
-    patched = {(src / rel).resolve() for rel, _, _ in PATCHES}
+    patched = {(src / rel).resolve() for rel, _, _ in patches}
     for top in ("cutlass", "cute"):
         for f in (src / top).rglob("*"):
             if f.suffix not in (".h", ".hpp", ".inl", ".cuh") or f.resolve() in patched:
@@ -303,21 +304,24 @@ def check_no_bypass(cutlass_include: Path) -> None:
                                        f"that bypasses the patched {target.relative_to(src)}")
 
 
-def write_overlay(cutlass_include: str | Path, out_dir: str | Path) -> list[tuple[str, str]]:
-    """Write the patched headers under out_dir (unchanged files keep their mtime); returns
-    [(header, reason)]. Raises OverlayError when a pattern is not found."""
+def write_overlay(cutlass_include: str | Path, out_dir: str | Path, patches: list = PATCHES,
+                  on_top_of: list = ()) -> list[tuple[str, str]]:
+    """Write the headers of `patches` patched under out_dir (unchanged files keep their mtime);
+    returns [(header, reason)]. Raises OverlayError when a pattern is not found. `on_top_of`:
+    the patches an earlier write_overlay wrote to out_dir; a header of both is patched again
+    from that text (sm90_overlay.py on top of this file's PATCHES)."""
     src, out = Path(cutlass_include), Path(out_dir)
-    check_no_bypass(src)
+    check_no_bypass(src, list(on_top_of) + list(patches))
+    base = {rel for rel, _, _ in on_top_of}
     done = []
-    for rel, reason, patch in PATCHES:
-        text = patch((src / rel).read_text())
+    for rel, reason, patch in patches:
+        text = patch(((out if rel in base else src) / rel).read_text())
         dst = out / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.is_file() or dst.read_text() != text:
             dst.write_text(text)
         done.append((rel, reason))
     return done
-
 
 if __name__ == "__main__":
     inc = _build._cutlass_include()

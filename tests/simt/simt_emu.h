@@ -409,13 +409,14 @@ inline void mma_m16n8k64_s4_sat(int* d, const uint32_t* a, const uint32_t* b, co
 
 // ------------------------------------------------------------------------------ launches
 
+inline void cp_async_wait(int n);  // (CUTLASS 2.x section below)
+
 inline void fiber_entry() {
   Sched& s = S();
   try {
     s.body(s.body_arg);
     // copies still in flight land anyway (a kernel that never waits for them: its problem)
-    for (const PendingCopy& c : s.cur->cp_pending) std::memcpy(c.dst, c.data, c.bytes);
-    s.cur->cp_pending.clear();
+    cp_async_wait(-1);
   } catch (const std::exception& e) {
     if (s.error.empty()) s.error = e.what();
     s.aborting = true;
@@ -704,14 +705,10 @@ inline cudaError_t getDevice(int* d) {
 }
 // The emulated device: an H100 SXM (compute capability 9.0, 132 SMs, 227 KiB opt-in smem)
 // unless set_compute_capability / set_sm_count say otherwise.
-inline int& sm_count_setting() {
-  static int n = 132;
-  return n;
-}
-inline void set_sm_count(int n) { sm_count_setting() = n; }
+inline void set_sm_count(int n) { device().sm_count = n; }
 inline cudaError_t deviceGetAttribute(int* v, cudaDeviceAttr attr, int /*device*/) {
   switch (attr) {
-    case cudaDevAttrMultiProcessorCount: *v = sm_count_setting(); return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *v = device().sm_count; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *v = device().cc_major; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *v = device().cc_minor; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = static_cast<int>(device().smem_optin); return cudaSuccess;

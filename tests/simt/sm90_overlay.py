@@ -246,34 +246,8 @@ SM90_PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
 ]
 
 
-def check_no_bypass(cutlass_include: Path) -> None:
-    """cutlass_overlay.check_no_bypass for the sm90 patches: no unpatched header may include a
-    patched one relative to its own directory."""
-    src = Path(cutlass_include).resolve()
-    patched = {(src / rel).resolve() for rel, _, _ in cutlass_overlay.PATCHES + SM90_PATCHES}
-    for top in ("cutlass", "cute"):
-        for f in (src / top).rglob("*"):
-            if f.suffix not in (".h", ".hpp", ".inl", ".cuh") or f.resolve() in patched:
-                continue
-            for inc in cutlass_overlay._QUOTED_INCLUDE.findall(f.read_text(errors="replace")):
-                target = (f.parent / inc).resolve()
-                if target in patched and target.is_file():
-                    raise OverlayError(f"{f.relative_to(src)} includes {inc!r} relative to itself: "
-                                       f"that bypasses the patched {target.relative_to(src)}")
-
-
 def write_overlay(cutlass_include: str | Path, out_dir: str | Path) -> list[tuple[str, str]]:
     """Apply SM90_PATCHES on top of the overlay that cutlass_overlay.write_overlay wrote to
     out_dir (a header both patch is read from out_dir, else from the installed CUTLASS)."""
-    src, out = Path(cutlass_include), Path(out_dir)
-    base = {rel for rel, _, _ in cutlass_overlay.PATCHES}
-    check_no_bypass(src)
-    done = []
-    for rel, reason, patch in SM90_PATCHES:
-        text = patch(((out if rel in base else src) / rel).read_text())
-        dst = out / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if not dst.is_file() or dst.read_text() != text:
-            dst.write_text(text)
-        done.append((rel, reason))
-    return done
+    return cutlass_overlay.write_overlay(cutlass_include, out_dir, SM90_PATCHES,
+                                         on_top_of=cutlass_overlay.PATCHES)
