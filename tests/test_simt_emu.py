@@ -185,6 +185,12 @@ def test_emulated_cp_async(E):
     assert E.selftest.cp_async_semantics() == ""
 
 
+def test_smem_window(E):
+    """cvta.to.shared / cute::cast_smem_ptr_to_uint: the dynamic shared memory is 1024-aligned at
+    window address 1024 (the TMA / GMMA swizzles act on address bits), and maps back."""
+    assert E.selftest.smem_window() == ""
+
+
 # --------------------------------------------------------------------------- pack / quantize
 
 @pytest.mark.parametrize("n", [1, 7, 64, 1000, 4099])

@@ -129,7 +129,7 @@ def rewrite_shared(src: str) -> tuple[str, int]:
     `__shared__ T x[N];` -> `T (&x)[N] = <this block's array for this declaration>;`."""
     src, n = _EXTERN_SMEM.subn(
         lambda m: (f"{m.group(1)}* {m.group(2)} = "
-                   f"reinterpret_cast<{m.group(1)}*>(::ostq_emu::S().dyn_smem.data());"), src)
+                   f"reinterpret_cast<{m.group(1)}*>(::ostq_emu::dyn_smem_base());"), src)
 
     def static(m):
         _site[0] += 1

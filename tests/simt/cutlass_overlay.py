@@ -67,8 +67,8 @@ def _helper_macros(t: str) -> str:
 
 def _cute_util(t: str) -> str:
     return sub(t, '  printf("ERROR: cast_smem_ptr_to_uint not supported but used.\\n");\n  return 0;\n',
-               '  ::ostq_emu::fail("cute::cast_smem_ptr_to_uint (a 32-bit shared address) is not '
-               'emulated");\n', 1, "cute/arch/util.hpp")
+               '  return ::ostq_emu::smem_window_addr(ptr);  // (tests/simt/cutlass_overlay.py)\n',
+               1, "cute/arch/util.hpp")
 
 
 def _arch_h(t: str) -> str:
@@ -255,7 +255,8 @@ PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
      "CUTLASS_NOT_IMPLEMENTED is an assert on the host (a no-op under NDEBUG): fail the launch",
      _helper_macros),
     ("cute/arch/util.hpp",
-     "cast_smem_ptr_to_uint prints and returns 0 on the host: fail instead", _cute_util),
+     "cast_smem_ptr_to_uint prints and returns 0 on the host: the emulated 32-bit shared-window "
+     "address (simt_emu.h smem_window_addr; fails outside the dynamic shared memory)", _cute_util),
     ("cutlass/arch/arch.h",
      "LaneId / SmId exist only for nvcc (inline PTX): the emulated lane, blockIdx.x % SMs", _arch_h),
     ("cutlass/device_kernel.h",

@@ -258,7 +258,7 @@ template <class Traits>
 std::string compare_ldsm(const char* name, int count, bool trans) {
   std::vector<uint32_t> got(32 * 4, 0xFFFFFFFFu);
   ostq_emu::launch(name, nullptr, dim3(1), dim3(32), 32 * 16, nullptr, [&] {
-    auto* rows = reinterpret_cast<uint16_t*>(ostq_emu::S().dyn_smem.data());
+    auto* rows = reinterpret_cast<uint16_t*>(ostq_emu::dyn_smem_base());
     const int lane = threadIdx.x;
     for (int c = 0; c < 8; ++c) rows[8 * lane + c] = static_cast<uint16_t>(8 * lane + c);
     __syncwarp();
@@ -307,7 +307,7 @@ std::string cp_async_semantics() {
     if (!ok && bad.empty()) bad = what;
   };
   ostq_emu::launch("cp_async_semantics", nullptr, dim3(1), dim3(1), 64, nullptr, [&] {
-    int* s = reinterpret_cast<int*>(ostq_emu::S().dyn_smem.data());  // 16 ints, 0xFF bytes
+    int* s = reinterpret_cast<int*>(ostq_emu::dyn_smem_base());  // 16 ints, 0xFF bytes
     ostq_emu::cp_async(s, src, 16, true, false);                      // group 0
     ostq_emu::cp_async_commit();
     ostq_emu::cp_async(s + 4, src + 4, 16, true, true);               // group 1
@@ -335,7 +335,7 @@ std::string cp_async_semantics() {
     return "";
   };
   const std::string misaligned = error_of([&] {
-    ostq_emu::cp_async(ostq_emu::S().dyn_smem.data() + 8, src, 16, true, true);
+    ostq_emu::cp_async(ostq_emu::dyn_smem_base() + 8, src, 16, true, true);
   });
   expect(misaligned.find("not aligned to 16 bytes") != std::string::npos,
          "a misaligned cp.async destination passed");
@@ -343,11 +343,49 @@ std::string cp_async_semantics() {
   expect(global_dst.find("outside shared memory") != std::string::npos,
          "a cp.async into global memory passed");
   const std::string smem_src = error_of([&] {
-    unsigned char* s = ostq_emu::S().dyn_smem.data();
+    unsigned char* s = ostq_emu::dyn_smem_base();
     ostq_emu::cp_async(s, s + 16, 16, true, true);
   });
   expect(smem_src.find("global access to shared memory") != std::string::npos,
          "a cp.async from shared memory passed");
+  return bad;
+}
+
+// The 32-bit shared window: the dynamic shared memory is 1024-byte aligned and starts at window
+// address 1024; addresses map back to the same bytes; pointers and addresses outside fail.
+// "" when all holds, else what did not.
+std::string smem_window() {
+  std::string bad;
+  auto expect = [&](bool ok, const char* what) {
+    if (!ok && bad.empty()) bad = what;
+  };
+  auto error_of = [](size_t smem, auto&& body) -> std::string {
+    try {
+      ostq_emu::launch("smem_window", nullptr, dim3(1), dim3(1), smem, nullptr, body);
+    } catch (const std::runtime_error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  for (size_t smem : {size_t(16), size_t(3000), size_t(40960)}) {
+    const std::string err = error_of(smem, [&] {
+      unsigned char* s = ostq_emu::dyn_smem_base();
+      expect(reinterpret_cast<uintptr_t>(s) % 1024 == 0, "dynamic shared memory not 1024-byte aligned");
+      expect(ostq_emu::smem_window_addr(s) == 1024, "dynamic shared memory not at window address 1024");
+      const size_t off = smem - 8;
+      expect(ostq_emu::smem_window_addr(s + off) == 1024 + off, "window address not base + offset");
+      expect(ostq_emu::smem_window_ptr(static_cast<uint32_t>(1024 + off), 8) == s + off,
+             "window address does not map back to its byte");
+    });
+    expect(err.empty(), "a window access inside the dynamic shared memory failed");
+  }
+  alignas(16) static int global[4];
+  expect(error_of(64, [&] { (void)ostq_emu::smem_window_addr(global); }).find("outside the block's dynamic") !=
+             std::string::npos, "the window address of a global pointer passed");
+  expect(error_of(64, [&] { (void)ostq_emu::smem_window_ptr(1024 + 60, 8); }).find("outside the block's dynamic") !=
+             std::string::npos, "a window access past the end passed");
+  expect(error_of(64, [&] { (void)ostq_emu::smem_window_ptr(1000, 4); }).find("outside the block's dynamic") !=
+             std::string::npos, "a window access into the system KiB passed");
   return bad;
 }
 
@@ -362,6 +400,8 @@ void register_selftests(pybind11::module_& m) {
   t.def("mma", &mma, "one emulated warp-wide mma of A [16, K] and B [K, 8]");
   t.def("cp_async_semantics", &cp_async_semantics,
         "cp.async groups, zfill and address checks of the emulator ('' when they hold)");
+  t.def("smem_window", &smem_window,
+        "the 32-bit shared window of the dynamic shared memory ('' when it holds)");
 #if defined(OSTQ_SIMT_HAVE_CUTE)
   t.def("mma_layouts_vs_cute", &mma_layouts_vs_cute);
   t.def("ldmatrix_vs_cute", &ldmatrix_vs_cute);

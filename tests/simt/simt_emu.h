@@ -64,6 +64,10 @@ namespace ostq_emu {
 constexpr int kWarpSize = 32;
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kDefaultSmemLimit = 48 * 1024;
+// The 32-bit shared window (cvta.to.shared, cute::cast_smem_ptr_to_uint): the first KiB is the
+// system's (as on Hopper), the launch's dynamic shared memory starts at 1024, 1024-byte aligned
+constexpr size_t kSmemWindowAlign = 1024;
+constexpr uint32_t kDynSmemWindowBase = 1024;
 
 enum class St { kRun, kBlockWait, kWarpWait, kDone };
 
@@ -107,9 +111,10 @@ struct Sched {
   int live = 0;              // threads of the block that have not returned
   int block_arrived = 0;
   std::vector<WarpState> warps;
-  std::vector<unsigned char> dyn_smem;
+  std::vector<unsigned char> dyn_smem;  // storage; the block's dynamic shared memory is dyn_base
+  unsigned char* dyn_base = nullptr;   // 1024-byte aligned inside dyn_smem (see smem_window_addr)
   int sync_count = 0;         // __syncthreads_count's sum
-  size_t dyn_smem_bytes = 0; // the launch's dynamic shared memory (dyn_smem has 16 more)
+  size_t dyn_smem_bytes = 0; // the launch's dynamic shared memory (dyn_base has 16 more)
   std::map<std::string, long long> launch_names;  // launches per kernel name (tests: which path ran)
   // per block: (declaration site, element type, count) -> storage
   std::map<std::tuple<int, size_t, size_t>, std::vector<unsigned char>> static_smem;
@@ -484,7 +489,10 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
   s.body_arg = &body;
   s.error.clear();
   s.aborting = false;
-  s.dyn_smem.resize(smem + 16);
+  // 1024-byte alignment, as the hardware's: the TMA / GMMA swizzles act on shared address bits
+  s.dyn_smem.resize(smem + 16 + kSmemWindowAlign);
+  s.dyn_base = s.dyn_smem.data() + (kSmemWindowAlign - reinterpret_cast<uintptr_t>(s.dyn_smem.data()) %
+                                                           kSmemWindowAlign) % kSmemWindowAlign;
   s.dyn_smem_bytes = smem;
   for (unsigned bz = 0; bz < grid.z && !s.aborting; ++bz)
     for (unsigned by = 0; by < grid.y && !s.aborting; ++by)
@@ -492,7 +500,7 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
         s.block_idx = uint3{bx, by, bz};
         // every block starts with garbage shared memory (NaN floats, -1 integers), so a read
         // of what no thread of *this* block wrote shows
-        std::fill(s.dyn_smem.begin(), s.dyn_smem.end(), 0xFF);
+        std::fill(s.dyn_base, s.dyn_base + smem + 16, 0xFF);
         s.static_smem.clear();
         s.live = s.nthreads;
         s.block_arrived = 0;
@@ -587,7 +595,7 @@ inline T (&shared_array(int site))[N] {
 inline bool in_smem(const void* p, size_t bytes) {
   const Sched& s = S();
   const auto* b = static_cast<const unsigned char*>(p);
-  const unsigned char* lo = s.dyn_smem.data();
+  const unsigned char* lo = s.dyn_base;
   if (b >= lo && b + bytes <= lo + s.dyn_smem_bytes) return true;
   for (const auto& kv : s.static_smem) {
     const unsigned char* a = kv.second.data();
@@ -598,8 +606,8 @@ inline bool in_smem(const void* p, size_t bytes) {
 inline bool overlaps_smem(const void* p, size_t bytes) {
   const Sched& s = S();
   const auto* b = static_cast<const unsigned char*>(p);
-  const unsigned char* lo = s.dyn_smem.data();
-  return b < lo + s.dyn_smem.size() && b + bytes > lo;
+  const unsigned char* lo = s.dyn_base;
+  return lo != nullptr && b < lo + s.dyn_smem_bytes + 16 && b + bytes > lo;
 }
 inline void check_access(const char* what, const void* p, size_t bytes, bool shared) {
   if (reinterpret_cast<uintptr_t>(p) % std::min<size_t>(bytes, 16) != 0) {
@@ -608,6 +616,29 @@ inline void check_access(const char* what, const void* p, size_t bytes, bool sha
   }
   if (shared && !in_smem(p, bytes)) fail(std::string(what) + ": address outside shared memory");
   if (!shared && overlaps_smem(p, bytes)) fail(std::string(what) + ": global access to shared memory");
+}
+
+// The launch's dynamic shared memory (`extern __shared__` arrays; build.py rewrites them into this).
+inline unsigned char* dyn_smem_base() { return S().dyn_base; }
+
+// A generic pointer into the block's dynamic shared memory -> its 32-bit shared-window address,
+// and back (with `bytes` in range). Static `__shared__` arrays have no window address here.
+inline uint32_t smem_window_addr(const void* p) {
+  const Sched& s = S();
+  const auto* b = static_cast<const unsigned char*>(p);
+  if (s.dyn_base == nullptr || b < s.dyn_base || b > s.dyn_base + s.dyn_smem_bytes) {
+    fail("shared window address of a pointer outside the block's dynamic shared memory");
+  }
+  return kDynSmemWindowBase + static_cast<uint32_t>(b - s.dyn_base);
+}
+inline unsigned char* smem_window_ptr(uint32_t addr, size_t bytes) {
+  const Sched& s = S();
+  if (addr < kDynSmemWindowBase || addr - kDynSmemWindowBase + bytes > s.dyn_smem_bytes) {
+    fail("shared window address " + std::to_string(addr) + " (+" + std::to_string(bytes) +
+         " bytes) outside the block's dynamic shared memory [" + std::to_string(kDynSmemWindowBase) +
+         ", " + std::to_string(kDynSmemWindowBase + s.dyn_smem_bytes) + ")");
+  }
+  return s.dyn_base + (addr - kDynSmemWindowBase);
 }
 
 // ld.global / st.global of `bytes` (predicated: nothing happens, nothing is checked, when off).

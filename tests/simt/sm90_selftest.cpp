@@ -76,7 +76,7 @@ void test_encode() {
 // "as TMA would"; consumers (warp 1) wait on the phase parity and must see the data.
 void test_mbarrier() {
   ostq_emu::launch("mbar_kernel", nullptr, dim3(2), dim3(64), 64, nullptr, [&] {
-    auto* smem = reinterpret_cast<unsigned char*>(ostq_emu::S().dyn_smem.data());
+    auto* smem = reinterpret_cast<unsigned char*>(ostq_emu::dyn_smem_base());
     uint64_t* full = reinterpret_cast<uint64_t*>(smem);
     int* data = reinterpret_cast<int*>(smem + 16);
     const int t = threadIdx.x;
@@ -103,7 +103,7 @@ void test_mbarrier() {
   // never completed: a consumer waits for bytes that never come
   const std::string dead = error_of([&] {
     ostq_emu::launch("mbar_deadlock", nullptr, dim3(1), dim3(64), 64, nullptr, [&] {
-      uint64_t* full = reinterpret_cast<uint64_t*>(ostq_emu::S().dyn_smem.data());
+      uint64_t* full = reinterpret_cast<uint64_t*>(ostq_emu::dyn_smem_base());
       if (threadIdx.x == 0) ostq_emu::sm90::mbar_init(full, 1);
       __syncthreads();
       if (threadIdx.x == 0) ostq_emu::sm90::mbar_arrive_expect_tx(full, 64);
@@ -114,7 +114,7 @@ void test_mbarrier() {
   check(has(dead, "deadlock") && has(dead, "mbarrier wait"), "mbarrier deadlock reported: " + dead);
   const std::string over = error_of([&] {
     ostq_emu::launch("mbar_over", nullptr, dim3(1), dim3(32), 64, nullptr, [&] {
-      uint64_t* full = reinterpret_cast<uint64_t*>(ostq_emu::S().dyn_smem.data());
+      uint64_t* full = reinterpret_cast<uint64_t*>(ostq_emu::dyn_smem_base());
       if (threadIdx.x == 0) {
         ostq_emu::sm90::mbar_init(full, 1);
         ostq_emu::sm90::mbar_arrive_expect_tx(full, 16);
@@ -125,13 +125,13 @@ void test_mbarrier() {
   check(has(over, "more than expected"), "tx overflow reported: " + over);
   const std::string uninit = error_of([&] {
     ostq_emu::launch("mbar_uninit", nullptr, dim3(1), dim3(32), 64, nullptr, [&] {
-      ostq_emu::sm90::mbar_arrive(ostq_emu::S().dyn_smem.data());
+      ostq_emu::sm90::mbar_arrive(ostq_emu::dyn_smem_base());
     });
   });
   check(has(uninit, "never initialised"), "uninitialised mbarrier reported: " + uninit);
   const std::string extra = error_of([&] {
     ostq_emu::launch("mbar_extra", nullptr, dim3(1), dim3(32), 64, nullptr, [&] {
-      void* b = ostq_emu::S().dyn_smem.data();
+      void* b = ostq_emu::dyn_smem_base();
       if (threadIdx.x == 0) ostq_emu::sm90::mbar_init(b, 1);
       __syncthreads();
       ostq_emu::sm90::mbar_arrive_expect_tx(b, 16);  // 32 arrivals at a count-1 barrier: phase
