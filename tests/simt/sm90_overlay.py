@@ -246,8 +246,30 @@ SM90_PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
 ]
 
 
+def all_patches() -> list[tuple[str, str, Callable[[str], str]]]:
+    """SM90_PATCHES plus the TMA (sm90_overlay_tma.py) and wgmma (sm90_overlay_wgmma.py)
+    sections, one entry per header: the patches of a header named by several sections are
+    applied in that order, their reasons joined."""
+    import sm90_overlay_tma  # noqa: E402
+    import sm90_overlay_wgmma  # noqa: E402
+    merged: dict[str, tuple[str, list[Callable[[str], str]]]] = {}
+    for rel, reason, fn in SM90_PATCHES + sm90_overlay_tma.PATCHES + sm90_overlay_wgmma.PATCHES:
+        if rel in merged:
+            merged[rel] = (merged[rel][0] + "; " + reason, merged[rel][1] + [fn])
+        else:
+            merged[rel] = (reason, [fn])
+
+    def chain(fns: list[Callable[[str], str]]) -> Callable[[str], str]:
+        def f(t: str) -> str:
+            for fn in fns:
+                t = fn(t)
+            return t
+        return f
+    return [(rel, reason, chain(fns)) for rel, (reason, fns) in merged.items()]
+
+
 def write_overlay(cutlass_include: str | Path, out_dir: str | Path) -> list[tuple[str, str]]:
-    """Apply SM90_PATCHES on top of the overlay that cutlass_overlay.write_overlay wrote to
-    out_dir (a header both patch is read from out_dir, else from the installed CUTLASS)."""
-    return cutlass_overlay.write_overlay(cutlass_include, out_dir, SM90_PATCHES,
+    """Apply the sm90 patches (all_patches) on top of the overlay that cutlass_overlay.write_overlay
+    wrote to out_dir (a header both patch is read from out_dir, else from the installed CUTLASS)."""
+    return cutlass_overlay.write_overlay(cutlass_include, out_dir, all_patches(),
                                          on_top_of=cutlass_overlay.PATCHES)

@@ -14,3 +14,5 @@
 #define OSTQ_SM90_STR(x) OSTQ_SM90_STR2(x)
 
 #include "sm90_emu.h"
+#include "sm90_tma.h"
+#include "sm90_wgmma.h"

@@ -25,6 +25,9 @@ import cutlass_overlay  # noqa: E402
 import sm90_overlay  # noqa: E402
 
 UNIT = "gemm__sm90__w4a4_t128_f16.cu.cpp"
+# self-test programs (tests/simt/<name>.cpp, each built with the unit's flags and run; missing
+# ones are skipped)
+SELFTESTS = ["sm90_selftest", "sm90_tma_selftest", "sm90_wgmma_selftest"]
 FLAGS = ["-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-g0", "-ffp-contract=off", "-fno-strict-aliasing",
          "-fpermissive", "-Wno-deprecated-declarations", "-w",
          "-DOSTQ_SIMT_EMU", "-DOSTQ_SIMT_HAVE_CUTE", "-DOSTQ_SIMT_SM90",
@@ -41,6 +44,24 @@ int main() {
   return 0;
 }
 """
+
+
+def run_selftests(base: Path, common: list[str]) -> int:
+    """Build and run the self-tests of the sm90 emulator pieces (sm90_emu.h, sm90_tma.h,
+    sm90_wgmma.h); a non-zero status on the first failure."""
+    for name in SELFTESTS:
+        if not (HERE / f"{name}.cpp").is_file():
+            continue
+        st = base / name
+        print("building", name, flush=True)
+        r = subprocess.run(common + [str(HERE / f"{name}.cpp"), str(HERE / "sm90_spike_stubs.cpp"),
+                                     "-o", str(st)])
+        if r.returncode:
+            return r.returncode
+        r = subprocess.run([str(st)])
+        if r.returncode:
+            return r.returncode
+    return 0
 
 
 def main() -> int:
@@ -62,6 +83,8 @@ def main() -> int:
     iflags = [f"-I{p}" for p in incs]
     cxx = os.environ.get("CXX", "g++")
     common = [cxx] + FLAGS + ["-include", str(HERE / "simt_emu.h"), "-include", str(HERE / "sm90_prelude.h")] + iflags
+    if "--selftests" in sys.argv:  # only the self-test programs (quick, while developing)
+        return run_selftests(base, common)
     obj = base / "unit.o"
     print("compiling", unit.name, flush=True)
     r = subprocess.run(common + ["-c", str(unit), "-o", str(obj)])
@@ -74,16 +97,9 @@ def main() -> int:
     if r.returncode:
         return r.returncode
     subprocess.run([str(exe)], check=True)
-    # the self-tests of the sm90 emulator pieces (sm90_emu.h)
-    st = base / "sm90_selftest"
-    print("building sm90_selftest", flush=True)
-    r = subprocess.run(common + [str(HERE / "sm90_selftest.cpp"), str(HERE / "sm90_spike_stubs.cpp"),
-                                 "-o", str(st)])
-    if r.returncode:
-        return r.returncode
-    r = subprocess.run([str(st)])
-    if r.returncode:
-        return r.returncode
+    r = run_selftests(base, common)
+    if r:
+        return r
     # audit: at -O0 every instantiated function is emitted (nothing inlined, no code dropped
     # after a [[noreturn]] fail), so the assembler sees every instantiated inline-asm block and
     # the object holds every instantiated failure site's message
