@@ -179,6 +179,14 @@ def test_ldmatrix_agrees_with_cutlass(E):
     assert E.selftest.ldmatrix_vs_cute() == ""
 
 
+def test_emulated_stmatrix_matches_cute(E):
+    """stmatrix (the Hopper epilogue's shared-memory stores), all six forms, against cute's STSM
+    traits: every register half lands where cute says, nothing else is written."""
+    if not E.selftest.have_cute:
+        pytest.skip("CUTLASS headers not found: layout cross-check not built")
+    assert E.selftest.stmatrix_vs_cute() == ""
+
+
 def test_emulated_cp_async(E):
     """cp.async lands at the wait_group covering its commit group (not before), zfill writes
     zeros, a predicated-off copy nothing; misaligned / global destinations and shared sources fail."""

@@ -9,6 +9,7 @@
 #if defined(OSTQ_SIMT_HAVE_CUTE)
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/atom/copy_traits_sm75.hpp>
+#include <cute/atom/copy_traits_sm90.hpp>
 #include <cute/atom/mma_traits_sm80.hpp>
 #endif
 
@@ -284,6 +285,57 @@ std::string compare_ldsm(const char* name, int count, bool trans) {
   return "";
 }
 
+// The emulated stmatrix (the Hopper epilogue's smem stores, sm90 overlay) against cute's STSM copy
+// traits, whose SrcLayout maps (lane, bit of the lane's registers) to the bit of the 8x8 b16
+// matrices at the lanes' row addresses. Lane l's row address points at row l of a 32 x 8 matrix;
+// lane l's register j half h holds the value 8 * l + 2 * j + h.
+template <class Traits>
+std::string compare_stsm(const char* name, int count, bool trans) {
+  std::vector<uint16_t> rows(32 * 8, 0xFFFF);
+  ostq_emu::launch(name, nullptr, dim3(1), dim3(32), 32 * 16, nullptr, [&] {
+    auto* s = reinterpret_cast<uint16_t*>(ostq_emu::dyn_smem_base());
+    const unsigned lane = threadIdx.x;
+    unsigned v[4];
+    for (int j = 0; j < 4; ++j) v[j] = (8 * lane + 2 * j) | (8 * lane + 2 * j + 1) << 16;
+    ostq_emu::stmatrix(v, count, trans, s + 8 * lane);
+    __syncwarp();
+    for (int c = 0; c < 8; ++c) rows[8 * lane + c] = s[8 * lane + c];
+  });
+  typename Traits::SrcLayout src{};
+  std::vector<int> seen(32 * 8, 0);
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int j = 0; j < count; ++j) {
+      for (int h = 0; h < 2; ++h) {
+        const int bit = static_cast<int>(src(lane, 32 * j + 16 * h));
+        const int at = 8 * (bit / 128) + (bit % 128) / 16;
+        ++seen[at];
+        if (rows[at] != 8 * lane + 2 * j + h) {
+          return std::string(name) + ": element " + std::to_string(at) + " holds " +
+                 std::to_string(rows[at]) + " here, lane " + std::to_string(lane) + " register " +
+                 std::to_string(j) + " half " + std::to_string(h) + " in cute";
+        }
+      }
+    }
+  }
+  for (int at = 0; at < 32 * 8; ++at) {
+    if (!seen[at] && rows[at] != 0xFFFF) {
+      return std::string(name) + ": element " + std::to_string(at) + " written, no register maps there";
+    }
+  }
+  return "";
+}
+
+std::string stmatrix_vs_cute() {
+  using namespace cute;
+  std::string r = compare_stsm<Copy_Traits<SM90_U32x1_STSM_N>>("stmatrix.x1", 1, false);
+  if (r.empty()) r = compare_stsm<Copy_Traits<SM90_U32x2_STSM_N>>("stmatrix.x2", 2, false);
+  if (r.empty()) r = compare_stsm<Copy_Traits<SM90_U32x4_STSM_N>>("stmatrix.x4", 4, false);
+  if (r.empty()) r = compare_stsm<Copy_Traits<SM90_U16x2_STSM_T>>("stmatrix.x1.trans", 1, true);
+  if (r.empty()) r = compare_stsm<Copy_Traits<SM90_U16x4_STSM_T>>("stmatrix.x2.trans", 2, true);
+  if (r.empty()) r = compare_stsm<Copy_Traits<SM90_U16x8_STSM_T>>("stmatrix.x4.trans", 4, true);
+  return r;
+}
+
 std::string ldmatrix_vs_cute() {
   using namespace cute;
   std::string r = compare_ldsm<Copy_Traits<SM75_U32x1_LDSM_N>>("ldmatrix.x1", 1, false);
@@ -405,6 +457,7 @@ void register_selftests(pybind11::module_& m) {
 #if defined(OSTQ_SIMT_HAVE_CUTE)
   t.def("mma_layouts_vs_cute", &mma_layouts_vs_cute);
   t.def("ldmatrix_vs_cute", &ldmatrix_vs_cute);
+  t.def("stmatrix_vs_cute", &stmatrix_vs_cute);
   t.attr("have_cute") = true;
 #else
   t.attr("have_cute") = false;

@@ -279,5 +279,46 @@ inline void bar_sync(uint32_t id, uint32_t count) {
   }
 }
 
+// ------------------------------------------------------------------ stream-K flags
+// cutlass::GenericBarrier (stream-K partial-tile locks in global memory): one thread of a CTA spins
+// on ld.acquire.gpu until other CTAs' red.release adds reach a value. The emulator runs blocks one
+// after another in blockIdx order (sm90_study/REPORT.md §2.5: with that order no CTA waits on a
+// later one), so a wait that is not satisfied when reached can only be satisfied by its own
+// block: a load that returns the same value as this thread's previous load of the flag is a spin
+// (yield, and the deadlock report when nothing in the block makes progress).
+struct FlagSpin {
+  const int* ptr = nullptr;
+  int value = 0;
+  long long launch = -1;
+};
+inline FlagSpin& flag_spin() {
+  static thread_local std::vector<FlagSpin> v;
+  Sched& s = S();
+  if (v.size() != static_cast<size_t>(s.nthreads)) v.assign(s.nthreads, FlagSpin{});
+  return v[s.cur->lin];
+}
+inline int flag_ld_acquire(const int* ptr) {
+  check_access("ld.global.acquire.gpu (stream-K flag)", ptr, 4, false);
+  FlagSpin& f = flag_spin();
+  int v;
+  std::memcpy(&v, ptr, 4);
+  if (f.ptr == ptr && f.value == v && f.launch == S().launches) {
+    spin_yield("the stream-K flag at " + addr_str(ptr) + " (stays " + std::to_string(v) +
+               "; block (" + std::to_string(S().block_idx.x) + "," + std::to_string(S().block_idx.y) +
+               ") waits on a CTA that has not run or will not signal)");
+    std::memcpy(&v, ptr, 4);
+  }
+  f = FlagSpin{ptr, v, S().launches};
+  return v;
+}
+inline void flag_red_release(int* ptr, int val) {
+  check_access("red.relaxed.gpu.global.add (stream-K flag)", ptr, 4, false);
+  int v;
+  std::memcpy(&v, ptr, 4);
+  v += val;
+  std::memcpy(ptr, &v, 4);
+  progress();
+}
+
 }  // namespace sm90
 }  // namespace ostq_emu

@@ -107,12 +107,15 @@ def _cluster_sm90(t: str) -> str:
 
 def _generic_barrier(t: str) -> str:
     # GenericBarrier::ld_acquire / red_release (stream-K locks): the host branch is x86-invalid
-    # inline PTX (ld.cg.global) or a plain load; emulation (atomic + yield, deadlock report) is
-    # step 6 of the plan
-    return sub(t, "#if (__CUDA_ARCH__ >= 700)\n",
-               "#if defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n    "
-               + _fail("cutlass/barrier.h GenericBarrier") + "\n#elif (__CUDA_ARCH__ >= 700)\n",
-               2, "cutlass/barrier.h")
+    # inline PTX (ld.cg.global) or a plain load, and the spin loops around ld_acquire would never
+    # yield: sm90_emu.h's flag load (a spin that yields, with a deadlock report) and release add
+    w = "cutlass/barrier.h"
+    t = sub(t, "    int state = 0;\n\n#if (__CUDA_ARCH__ >= 700)\n",
+            "    int state = 0;\n\n#if defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n"
+            "    state = ::ostq_emu::sm90::flag_ld_acquire(ptr);\n#elif (__CUDA_ARCH__ >= 700)\n", 1, w)
+    return sub(t, "  {\n#if (__CUDA_ARCH__ >= 700)\n",
+               "  {\n#if defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n"
+               "    ::ostq_emu::sm90::flag_red_release(ptr, val);\n#elif (__CUDA_ARCH__ >= 700)\n", 1, w)
 
 
 # the device asm of NumericArrayConverter<int8_t, int4b_t, 8>, transcribed (prmt.b32 default
@@ -164,6 +167,37 @@ def _sm100_pipeline(t: str) -> str:
     return sub(t, '#include "sm90_pipeline.hpp"\n',
                '// #include "sm90_pipeline.hpp"  (tests/simt/sm90_overlay.py: bypassed the overlay)\n',
                1, "cutlass/pipeline/sm100_pipeline.hpp")
+
+
+def _matrix_atoms(where: str, op: str, guard: str, ptr: str, count: int) -> Callable[[str], str]:
+    """cute's stmatrix / ldmatrix copy atoms (`#if <guard> cast_smem_ptr_to_uint; asm volatile
+    ("<op>.sync.aligned.xN[.trans].m8n8 ...") #else CUTE_INVALID_CONTROL_PATH`): a first branch
+    calling sm90_smem.h with the atom's registers."""
+    import re
+    pat = re.compile(r"(  copy\(([^)]*)\)\n  \{\n)#if defined\(" + guard + r"\)\n"
+                     r"    uint32_t smem_int_ptr = cast_smem_ptr_to_uint\(&" + ptr + r"\);\n"
+                     r"    asm volatile \(\"" + op + r"\.sync\.aligned\.x(\d)(\.trans)?\.m8n8")
+
+    def f(t: str) -> str:
+        def repl(m: "re.Match[str]") -> str:
+            n, trans = int(m.group(3)), "true" if m.group(4) else "false"
+            regs = [a.split("&")[-1].strip() for a in m.group(2).replace("\n", " ").split(",")
+                    if ptr not in a]
+            if len(regs) != n:
+                raise OverlayError(f"{where}: {op}.x{n} with registers {regs}")
+            if op == "stmatrix":
+                body = (f"    {{ const unsigned r_[{n}] = {{{', '.join(regs)}}};\n"
+                        f"      ::ostq_emu::sm90::stmatrix(r_, {n}, {trans}, &{ptr}); }}\n")
+            else:
+                body = (f"    {{ unsigned r_[{n}];\n      ::ostq_emu::sm90::ldmatrix(r_, {n}, {trans}, &{ptr});\n"
+                        + "".join(f"      {r} = r_[{i}];\n" for i, r in enumerate(regs)) + "    }\n")
+            return (m.group(1) + "#if defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n" + body
+                    + m.group(0)[len(m.group(1)):].replace("#if defined(", "#elif defined(", 1))
+        t, k = pat.subn(repl, t)
+        if k != count:
+            raise OverlayError(f"{where}: expected {count} {op} atoms, found {k}")
+        return t
+    return f
 
 
 # barrier.h functions whose failing host branch (added by _brkpt_sites) is routed to sm90_emu.h:
@@ -228,8 +262,14 @@ SM90_PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
      "cluster launch); elect_one_sync is true on all lanes: a warp collective electing lane 0",
      _cluster_sm90),
     ("cutlass/barrier.h",
-     "GenericBarrier ld_acquire / red_release (stream-K locks): fail until emulated",
-     _generic_barrier),
+     "GenericBarrier ld_acquire / red_release (stream-K locks): x86-invalid PTX or a plain load "
+     "in a spin that never yields: sm90_emu.h's flag load / release add", _generic_barrier),
+    ("cute/arch/copy_sm90.hpp",
+     "stmatrix atoms are CUTE_INVALID_CONTROL_PATH on the host: sm90_smem.h's warp collective",
+     _matrix_atoms("cute/arch/copy_sm90.hpp", "stmatrix", "CUTE_ARCH_STSM_SM90_ENABLED", "smem_dst", 6)),
+    ("cute/arch/copy_sm75.hpp",
+     "ldmatrix atoms are CUTE_INVALID_CONTROL_PATH on the host: sm90_smem.h's warp collective",
+     _matrix_atoms("cute/arch/copy_sm75.hpp", "ldmatrix", "CUTE_ARCH_LDSM_SM75_ACTIVATED", "smem_src", 6)),
     ("cutlass/numeric_conversion.h",
      "int4 -> int8 Array<.,8> converter: host scalar loop instead of the device asm: the asm "
      "transcribed (prmt with sign replication, shifts, masks)", _numeric_conversion),

@@ -16,3 +16,4 @@
 #include "sm90_emu.h"
 #include "sm90_tma.h"
 #include "sm90_wgmma.h"
+#include "sm90_smem.h"

@@ -97,6 +97,15 @@ def main() -> int:
     if r.returncode:
         return r.returncode
     subprocess.run([str(exe)], check=True)
+    if "--run" in sys.argv:  # run the kernel on the emulator: sm90_spike.py --run [M N K seed sms flags]
+        runner = base / "sm90_run"
+        print("building sm90_run", flush=True)
+        r = subprocess.run(common + [str(HERE / "sm90_run.cpp"), str(obj), str(HERE / "sm90_spike_stubs.cpp"),
+                                     "-o", str(runner)])
+        if r.returncode:
+            return r.returncode
+        args = sys.argv[sys.argv.index("--run") + 1:] or ["128", "128", "256"]
+        return subprocess.run([str(runner)] + args).returncode
     r = run_selftests(base, common)
     if r:
         return r
