@@ -197,6 +197,43 @@ void test_int4_to_int8() {
   }
   check(bad == 0, "int4 -> int8 converter transcription");
 }
+
+// stream-K flags (cutlass::GenericBarrier's ld_acquire / red_release as the overlay routes them):
+// blocks run in blockIdx order, so block 1 may wait for block 0's signal (it sees it at once),
+// while block 0 waiting for block 1 is reported as a deadlock instead of spinning forever; a
+// spinning thread lets the other threads of its block run (block-local signal).
+void test_stream_k_flags() {
+  alignas(16) static int flags[4];
+  std::memset(flags, 0, sizeof flags);
+  ostq_emu::launch("flags_ok", nullptr, dim3(2), dim3(64), 0, nullptr, [&] {
+    if (blockIdx.x == 0) {
+      __syncthreads();
+      if (threadIdx.x == 0) ostq_emu::sm90::flag_red_release(&flags[0], 1);
+    } else {
+      if (threadIdx.x == 0) while (ostq_emu::sm90::flag_ld_acquire(&flags[0]) < 1) {}
+      __syncthreads();
+    }
+  });
+  check(flags[0] == 1, "stream-K flag: block 1 waits for block 0");
+  ostq_emu::launch("flags_local", nullptr, dim3(1), dim3(64), 0, nullptr, [&] {
+    if (threadIdx.x == 0) while (ostq_emu::sm90::flag_ld_acquire(&flags[1]) != 5) {}
+    if (threadIdx.x == 33) for (int i = 0; i < 5; ++i) ostq_emu::sm90::flag_red_release(&flags[1], 1);
+  });
+  check(flags[1] == 5, "stream-K flag: a spin yields to the block's other threads");
+  const std::string e = error_of([&] {
+    ostq_emu::launch("flags_deadlock", nullptr, dim3(2), dim3(64), 0, nullptr, [&] {
+      if (blockIdx.x == 0 && threadIdx.x == 0) while (ostq_emu::sm90::flag_ld_acquire(&flags[2]) < 1) {}
+      __syncthreads();
+      if (blockIdx.x == 1 && threadIdx.x == 0) ostq_emu::sm90::flag_red_release(&flags[2], 1);
+    });
+  });
+  check(has(e, "deadlock") && has(e, "stream-K flag"), "stream-K flag: waiting on a later block: " + e);
+  check(has(error_of([&] {
+          ostq_emu::launch("flags_smem", nullptr, dim3(1), dim3(32), 64, nullptr, [&] {
+            (void)ostq_emu::sm90::flag_ld_acquire(reinterpret_cast<int*>(ostq_emu::dyn_smem_base()));
+          });
+        }), "global access to shared memory"), "stream-K flag in shared memory");
+}
 }  // namespace
 
 int main() {
@@ -204,6 +241,7 @@ int main() {
   test_encode();
   test_mbarrier();
   test_named_barriers();
+  test_stream_k_flags();
   if (g_fail) {
     std::printf("sm90 selftest: %d FAILED\n", g_fail);
     return 1;
