@@ -416,12 +416,20 @@ inline void mma_m16n8k64_s4_sat(int* d, const uint32_t* a, const uint32_t* b, co
 
 inline void cp_async_wait(int n);  // (CUTLASS 2.x section below)
 
+// Run by each thread after the kernel body returns (errors fail the launch): extensions
+// register here what a thread leaves in flight (sm90_tma.h: bulk stores never waited for).
+inline std::vector<void (*)()>& thread_exit_hooks() {
+  static std::vector<void (*)()> hooks;
+  return hooks;
+}
+
 inline void fiber_entry() {
   Sched& s = S();
   try {
     s.body(s.body_arg);
     // copies still in flight land anyway (a kernel that never waits for them: its problem)
     cp_async_wait(-1);
+    for (auto* hook : thread_exit_hooks()) hook();
   } catch (const std::exception& e) {
     if (s.error.empty()) s.error = e.what();
     s.aborting = true;
@@ -627,7 +635,10 @@ inline uint32_t smem_window_addr(const void* p) {
   const Sched& s = S();
   const auto* b = static_cast<const unsigned char*>(p);
   if (s.dyn_base == nullptr || b < s.dyn_base || b > s.dyn_base + s.dyn_smem_bytes) {
-    fail("shared window address of a pointer outside the block's dynamic shared memory");
+    fail("shared window address of a pointer outside the block's dynamic shared memory (" +
+         (s.dyn_base == nullptr ? std::string("no launch")
+                                : std::to_string(static_cast<long long>(b - s.dyn_base)) + " bytes from its start, " +
+                                      std::to_string(s.dyn_smem_bytes) + " bytes long") + ")");
   }
   return kDynSmemWindowBase + static_cast<uint32_t>(b - s.dyn_base);
 }
@@ -802,6 +813,20 @@ inline uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
   return r;
 }
 
+// prmt.b32 d, a, b, c (default mode): byte_perm, selector bit 3 replicating the sign
+inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t c) { return byte_perm(a, b, c); }
+
+// lop3.b32 d, a, b, c, immLut: bit i of d is bit (4a_i + 2b_i + c_i) of immLut (the table of
+// f(0xF0, 0xCC, 0xAA), PTX ISA)
+inline uint32_t lop3(uint32_t a, uint32_t b, uint32_t c, uint32_t lut) {
+  uint32_t r = 0;
+  for (int i = 0; i < 8; ++i) {
+    if (!((lut >> i) & 1)) continue;
+    r |= ((i & 4) ? a : ~a) & ((i & 2) ? b : ~b) & ((i & 1) ? c : ~c);
+  }
+  return r;
+}
+
 inline int dp4a(int a, int b, int c) {
   for (int i = 0; i < 4; ++i) {
     c += static_cast<int>(static_cast<int8_t>(a >> (8 * i))) *
@@ -892,8 +917,19 @@ inline T atomicExch(T* p, T v) {
 }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
-// named in CUTLASS headers this emulation never instantiates: fail if one ever runs
-inline __half2 __hfma2(__half2, __half2, __half2) { ::ostq_emu::fail("__hfma2 is not emulated"); }
+// fma.rn.f16 (one rounding of a·b + c to fp16): a·b is exact in double (11-bit significands), and
+// p + c rounded to double, then to fp16, is the single rounding: a double rounding could only
+// differ where p + c is not exact in double AND lands on an fp16 midpoint, and an fp16 midpoint
+// needs p's top bit near c's fp16 ulp, so p's 22 bits and c span at most ~34 bits (exact) for
+// every finite fp16 result.
+inline __half hfma_rn(__half a, __half b, __half c) {
+  const double p = static_cast<double>(__half2float(a)) * static_cast<double>(__half2float(b));
+  return __double2half(p + static_cast<double>(__half2float(c)));
+}
+inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+  return __halves2half2(hfma_rn(__low2half(a), __low2half(b), __low2half(c)),
+                        hfma_rn(__high2half(a), __high2half(b), __high2half(c)));
+}
 
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
@@ -935,7 +971,8 @@ template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
-inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) { return ::ostq_emu::byte_perm(x, y, s); }
+// CUDA's __byte_perm uses the low 3 bits of each selector nibble (no sign mode, unlike prmt)
+inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) { return ::ostq_emu::byte_perm(x, y, s & 0x7777u); }
 inline int __dp4a(int a, int b, int c) { return ::ostq_emu::dp4a(a, b, c); }
 inline int __dp4a(unsigned a, int b, int c) { return ::ostq_emu::dp4a(static_cast<int>(a), b, c); }
 

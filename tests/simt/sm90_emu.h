@@ -241,6 +241,7 @@ inline void mbar_complete_tx(const void* p, uint32_t bytes) {
 // mbarrier.try_wait.parity / test_wait.parity: has the phase with this parity completed? (the
 // current, incomplete phase has parity phase & 1)
 inline bool mbar_test_parity(const void* p, uint32_t parity) {
+  void tma_deliver(const void* mbar); tma_deliver(p);  // sm90_tma.h: pending TMA loads on p land first
   MBar& b = mbar_get(p, "mbarrier.try_wait.parity");
   return (b.phase & 1u) != (parity & 1u);
 }

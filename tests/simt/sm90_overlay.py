@@ -9,6 +9,7 @@ Same rules as cutlass_overlay: every pattern is counted, a mismatch fails the bu
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -148,7 +149,42 @@ def _numeric_conversion(t: str) -> str:
             "#if defined(OSTQ_SIMT_EMU)\n" + _PRMT + "#else\n", 1, w)
     tail = ('          : "=r"(out[0]), "=r"(out[1])\n          : "r"(storage));\n\n'
             '      return reinterpret_cast<result_type const &>(out);\n')
-    return sub(t, tail, tail.replace("\n\n", "\n#endif  // OSTQ_SIMT_EMU\n\n", 1), 1, w)
+    t = sub(t, tail, tail.replace("\n\n", "\n#endif  // OSTQ_SIMT_EMU\n\n", 1), 1, w)
+    # int4 -> fp16 / bf16 (W4A16 mainloop): the fp16 converter's prmt / lop3 asm is not guarded
+    # (x86-invalid on the host); the bf16 one sits in a __CUDA_ARCH__ >= 800 block, so the host
+    # took the generic scalar converter. Both: the asm transcribed (ostq_emu::prmt / lop3), the
+    # half2 / bfloat162 arithmetic as cuda_fp16 / cuda_bf16's host implementations
+    t = sub(t, "#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)\n"
+               "/////////////////////////////////////////////////////////////////////////////////////////////////\n"
+               "/// Partial specialization for Array<cutlass::bfloat16_t, N> <= Array<cutlass::int2b_t, N>\n",
+            "#if (defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)) || defined(OSTQ_SIMT_EMU)  "
+            "// (tests/simt/sm90_overlay.py)\n"
+            "/////////////////////////////////////////////////////////////////////////////////////////////////\n"
+            "/// Partial specialization for Array<cutlass::bfloat16_t, N> <= Array<cutlass::int2b_t, N>\n", 1, w)
+    for result in ("half_t", "bfloat16_t"):
+        head = f"struct NumericArrayConverter<cutlass::{result}, cutlass::int4b_t, N, Round> {{\n"
+        if t.count(head) != 1:
+            raise OverlayError(f"{w}: expected one {head.strip()!r}, found {t.count(head)}")
+        i = t.index(head)
+        j = t.index("\nstruct NumericArrayConverter<", i + len(head))
+        t = t[:i] + _transcribe_prmt_lop3(t[i:j], f"{w} ({result} <= int4b_t)") + t[j:]
+    return t
+
+
+_PRMT_ASM = re.compile(r'asm volatile\(\s*"\{ prmt\.b32 %0, %1, %2, %3; \}\\n"\s*'
+                       r': "=r"\(([^)]+)\)\s*: "r"\(([^)]+)\), "[nr]"\(([^)]+)\), "r"\(([^)]+)\)\);')
+_LOP3_ASM = re.compile(r'asm volatile\(\s*"\{(?:\\n")?\s*"?\s*lop3\.b32 %0, %0, %1, %2, %3;(?:\\n")?\s*"?\}\\n"\s*'
+                       r': "\+r"\(([^)]+)\)\s*: "n"\(([^)]+)\), "n"\(([^)]+)\), "n"\(([^)]+)\)\);')
+
+
+def _transcribe_prmt_lop3(region: str, where: str) -> str:
+    """`prmt.b32` / `lop3.b32` inline asm of one converter -> ostq_emu::prmt / lop3 (one each)."""
+    region, k1 = _PRMT_ASM.subn(r"\1 = ::ostq_emu::prmt(\2, \3, \4);  // (tests/simt/sm90_overlay.py)", region)
+    region, k2 = _LOP3_ASM.subn(r"\1 = ::ostq_emu::lop3(\1, \2, \3, \4);  // (tests/simt/sm90_overlay.py)",
+                                region)
+    if (k1, k2) != (1, 1) or "asm volatile" in region:
+        raise OverlayError(f"{where}: expected one prmt and one lop3 asm (and no other), found {k1}, {k2}")
+    return region
 
 
 def _brkpt_checks(where: str, count: int) -> Callable[[str], str]:
@@ -200,6 +236,31 @@ def _matrix_atoms(where: str, op: str, guard: str, ptr: str, count: int) -> Call
     return f
 
 
+def _subbyte_iterator(t: str) -> str:
+    # operator+=(uint64_t k): a negative offset (the swizzled A partition's -32 stride on the
+    # k-block mode) becomes ptr + 2^61 - |k|/2 bytes, which the GPU's 32-bit shared addresses drop
+    # and the host dereferences (segfault): the same arithmetic signed (equal modulo 2^32)
+    old = ("  subbyte_iterator& operator+=(uint64_t k) {\n"
+           "    k = sizeof_bits_v<value_type> * k + idx_;\n"
+           "    ptr_ += k / sizeof_bits_v<storage_type>;\n"
+           "    idx_  = k % sizeof_bits_v<storage_type>;\n"
+           "    return *this;\n  }\n")
+    new = ("  subbyte_iterator& operator+=(uint64_t k) {\n"
+           "#if defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n"
+           "    const int64_t bits = static_cast<int64_t>(sizeof_bits_v<value_type>) * static_cast<int64_t>(k) + idx_;\n"
+           "    const int64_t sb = static_cast<int64_t>(sizeof_bits_v<storage_type>);\n"
+           "    const int64_t q = bits >= 0 ? bits / sb : -((-bits + sb - 1) / sb);\n"
+           "    ptr_ += q;\n"
+           "    idx_  = static_cast<uint8_t>(bits - q * sb);\n"
+           "#else\n"
+           "    k = sizeof_bits_v<value_type> * k + idx_;\n"
+           "    ptr_ += k / sizeof_bits_v<storage_type>;\n"
+           "    idx_  = k % sizeof_bits_v<storage_type>;\n"
+           "#endif\n"
+           "    return *this;\n  }\n")
+    return sub(t, old, new, 1, "cute/container/array_subbyte.hpp")
+
+
 # barrier.h functions whose failing host branch (added by _brkpt_sites) is routed to sm90_emu.h:
 # (function header, found once; the emulated statement)
 _BARRIER_ROUTES = [
@@ -223,6 +284,8 @@ _BARRIER_ROUTES = [
     ("void fence_barrier_init() {",
      "// fence.mbarrier_init: mbar_init is visible at once in the emulator (the kernel's\n"
      "  // __syncthreads / cluster sync that must follow is emulated as such): nothing to do"),
+    ("void fence_view_async_shared() {",
+     "::ostq_emu::sm90::fence_proxy_async();  // fence.proxy.async.shared::cta (sm90_tma.h)"),
 ]
 
 
@@ -264,6 +327,9 @@ SM90_PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
     ("cutlass/barrier.h",
      "GenericBarrier ld_acquire / red_release (stream-K locks): x86-invalid PTX or a plain load "
      "in a spin that never yields: sm90_emu.h's flag load / release add", _generic_barrier),
+    ("cute/container/array_subbyte.hpp",
+     "subbyte_iterator::operator+=(uint64_t) turns a negative offset into +2^61 bytes (harmless "
+     "in 32-bit shared addresses, a segfault on the host): signed", _subbyte_iterator),
     ("cute/arch/copy_sm90.hpp",
      "stmatrix atoms are CUTE_INVALID_CONTROL_PATH on the host: sm90_smem.h's warp collective",
      _matrix_atoms("cute/arch/copy_sm90.hpp", "stmatrix", "CUTE_ARCH_STSM_SM90_ENABLED", "smem_dst", 6)),

@@ -198,6 +198,50 @@ void test_int4_to_int8() {
   check(bad == 0, "int4 -> int8 converter transcription");
 }
 
+// The W4A16 mainloop's int4 -> fp16 / bf16 converters as the overlay transcribes them (prmt /
+// lop3 asm -> ostq_emu::prmt / lop3; bf16 out of its __CUDA_ARCH__ block): Array sizes 8, 16 and
+// 32 (the vectorized converter's packed-8 / 4 / 2 paths), every nibble in every slot plus random
+// words, against nibble sign extension. And lop3 against its three projections and the
+// converters' (a & b) ^ c table.
+template <class T>
+int check_int4_to(const char* name) {
+  cutlass::NumericArrayConverter<T, cutlass::int4b_t, 32> conv;
+  uint32_t x = 0x9E3779B9u;
+  int bad = 0;
+  for (int it = 0; it < (1 << 14) + 16 * 8; ++it) {
+    uint32_t w[4];
+    for (int q = 0; q < 4; ++q) {
+      if (it < 16 * 8) {
+        w[q] = static_cast<uint32_t>((it + 3 * q) % 16) << (4 * (it / 16));
+      } else {
+        x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+        w[q] = x;
+      }
+    }
+    cutlass::Array<cutlass::int4b_t, 32> src;
+    std::memcpy(&src, w, 16);
+    const cutlass::Array<T, 32> out = conv(src);
+    for (int i = 0; i < 32; ++i) {
+      int v = static_cast<int>((w[i / 8] >> (4 * (i % 8))) & 0xF);
+      if (v >= 8) v -= 16;
+      const float got = static_cast<float>(out[i]);
+      if (got != static_cast<float>(v) && bad++ < 3) {
+        std::printf("int4->%s: word %08x element %d: %g, expected %d\n", name, w[i / 8], i, got, v);
+      }
+    }
+  }
+  return bad;
+}
+void test_int4_to_16bit() {
+  check(ostq_emu::lop3(0x12345678u, 0x0F0F0F0Fu, 0xFF00FF00u, 0xF0) == 0x12345678u &&
+            ostq_emu::lop3(0x12345678u, 0x0F0F0F0Fu, 0xFF00FF00u, 0xCC) == 0x0F0F0F0Fu &&
+            ostq_emu::lop3(0x12345678u, 0x0F0F0F0Fu, 0xFF00FF00u, 0xAA) == 0xFF00FF00u &&
+            ostq_emu::lop3(0x12345678u, 0x0F0F0F0Fu, 0xFF00FF00u, (0xF0 & 0xCC) ^ 0xAA) ==
+                ((0x12345678u & 0x0F0F0F0Fu) ^ 0xFF00FF00u), "lop3 truth table");
+  check(check_int4_to<cutlass::half_t>("fp16") == 0, "int4 -> fp16 converter transcription");
+  check(check_int4_to<cutlass::bfloat16_t>("bf16") == 0, "int4 -> bf16 converter transcription");
+}
+
 // stream-K flags (cutlass::GenericBarrier's ld_acquire / red_release as the overlay routes them):
 // blocks run in blockIdx order, so block 1 may wait for block 0's signal (it sees it at once),
 // while block 0 waiting for block 1 is reported as a deadlock instead of spinning forever; a
@@ -238,6 +282,7 @@ void test_stream_k_flags() {
 
 int main() {
   test_int4_to_int8();
+  test_int4_to_16bit();
   test_encode();
   test_mbarrier();
   test_named_barriers();

@@ -8,11 +8,6 @@
 namespace ostq_emu {
 namespace sm90 {
 
-#if !defined(OSTQ_SM90_TMA_PROXY_SHADOW)
-// (transitional, until sm90_tma.h defines the async-proxy shadow and OSTQ_SM90_TMA_PROXY_SHADOW)
-inline void proxy_generic_write(const void*, size_t) {}
-#endif
-
 // stmatrix writes through the generic proxy: each lane's bytes are marked for the async-proxy
 // shadow (sm90_tma.h), which a TMA store of them checks for a fence.proxy.async in between.
 inline void stmatrix(const unsigned* s, int count, bool trans, void* ptr) {

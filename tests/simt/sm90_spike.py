@@ -24,12 +24,13 @@ import build  # noqa: E402
 import cutlass_overlay  # noqa: E402
 import sm90_overlay  # noqa: E402
 
-UNIT = "gemm__sm90__w4a4_t128_f16.cu.cpp"
+UNIT = "gemm__sm90__{}.cu.cpp"  # --unit NAME (default w4a4_t128_f16): csrc/gemm/sm90/NAME.cu
 # self-test programs (tests/simt/<name>.cpp, each built with the unit's flags and run; missing
 # ones are skipped)
 SELFTESTS = ["sm90_selftest", "sm90_tma_selftest", "sm90_wgmma_selftest"]
 FLAGS = ["-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-g0", "-ffp-contract=off", "-fno-strict-aliasing",
          "-fpermissive", "-Wno-deprecated-declarations", "-w",
+         "-DNDEBUG",  # as setup.py builds the kernels (CUTLASS debug-only checks are not what runs)
          "-DOSTQ_SIMT_EMU", "-DOSTQ_SIMT_HAVE_CUTE", "-DOSTQ_SIMT_SM90",
          "-DOSTQUANT_HAS_CUTLASS=1", "-DOSTQUANT_SM90_GEMM=1", "-DOSTQUANT_SM80_GEMM=1",
          "-D__CUDACC_VER_MAJOR__=13"]
@@ -39,8 +40,8 @@ DRIVER = r"""
 #include "gemm/sm90/launch.h"
 #include <cstdio>
 int main() {
-  auto fn = &ostquant::sm90::w4a4_t128_f16;
-  std::printf("linked: ostquant::sm90::w4a4_t128_f16 at %p\n", reinterpret_cast<void*>(fn));
+  auto fn = &ostquant::sm90::OSTQ_SM90_FN;
+  std::printf("linked: ostquant::sm90::%s at %p\n", OSTQ_SM90_STR(OSTQ_SM90_FN), reinterpret_cast<void*>(fn));
   return 0;
 }
 """
@@ -72,7 +73,8 @@ def main() -> int:
         sys.exit("no CUTLASS headers")
     inc = build.cuda_include()
     units = build.prepare(base)
-    unit = next(u for u in units if u.name == UNIT)
+    name = sys.argv[sys.argv.index("--unit") + 1] if "--unit" in sys.argv else "w4a4_t128_f16"
+    unit = next(u for u in units if u.name == UNIT.format(name))
     ov = base / "overlay"
     cutlass_overlay.write_overlay(cute, ov)
     sm90_overlay.write_overlay(cute, ov)
@@ -82,7 +84,7 @@ def main() -> int:
         incs.append(tools)
     iflags = [f"-I{p}" for p in incs]
     cxx = os.environ.get("CXX", "g++")
-    common = [cxx] + FLAGS + ["-include", str(HERE / "simt_emu.h"), "-include", str(HERE / "sm90_prelude.h")] + iflags
+    common = [cxx] + FLAGS + [f"-DOSTQ_SM90_FN={name}", "-include", str(HERE / "simt_emu.h"), "-include", str(HERE / "sm90_prelude.h")] + iflags
     if "--selftests" in sys.argv:  # only the self-test programs (quick, while developing)
         return run_selftests(base, common)
     obj = base / "unit.o"
@@ -104,7 +106,12 @@ def main() -> int:
                                      "-o", str(runner)])
         if r.returncode:
             return r.returncode
-        args = sys.argv[sys.argv.index("--run") + 1:] or ["128", "128", "256"]
+        args = []
+        for a in sys.argv[sys.argv.index("--run") + 1:]:
+            if a.startswith("--"):
+                break
+            args.append(a)
+        args = args or ["128", "128", "256"]
         return subprocess.run([str(runner)] + args).returncode
     r = run_selftests(base, common)
     if r:
