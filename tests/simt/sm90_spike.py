@@ -1,17 +1,22 @@
-"""Step 1 of tests/simt/sm90_study/REPORT.md ("overlay spike"): compile ONE Hopper GEMM unit
-(csrc/gemm/sm90/w4a4_t128_f16.cu, OSTQUANT_SM90_GEMM=1) as host C++ for the SIMT emulator, with
-the sm80 overlay plus the sm90 section (sm90_overlay.py), and link it into a small executable.
+"""The Hopper GEMM (csrc/gemm/sm90, CUTLASS 4.2, OSTQUANT_SM90_GEMM=1) on the SIMT emulator
+(tests/simt/sm90_study/PROGRESS.md): compile one instantiation as host C++ with the sm80 overlay
+plus the sm90 sections (sm90_overlay*.py) and the sm90 emulator headers (sm90_prelude.h), link
+it, and run it:
 
-Not part of the default emulator build (build.load() is unchanged): run it by hand,
+    .venv/bin/python tests/simt/sm90_spike.py [--unit w4a4_t128_f16] [--cases] [--run M N K ...]
 
-    .venv/bin/python tests/simt/sm90_spike.py        (tests/test_simt_sm90_spike.py runs it)
-
-It succeeds when the unit compiles, assembles (the x86 assembler rejects any inline PTX that is
-still reached) and links; it then lists the loud-failure sites (ostq_emu::fail strings with the
-"sm90 overlay" tag) that the unit contains. Nothing is run on the emulator yet.
+* compile + link of the unit (the x86 assembler rejects any inline PTX that is still reached);
+* --cases: sm90_run.cpp runs CASES on the emulator against a bit-exact reference;
+  --run M N K [seed sm_count flags]: one problem;
+* the self-tests of the emulator pieces (sm90_selftest, sm90_tma_selftest, sm90_wgmma_selftest);
+* an audit compile at -O0 listing the loud-failure sites ("sm90 overlay" ostq_emu::fail strings)
+  still instantiated in the unit: what the emulator does not cover fails with a message rather
+  than taking CUTLASS's silent host fallbacks.
+Not part of the default emulator build (build.load()); tests/test_simt_sm90_spike.py runs it.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -65,27 +70,56 @@ def run_selftests(base: Path, common: list[str]) -> int:
     return 0
 
 
-def main() -> int:
-    base = Path(os.environ.get("OSTQUANT_SIMT_BUILD", Path.home() / ".cache/ostquant/simt")) / "sm90-spike"
-    base.mkdir(parents=True, exist_ok=True)
+# sm90_run cases ("M N K seed sm_count flags", what it covers); each must be bit-exact (W4A16: in the
+# emulated summation order, or to a tolerance where stream-K splits a tile)
+CASES = [
+    ("128 128 256 1 1", "one tile"),
+    ("17 264 160 2 1 z", "odd M, K not a multiple of the k-tile, x_zero / w_sum"),
+    ("129 136 96 5 3 b", "partial tiles in M and N (N % 128 != 0), bias, 3 SMs"),
+    ("300 384 1024 4 2 zb", "3 x 3 tiles on 2 SMs"),
+    ("64 512 4096 8 3 z", "stream-K: 4 tiles with a long K on 3 SMs (a workspace, split tiles)"),
+]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--unit", default="w4a4_t128_f16", help="csrc/gemm/sm90/UNIT.cu (default %(default)s)")
+    ap.add_argument("--selftests", action="store_true", help="only build and run the self-tests")
+    ap.add_argument("--run", nargs="*", metavar="ARG",
+                    help="run one problem on the emulator: M N K [seed sm_count flags(z, b)]")
+    ap.add_argument("--cases", action="store_true", help="run the CASES on the emulator")
+    ap.add_argument("--no-selftests", action="store_true")
+    ap.add_argument("--no-audit", action="store_true", help="skip the -O0 audit compile")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    root = Path(os.environ.get("OSTQUANT_SIMT_BUILD", Path.home() / ".cache/ostquant/simt")) / "sm90-spike"
+    root.mkdir(parents=True, exist_ok=True)
     cute = build._cutlass_include()
     if cute is None:
         sys.exit("no CUTLASS headers")
     inc = build.cuda_include()
-    units = build.prepare(base)
-    name = sys.argv[sys.argv.index("--unit") + 1] if "--unit" in sys.argv else "w4a4_t128_f16"
-    unit = next(u for u in units if u.name == UNIT.format(name))
-    ov = base / "overlay"
+    units = build.prepare(root)
+    name = args.unit
+    unit = next((u for u in units if u.name == UNIT.format(name)), None)
+    if unit is None:
+        sys.exit(f"no unit csrc/gemm/sm90/{name}.cu")
+    base = root / name  # this unit's objects and programs
+    base.mkdir(exist_ok=True)
+    ov = root / "overlay"
     cutlass_overlay.write_overlay(cute, ov)
     sm90_overlay.write_overlay(cute, ov)
-    incs = [HERE / "stubs", base / "src", inc, ov, cute] + ([inc / "cccl"] if (inc / "cccl").is_dir() else [])
+    incs = [HERE / "stubs", root / "src", inc, ov, cute] + ([inc / "cccl"] if (inc / "cccl").is_dir() else [])
     tools = Path(cute).parent / "tools" / "util" / "include"
     if tools.is_dir():
         incs.append(tools)
     iflags = [f"-I{p}" for p in incs]
     cxx = os.environ.get("CXX", "g++")
-    common = [cxx] + FLAGS + [f"-DOSTQ_SM90_FN={name}", "-include", str(HERE / "simt_emu.h"), "-include", str(HERE / "sm90_prelude.h")] + iflags
-    if "--selftests" in sys.argv:  # only the self-test programs (quick, while developing)
+    common = [cxx] + FLAGS + [f"-DOSTQ_SM90_FN={name}", "-include", str(HERE / "simt_emu.h"), "-include",
+                              str(HERE / "sm90_prelude.h")] + iflags
+    if args.selftests:  # only the self-test programs (quick, while developing)
         return run_selftests(base, common)
     obj = base / "unit.o"
     print("compiling", unit.name, flush=True)
@@ -99,23 +133,28 @@ def main() -> int:
     if r.returncode:
         return r.returncode
     subprocess.run([str(exe)], check=True)
-    if "--run" in sys.argv:  # run the kernel on the emulator: sm90_spike.py --run [M N K seed sms flags]
+    if args.run is not None or args.cases:
         runner = base / "sm90_run"
         print("building sm90_run", flush=True)
         r = subprocess.run(common + [str(HERE / "sm90_run.cpp"), str(obj), str(HERE / "sm90_spike_stubs.cpp"),
                                      "-o", str(runner)])
         if r.returncode:
             return r.returncode
-        args = []
-        for a in sys.argv[sys.argv.index("--run") + 1:]:
-            if a.startswith("--"):
-                break
-            args.append(a)
-        args = args or ["128", "128", "256"]
-        return subprocess.run([str(runner)] + args).returncode
-    r = run_selftests(base, common)
-    if r:
-        return r
+        if args.run is not None:
+            return subprocess.run([str(runner)] + (args.run or ["128", "128", "256"])).returncode
+        failed = 0
+        for case, what in CASES:
+            print(f"case {case}: {what}", flush=True)
+            failed += subprocess.run([str(runner)] + case.split()).returncode != 0
+        print(f"{name}: {len(CASES) - failed} of {len(CASES)} cases passed", flush=True)
+        if failed:
+            return 1
+    if not args.no_selftests:
+        r = run_selftests(base, common)
+        if r:
+            return r
+    if args.no_audit:
+        return 0
     # audit: at -O0 every instantiated function is emitted (nothing inlined, no code dropped
     # after a [[noreturn]] fail), so the assembler sees every instantiated inline-asm block and
     # the object holds every instantiated failure site's message
