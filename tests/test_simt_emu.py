@@ -363,6 +363,7 @@ def test_int4_gemm_split_k_plans(E):
 # --------------------------------------------------------------------------- CUTLASS int4 IMMA GEMM
 
 IMMA = "Kernel2<GemmKernel>"  # the launch in CUTLASS's GemmUniversalBase::run (sm80/ only here)
+HOPPER = "device_kernel<GemmKernel>"  # CUTLASS 3.x's launch (kernel_launch.h; sm90/ only here)
 
 
 @contextlib.contextmanager
@@ -476,23 +477,93 @@ def test_int4_gemm_imma_inputs(E):
 @pytest.mark.parametrize("cc,env,M,N,imma", [
     ((8, 0), None, 17, 64, True),     # Ampere: the IMMA kernel by default
     ((8, 9), None, 64, 64, True),     # Ada (99 KiB of shared memory per block)
-    ((9, 0), "1", 17, 64, True),      # Hopper, forced (the Hopper kernels are not built here)
-    ((9, 0), None, 17, 64, False),    # Hopper: not by default -> portable path
+    ((9, 0), "1", 17, 64, True),      # Hopper, forced
+    ((9, 0), None, 17, 64, False),    # Hopper: not by default -> the Hopper kernel (if built)
     ((8, 0), "0", 17, 64, False),     # turned off
     ((8, 0), None, 16, 64, False),    # small M: the decode kernels
     ((8, 0), None, 17, 36, False),    # N % 8 != 0: portable path
 ])
 def test_int4_gemm_imma_dispatch(E, cc, env, M, N, imma):
-    """Which devices, settings and shapes take the IMMA kernel (gemm_ops.cpp's use_imma); the
+    """Which devices, settings and shapes take the IMMA kernel (gemm_ops.cpp's use_imma) or the
+    Hopper one (use_sm90: compute capability 9.0, M > 16, N % 8 == 0, IMMA not forced); the
     others give the same bits on their own paths."""
     _need_sm80(E)
+    hopper = E.sm90_gemm_built() and cc == (9, 0) and not imma and M > 16 and N % 8 == 0
     args = _w4a4_inputs(M, N, 96, False, None, True, device="cpu")
     want = ref.int4_gemm(*args, torch.float16)
     with emulated_device(E, cc, env), poisoned():
         got, ran = launches(E, lambda: E.int4_gemm(*args, torch.float16))
         assert (IMMA in ran) == imma, ran
+        assert (HOPPER in ran) == hopper, ran
         _assert_equal(got, want, f"cc={cc} OSTQUANT_GEMM_IMMA={env} M={M} N={N}")
-        assert not E.int4_gemm_takes_codes(0, M, N, 96, False)
+        assert E.int4_gemm_takes_codes(0, M, N, 96, False) == hopper
+
+
+def _need_sm90(E):
+    if not E.sm90_gemm_built():
+        pytest.skip("the Hopper CUTLASS GEMMs are not in this emulator build (no CUTLASS headers, "
+                    "or OSTQUANT_SIMT_SM90=0)")
+
+
+# (M, N, K, sm_count): both tiles (M <= 64: 64 tokens), partial tiles, K not a multiple of the
+# k-tile, several CTAs per SM, stream-K (long K on few SMs: split tiles, a workspace) and one tile
+# spread over many SMs (the workspace reduction)
+HOPPER_SHAPES = [(17, 64, 96, 132), (64, 136, 160, 3), (65, 256, 1024, 2), (130, 128, 4096, 3),
+                 (40, 8, 4096, 132)]
+
+
+@pytest.mark.parametrize("M,N,K,sms", HOPPER_SHAPES)
+def test_int4_gemm_hopper(E, M, N, K, sms):
+    """The Hopper CUTLASS W4A4 GEMM through the op (gemm_ops.cpp: tile choice, workspace,
+    widening of packed activations, fp32 bias) on the emulated H100: bit-identical to the
+    reference, packed or int8-code activations, sym / asym, with and without w_sum / bias,
+    fp16 / bf16 output; fp32 output keeps the portable path."""
+    _need_sm90(E)
+    cases = [(False, torch.bfloat16, True, torch.float16, False),
+             (True, torch.float16, True, None, True),
+             (False, torch.float16, False, torch.bfloat16, True)]
+    try:
+        E.set_sm_count(sms)
+        for i, (sym, out, with_wsum, bias, codes) in enumerate(cases):
+            xp, *rest = _w4a4_inputs(M, N, K, sym, bias, with_wsum, device="cpu")
+            want = ref.int4_gemm(xp, *rest, out)
+            x_in = ref.unpack_int4(xp) if codes else xp
+            fn = lambda: E.int4_gemm(x_in, *rest, out)  # noqa: E731
+            with poisoned():  # the first case in both thread orders
+                got, ran = launches(E, (lambda: both_orders(E, fn)) if i == 0 else fn)
+            assert HOPPER in ran and IMMA not in ran, ran
+            _assert_equal(got, want, f"hopper int4_gemm M={M} N={N} K={K} sms={sms} sym={sym} "
+                                     f"out={out} codes={codes}")
+        xp, *rest = _w4a4_inputs(M, N, K, False, None, True, device="cpu")
+        with poisoned():
+            got, ran = launches(E, lambda: E.int4_gemm(xp, *rest, torch.float32))
+        assert HOPPER not in ran, ran
+        _assert_equal(got, ref.int4_gemm(xp, *rest, torch.float32), "float32 output")
+    finally:
+        E.set_sm_count(132)
+
+
+@pytest.mark.parametrize("M,N,K,sms", HOPPER_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w4a16_gemm_hopper(E, M, N, K, sms, dtype):
+    """The Hopper CUTLASS W4A16 GEMM through the op on the emulated H100, against the reference
+    to the tolerance of an fp32 sum in another order (the tensor core's is unspecified)."""
+    _need_sm90(E)
+    (x, wp, ws, b), qw = _w4a16_inputs(M, N, K, dtype, torch.float32, device="cpu")
+    want = ref.w4a16_gemm(x, wp, ws, b)
+    try:
+        E.set_sm_count(sms)
+        with poisoned():
+            got, ran = launches(E, lambda: E.w4a16_gemm(x, wp, ws, b))
+    finally:
+        E.set_sm_count(132)
+    assert HOPPER in ran, ran
+    eps = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    absdot = x.double().abs() @ (qw.double().abs() * ws.double()[:, None]).T
+    tol = 2 * eps * want.double().abs() + 2.0 ** -16 * absdot + 1e-30
+    bad = (got.double() - want.double()).abs() > tol
+    assert got.dtype == dtype and not torch.isnan(got).any() and not bad.any(), \
+        f"hopper w4a16 M={M} N={N} K={K} sms={sms}: {int(bad.sum())} values off"
 
 
 # --------------------------------------------------------------------------- views, leading dims

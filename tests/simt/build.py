@@ -17,8 +17,11 @@ tests/simt/emu_bindings.cpp, which exposes the ops to Python.
 With the CUTLASS headers (cutlass/find_cutlass.py; OSTQUANT_SIMT_CUTLASS=0 leaves them out) the
 Ampere int4 IMMA GEMM (sm80/, CUTLASS 2.x: ldmatrix, cp.async, mma.sync) is built too
 (OSTQUANT_SM80_GEMM=1), through an overlay of patched CUTLASS headers (cutlass_overlay.py)
-searched before the installed ones. The Hopper GEMMs (sm90/: TMA, wgmma) stay stubs
-(OSTQUANT_SM90_GEMM=0), as on a GPU build without them.
+searched before the installed ones, and so are the Hopper GEMMs (sm90/: TMA, wgmma, stream-K;
+OSTQUANT_SM90_GEMM=1) on the sm90 emulator pieces (sm90_prelude.h, the sm90 overlay sections;
+OSTQUANT_SIMT_SM90=0 leaves them out, as on a GPU build without them). The emulated device is
+compute capability 9.0 unless a test sets another, so the ops take the Hopper path there exactly
+where a GPU build on an H100 would.
 
 ``load()`` returns the module (cached per source hash under ~/.cache/ostquant/simt); it raises
 RuntimeError when the CUDA headers (CUDA_HOME/include) or a C++ compiler are missing.
@@ -34,8 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 HERE = Path(__file__).resolve().parent
 
-# The dispatcher registration is replaced by emu_bindings.cpp. (The Hopper CUTLASS files compile to
-# their stubs: OSTQUANT_SM90_GEMM = 0.)
+# The dispatcher registration is replaced by emu_bindings.cpp.
 _SKIP = re.compile(r"^bindings\.cpp$")
 
 _LAUNCH = re.compile(r"<<<")
@@ -151,8 +153,9 @@ def sources() -> list[Path]:
 
 def _fingerprint() -> str:
     h = hashlib.sha256()
-    for p in (sources() + sorted(HERE.rglob("*.h")) + sorted(HERE.rglob("*.cpp")) + [Path(__file__)]
-              + [HERE / "cutlass_overlay.py"]):
+    mine = [p for p in sorted(HERE.rglob("*.h")) + sorted(HERE.rglob("*.cpp"))
+            if "sm90_study" not in p.parts]  # the study's prototypes are not built
+    for p in (sources() + mine + [Path(__file__)] + sorted(HERE.glob("*overlay*.py"))):
         h.update(p.as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -228,6 +231,11 @@ def load(verbose: bool = False):
     sm80 = cute is not None and os.environ.get("OSTQUANT_SIMT_CUTLASS", "1") != "0"
     if cute is not None and not sm80:
         fp += "-nocutlass"
+    # the Hopper GEMMs (csrc/gemm/sm90) on the sm90 emulator pieces (sm90_prelude.h; the sm90
+    # overlay sections): with CUTLASS unless OSTQUANT_SIMT_SM90=0
+    sm90 = sm80 and os.environ.get("OSTQUANT_SIMT_SM90", "1") != "0"
+    if sm80 and not sm90:
+        fp += "-nosm90"
     if os.environ.get("OSTQUANT_SIMT_ASAN") == "1":
         fp += "-asan"
     base = Path(os.environ.get("OSTQUANT_SIMT_BUILD",
@@ -242,15 +250,27 @@ def load(verbose: bool = False):
         if str(HERE) not in sys.path:
             sys.path.insert(0, str(HERE))
         import cutlass_overlay
-        cutlass_overlay.write_overlay(cute, base / "cutlass_overlay")
+        if sm90:
+            import sm90_overlay  # the sm80 overlay with the sm90 sections on top
+            sm90_overlay.write_overlay(cute, base / "cutlass_overlay")
+        else:
+            cutlass_overlay.write_overlay(cute, base / "cutlass_overlay")
         cute_dirs = [str(base / "cutlass_overlay")] + cute_dirs
         # CUTLASS's headers redeclare names in class scope ("changes meaning"), which g++
         # rejects unless -fpermissive (nvcc's front end accepts them)
         flags += ["-fpermissive", "-Wno-deprecated-declarations"]
     flags += ["-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-g0", "-ffp-contract=off", "-fno-strict-aliasing",
-             "-DOSTQ_SIMT_EMU", f"-DOSTQUANT_HAS_CUTLASS={int(sm80)}", "-DOSTQUANT_SM90_GEMM=0",
+             "-DOSTQ_SIMT_EMU", f"-DOSTQUANT_HAS_CUTLASS={int(sm80)}", f"-DOSTQUANT_SM90_GEMM={int(sm90)}",
              f"-DOSTQUANT_SM80_GEMM={int(sm80)}", "-include", str(HERE / "simt_emu.h"),
              "-Wno-unused-variable", "-Wno-unused-function"]
+    if sm90:
+        # as sm90_spike.py builds them: NDEBUG like setup.py (CUTLASS's debug-only checks are not
+        # what runs on the GPU), CUDA 13's driver entry point
+        flags += ["-DNDEBUG", "-DOSTQ_SIMT_SM90", "-D__CUDACC_VER_MAJOR__=13",
+                  "-include", str(HERE / "sm90_prelude.h")]
+        tools = Path(cute).parent / "tools" / "util" / "include"  # cutlass/util/packed_stride.hpp
+        if tools.is_dir():
+            cute_dirs.append(str(tools))
     ldflags = []
     if os.environ.get("OSTQUANT_SIMT_ASAN") == "1":  # run python with LD_PRELOAD=libasan.so
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]

@@ -307,22 +307,23 @@ def check_no_bypass(cutlass_include: Path, patches: list = PATCHES) -> None:
 
 def write_overlay(cutlass_include: str | Path, out_dir: str | Path, patches: list = PATCHES,
                   on_top_of: list = ()) -> list[tuple[str, str]]:
-    """Write the headers of `patches` patched under out_dir (unchanged files keep their mtime);
-    returns [(header, reason)]. Raises OverlayError when a pattern is not found. `on_top_of`:
-    the patches an earlier write_overlay wrote to out_dir; a header of both is patched again
-    from that text (sm90_overlay.py on top of this file's PATCHES)."""
+    """Write the headers of `on_top_of` and `patches` patched under out_dir, a header of both
+    patched by both in that order (sm90_overlay.py's sections on top of this file's PATCHES),
+    each file written once and only when its text changes (unchanged files keep their mtime, so
+    the build does not recompile what includes them); returns [(header, reason)] for `patches`.
+    Raises OverlayError when a pattern is not found."""
     src, out = Path(cutlass_include), Path(out_dir)
     check_no_bypass(src, list(on_top_of) + list(patches))
-    base = {rel for rel, _, _ in on_top_of}
-    done = []
-    for rel, reason, patch in patches:
-        text = patch(((out if rel in base else src) / rel).read_text())
+    texts: dict[str, str] = {}
+    for rel, _, patch in list(on_top_of) + list(patches):
+        texts[rel] = patch(texts[rel] if rel in texts else (src / rel).read_text())
+    for rel, text in texts.items():
         dst = out / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.is_file() or dst.read_text() != text:
             dst.write_text(text)
-        done.append((rel, reason))
-    return done
+    return [(rel, reason) for rel, reason, _ in patches]
+
 
 if __name__ == "__main__":
     inc = _build._cutlass_include()

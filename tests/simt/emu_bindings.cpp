@@ -9,6 +9,7 @@
 #include "gemm/launch.h"
 #include "gemm/ops.h"
 #include "gemm/sm80/launch.h"
+#include "gemm/sm90/launch.h"
 #include "hadamard/ops.h"
 #include "quant/ops.h"
 
@@ -33,6 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_kv_attention", &int4_kv_attention_cuda);
   m.def("paged_int4_kv_attention", &paged_int4_kv_attention_cuda);
   m.def("int4_gemm_takes_codes", &int4_gemm_takes_codes);
+  m.def("sm90_gemm_built", &sm90_gemm_built, "the Hopper CUTLASS GEMMs are compiled in (OSTQUANT_SM90_GEMM)");
   m.def("kv_status", []() -> std::optional<std::string> {
     std::string s = kv_status_message();
     if (s.empty()) return std::nullopt;

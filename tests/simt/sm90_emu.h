@@ -280,6 +280,35 @@ inline void bar_sync(uint32_t id, uint32_t count) {
   }
 }
 
+// ------------------------------------------------------------------ runtime entry points
+// What the host-compiled CUTLASS Hopper GEMM calls in the CUDA runtime beyond simt_emu.h's, as
+// macros in sm90_prelude.h (like simt_emu.h's: a link-time definition would lose to libcudart,
+// which torch has loaded, and the real driver's cuTensorMapEncodeTiled would run):
+//  * cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled") -> encode_tiled (CUDA >= 13:
+//    cuda_host_adapter.hpp fetches the encoder through it); any other symbol fails;
+//  * cudaMemsetAsync (workspace.h zero_workspace, the stream-K locks): emulated memory is host
+//    memory and streams are synchronous.
+// (cudaLaunchKernelExC, reached by kernel_launch.h's programmatic-dependent-launch branch, which
+// our kernels never take: a weak definition below fails loudly where no libcudart is linked, as
+// in sm90_spike.py's programs; in the torch extension the real runtime's may win, and fails
+// without a GPU.)
+inline cudaError_t get_driver_entry_point_by_version(const char* symbol, void** fn, unsigned int,
+                                                     unsigned long long,
+                                                     cudaDriverEntryPointQueryResult* status) {
+  if (std::string(symbol) == "cuTensorMapEncodeTiled") {
+    *fn = reinterpret_cast<void*>(&encode_tiled);
+    if (status) *status = cudaDriverEntryPointSuccess;
+    return cudaSuccess;
+  }
+  fail(std::string("sm90 emulator: driver entry point not emulated: ") + symbol);
+}
+inline cudaError_t memset_async(void* p, int value, size_t count, cudaStream_t = nullptr) {
+  if (count == 0) return cudaSuccess;
+  if (p == nullptr) return cudaErrorInvalidValue;
+  std::memset(p, value, count);
+  return cudaSuccess;
+}
+
 // ------------------------------------------------------------------ stream-K flags
 // cutlass::GenericBarrier (stream-K partial-tile locks in global memory): one thread of a CTA spins
 // on ld.acquire.gpu until other CTAs' red.release adds reach a value. The emulator runs blocks one
@@ -323,3 +352,8 @@ inline void flag_red_release(int* ptr, int val) {
 
 }  // namespace sm90
 }  // namespace ostq_emu
+
+extern "C" __attribute__((weak)) cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t*, const void*,
+                                                                 void**) {
+  ::ostq_emu::fail("sm90 emulator: cudaLaunchKernelExC (programmatic dependent launch) is not emulated");
+}

@@ -261,6 +261,16 @@ def _subbyte_iterator(t: str) -> str:
     return sub(t, old, new, 1, "cute/container/array_subbyte.hpp")
 
 
+def _functional_h(t: str) -> str:
+    # cutlass::atomic_add<T> (the stream-K fixup's BlockStripedReduce, nondeterministic reduction
+    # mode, into the workspace) is CUTLASS_NOT_IMPLEMENTED on the host: simt_emu.h's atomicAdd
+    # (blocks run one at a time and threads switch only at barriers: a plain read-modify-write
+    # is atomic)
+    return sub(t, "  void operator()(T *ptr, const T &data)\n  {\n#if defined(__CUDA_ARCH__)\n    atomicAdd(ptr, data);\n",
+               "  void operator()(T *ptr, const T &data)\n  {\n#if defined(__CUDA_ARCH__) || defined(OSTQ_SIMT_EMU)  "
+               "// (tests/simt/sm90_overlay.py)\n    atomicAdd(ptr, data);\n", 1, "cutlass/functional.h")
+
+
 # barrier.h functions whose failing host branch (added by _brkpt_sites) is routed to sm90_emu.h:
 # (function header, found once; the emulated statement)
 _BARRIER_ROUTES = [
@@ -327,6 +337,9 @@ SM90_PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
     ("cutlass/barrier.h",
      "GenericBarrier ld_acquire / red_release (stream-K locks): x86-invalid PTX or a plain load "
      "in a spin that never yields: sm90_emu.h's flag load / release add", _generic_barrier),
+    ("cutlass/functional.h",
+     "atomic_add<T> (stream-K's nondeterministic reduction) is NOT_IMPLEMENTED on the host: "
+     "the emulator's atomicAdd", _functional_h),
     ("cute/container/array_subbyte.hpp",
      "subbyte_iterator::operator+=(uint64_t) turns a negative offset into +2^61 bytes (harmless "
      "in 32-bit shared addresses, a segfault on the host): signed", _subbyte_iterator),
@@ -375,7 +388,7 @@ def all_patches() -> list[tuple[str, str, Callable[[str], str]]]:
 
 
 def write_overlay(cutlass_include: str | Path, out_dir: str | Path) -> list[tuple[str, str]]:
-    """Apply the sm90 patches (all_patches) on top of the overlay that cutlass_overlay.write_overlay
-    wrote to out_dir (a header both patch is read from out_dir, else from the installed CUTLASS)."""
+    """Write the whole overlay for an sm90 build: cutlass_overlay.PATCHES with the sm90 patches
+    (all_patches) on top (a header of both gets both, written once)."""
     return cutlass_overlay.write_overlay(cutlass_include, out_dir, all_patches(),
                                          on_top_of=cutlass_overlay.PATCHES)

@@ -17,3 +17,7 @@
 #include "sm90_tma.h"
 #include "sm90_wgmma.h"
 #include "sm90_smem.h"
+
+// the runtime entry points the Hopper GEMM's host code calls (sm90_emu.h)
+#define cudaGetDriverEntryPointByVersion ::ostq_emu::sm90::get_driver_entry_point_by_version
+#define cudaMemsetAsync ::ostq_emu::sm90::memset_async
