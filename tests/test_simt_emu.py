@@ -14,10 +14,13 @@ The CUTLASS 2.x int4 IMMA GEMM (csrc/gemm/sm80, Ampere/Ada) runs too when the CU
 are there (patched for the emulator by tests/simt/cutlass_overlay.py), on an emulated compute
 capability 8.x device (set_compute_capability) or with OSTQUANT_GEMM_IMMA=1.
 
-What this cannot show: speed, the hardware's exact float rounding of mma (fp32 sums in some
-order), memory-model effects between blocks, and the Hopper CUTLASS GEMMs (TMA/wgmma; the
-emulated build compiles their stubs, so at compute capability 9.0 int4_gemm takes the small-M
-kernels for M ≤ 16 and the portable unpack + matmul path above).
+The Hopper CUTLASS GEMMs (csrc/gemm/sm90: TMA, mbarriers, wgmma, stream-K) run too, on the sm90
+emulator pieces (tests/simt/sm90_*.h, sm90_study/PROGRESS.md): at the emulated device's default
+compute capability 9.0, int4_gemm and w4a16_gemm take them for M > 16 with 16-bit output, as on
+an H100 (the *_hopper tests; OSTQUANT_SIMT_SM90=0 builds without them: the portable path).
+
+What this cannot show: speed, the hardware's exact float rounding of mma / wgmma (fp32 sums in
+some order), and memory-model effects between blocks (blocks run one after another).
 
 The quantized runtime runs on the emulated kernels too (their ops registered as the CPU kernels
 of torch.ops.ostquant.*): a tiny QuaRot model end to end, and SmolLM2-135M's greedy tokens
@@ -884,8 +887,12 @@ def test_runtime_on_emulated_kernels(E, quarot_dir, dtype, fused_norm):
     want = prefill_and_steps()
     n0 = E.launch_count()
     with emulated_ops(E):
-        got = prefill_and_steps()
+        got, ran = launches(E, prefill_and_steps)
     assert E.launch_count() - n0 > 100, "the emulated kernels did not run"
+    # the 38-token prefill's GEMMs: on the emulated H100 the Hopper CUTLASS kernels take the
+    # 16-bit ones (fp32 output stays on the portable path)
+    if E.sm90_gemm_built() and dtype != torch.float32:
+        assert HOPPER in ran, ran
     for name, g, w in zip(("prefill", "paged decode steps"), got, want):
         if dtype == torch.float32:
             # float32: the prefill is the same operations in the same order (bit-identical);
