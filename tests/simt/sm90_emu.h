@@ -147,7 +147,36 @@ inline void spin_yield(const std::string& what) {
   yield_to_scheduler();
 }
 
-// Per-block barrier state; reset when a new block (or launch) starts using it.
+// State an sm90 piece keeps per block (barriers here, TMA's queues, wgmma's warp groups):
+// state(reset) returns it, after reset(value) when a new block or launch first uses it;
+// current() tells whether this block has used it yet (the thread-exit hooks).
+template <class T>
+class BlockLocal {
+ public:
+  template <class Reset>
+  T& state(Reset&& reset) {
+    if (!current()) {
+      const Sched& s = S();
+      reset(value_);
+      launch_ = s.launches;
+      block_ = s.block_idx;
+    }
+    return value_;
+  }
+  bool current() const {
+    const Sched& s = S();
+    return launch_ == s.launches && block_.x == s.block_idx.x && block_.y == s.block_idx.y &&
+           block_.z == s.block_idx.z;
+  }
+  T& value() { return value_; }
+
+ private:
+  long long launch_ = -1;
+  uint3 block_{~0u, ~0u, ~0u};
+  T value_{};
+};
+
+// Per-block barrier state.
 struct MBar {
   uint32_t expected = 0;   // arrivals per phase
   uint32_t pending = 0;    // arrivals still missing in the current phase
@@ -159,23 +188,16 @@ struct NamedBar {
   unsigned long long generation = 0;
 };
 struct BlockBarriers {
-  long long launch = -1;
-  uint3 block{~0u, ~0u, ~0u};
   std::map<const void*, MBar> mbar;
   NamedBar named[16];
 };
 inline BlockBarriers& barriers() {
-  static thread_local BlockBarriers b;
-  Sched& s = S();
-  if (b.launch != s.launches || b.block.x != s.block_idx.x || b.block.y != s.block_idx.y ||
-      b.block.z != s.block_idx.z) {
-    b.mbar.clear();
-    for (auto& n : b.named) n = NamedBar{};
-    b.launch = s.launches;
-    b.block = s.block_idx;
+  static thread_local BlockLocal<BlockBarriers> b;
+  return b.state([](BlockBarriers& v) {
+    v.mbar.clear();
+    for (auto& n : v.named) n = NamedBar{};
     progress();
-  }
-  return b;
+  });
 }
 
 inline std::string addr_str(const void* p) {

@@ -13,23 +13,10 @@
 
 #include "cutlass/numeric_conversion.h"  // the sm90 overlay's copy (transcribed int4 -> int8 asm)
 
+#include "sm90_selftest_util.h"
+
 namespace {
-int g_fail = 0;
-void check(bool ok, const std::string& what) {
-  if (!ok) {
-    ++g_fail;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "";
-}
-bool has(const std::string& s, const char* sub) { return s.find(sub) != std::string::npos; }
+using namespace ostq_selftest;  // check, error_of, has, g_fail
 
 void test_encode() {
   using Fn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,

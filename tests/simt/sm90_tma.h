@@ -172,8 +172,6 @@ struct ThreadBulk {
   long long committed = 0;
 };
 struct TmaBlock {
-  long long launch = -1;
-  uint3 block{~0u, ~0u, ~0u};
   std::map<const void*, std::vector<PendingLoad>> loads;  // by mbarrier, in issue order
   std::vector<ThreadBulk> bulk;                           // by thread
   // proxy shadow (proxy_generic_write): per byte of dynamic shared memory, the thread whose
@@ -181,28 +179,19 @@ struct TmaBlock {
   std::vector<int16_t> owner;
   std::vector<std::vector<std::pair<uint32_t, uint32_t>>> unfenced;
 };
-inline TmaBlock& tma_raw() {
-  static thread_local TmaBlock b;
+inline BlockLocal<TmaBlock>& tma_local() {
+  static thread_local BlockLocal<TmaBlock> b;
   return b;
-}
-inline bool tma_current(const TmaBlock& b) {
-  const Sched& s = S();
-  return b.launch == s.launches && b.block.x == s.block_idx.x && b.block.y == s.block_idx.y &&
-         b.block.z == s.block_idx.z;
 }
 // This block's state (reset when a new block or launch starts using it).
 inline TmaBlock& tma_state() {
-  TmaBlock& b = tma_raw();
-  if (!tma_current(b)) {
+  return tma_local().state([](TmaBlock& b) {
     const Sched& s = S();
     b.loads.clear();
     b.bulk.assign(s.nthreads, ThreadBulk{});
     b.owner.clear();
     b.unfenced.assign(s.nthreads, {});
-    b.launch = s.launches;
-    b.block = s.block_idx;
-  }
-  return b;
+  });
 }
 
 // ------------------------------------------------------------------ async proxy
@@ -373,8 +362,8 @@ inline void bulk_wait_group_read(int n) {
 
 // simt_emu.h thread-exit hook: bulk stores never waited for are still performed.
 inline void tma_thread_exit() {
-  TmaBlock& b = tma_raw();
-  if (!tma_current(b)) return;
+  if (!tma_local().current()) return;
+  TmaBlock& b = tma_local().value();
   const int t = S().cur->lin;
   if (t < static_cast<int>(b.bulk.size()) && !b.bulk[t].pending.empty()) bulk_wait_group_read(-1);
 }

@@ -30,26 +30,13 @@
 
 #include "gemm/sm90/kernel.cuh"  // the kernel types (through the overlay)
 
+#include "sm90_selftest_util.h"
+
 namespace {
 namespace emu = ostq_emu::sm90;
 using namespace cute;
 
-int g_fail = 0;
-void check(bool ok, const std::string& what) {
-  if (!ok) {
-    ++g_fail;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "";
-}
-bool has(const std::string& s, const char* sub) { return s.find(sub) != std::string::npos; }
+using namespace ostq_selftest;  // check, error_of, has, g_fail
 void expect_error(const std::function<void()>& f, const char* sub, const std::string& what) {
   const std::string e = error_of(f);
   check(has(e, sub), what + ": expected an error with \"" + sub + "\", got \"" + e + "\"");

@@ -178,30 +178,18 @@ struct WarpGroupState {
   WgThread thr[kWarpGroup];
 };
 struct WgmmaBlock {
-  long long launch = -1;
-  uint3 block{~0u, ~0u, ~0u};
   std::deque<WarpGroupState> groups;  // stable addresses (threads hold references across yields)
 };
-inline WgmmaBlock& wgmma_raw() {
-  static thread_local WgmmaBlock b;
+inline BlockLocal<WgmmaBlock>& wgmma_local() {
+  static thread_local BlockLocal<WgmmaBlock> b;
   return b;
-}
-inline bool wgmma_current(const WgmmaBlock& b) {
-  const Sched& s = S();
-  return b.launch == s.launches && b.block.x == s.block_idx.x && b.block.y == s.block_idx.y &&
-         b.block.z == s.block_idx.z;
 }
 // This block's state (reset when a new block or launch starts using it).
 inline WgmmaBlock& wgmma_state() {
-  WgmmaBlock& b = wgmma_raw();
-  if (!wgmma_current(b)) {
-    const Sched& s = S();
+  return wgmma_local().state([](WgmmaBlock& b) {
     b.groups.clear();
-    b.groups.resize(static_cast<size_t>(s.nthreads / kWarpGroup));
-    b.launch = s.launches;
-    b.block = s.block_idx;
-  }
-  return b;
+    b.groups.resize(static_cast<size_t>(S().nthreads / kWarpGroup));
+  });
 }
 struct WgSelf {
   WarpGroupState& g;
@@ -521,8 +509,8 @@ inline void wgmma_rs(const char* name, const uint32_t* const (&a)[4], uint64_t d
 // A thread that exits while its warp group has wgmmas not completed (never waited for, or never
 // committed): an error.
 inline void wgmma_thread_exit() {
-  WgmmaBlock& b = wgmma_raw();
-  if (!wgmma_current(b)) return;
+  if (!wgmma_local().current()) return;
+  WgmmaBlock& b = wgmma_local().value();
   const Sched& s = S();
   const int gi = s.cur->lin / kWarpGroup;
   if (gi >= static_cast<int>(b.groups.size())) return;

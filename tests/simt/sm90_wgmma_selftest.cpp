@@ -38,26 +38,13 @@
 
 #include "gemm/sm90/kernel.cuh"
 
+#include "sm90_selftest_util.h"
+
 namespace {
 using namespace cute;
 namespace wg = ::ostq_emu::sm90;
 
-int g_fail = 0;
-void check(bool ok, const std::string& what) {
-  if (!ok) {
-    ++g_fail;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "";
-}
-bool has(const std::string& s, const char* sub) { return s.find(sub) != std::string::npos; }
+using namespace ostq_selftest;  // check, error_of, has, g_fail
 
 uint32_t g_rng = 12345;
 uint32_t rnd() {
