@@ -54,6 +54,7 @@
 // swapcontext, which only starts each fiber), or swapcontext throughout under AddressSanitizer,
 // which follows stack switches only through it.
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #define OSTQ_SIMT_FAST_SWITCH 0
 #else
 #define OSTQ_SIMT_FAST_SWITCH 1
@@ -517,6 +518,11 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
         for (int i = 0; i < s.nthreads; ++i) {
           Fiber& f = s.fibers[i];
           if (f.stack == nullptr) f.stack = static_cast<char*>(std::malloc(kStackBytes));
+#if !OSTQ_SIMT_FAST_SWITCH && defined(__SANITIZE_ADDRESS__)
+          // a fresh fiber on a reused stack: the red zones of the previous fiber's frames (left
+          // behind when it was switched away from for good) are not this fiber's
+          ASAN_UNPOISON_MEMORY_REGION(f.stack, kStackBytes);
+#endif
           f.lin = i;
           f.tid = uint3{static_cast<unsigned>(i % block.x),
                         static_cast<unsigned>(i / block.x % block.y),
