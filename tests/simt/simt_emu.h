@@ -732,8 +732,10 @@ inline void ldmatrix(unsigned* d, int count, bool trans, const void* ptr) {
 // stmatrix.sync.aligned.m8n8{.x1,.x2,.x4}{,.trans}.shared.b16 (sm_90): the inverse of ldmatrix, a
 // warp collective. Lane 8j + r names row r of matrix j (16 bytes); lane l's s[j] holds the 32 bits
 // (row l/4, b16 columns 2(l%4), 2(l%4)+1) of matrix j, stored there, or with .trans at rows
-// 2(l%4), 2(l%4)+1 of column l/4. Each lane writes its own elements once every row address is in.
-inline void stmatrix(const unsigned* s, int count, bool trans, void* ptr) {
+// 2(l%4), 2(l%4)+1 of column l/4. Each lane writes its own elements once every row address is in;
+// `on_write` (if given) is told each 2-byte element the lane wrote (sm90_tma.h's async-proxy marks).
+inline void stmatrix(const unsigned* s, int count, bool trans, void* ptr,
+                     void (*on_write)(const void*, size_t) = nullptr) {
   void* rows[kWarpSize];
   warp_exchange(0xffffffffu, ptr, trans ? "stmatrix.trans" : "stmatrix", rows);
   const int lane = lane_id(), g = lane / 4, t = lane % 4;
@@ -741,7 +743,9 @@ inline void stmatrix(const unsigned* s, int count, bool trans, void* ptr) {
     for (int r = 0; r < 8; ++r) check_access("stmatrix (row address)", rows[8 * j + r], 16, true);
     auto put = [&](int r, int c, uint32_t v) {
       const uint16_t h = static_cast<uint16_t>(v);
-      std::memcpy(static_cast<unsigned char*>(rows[8 * j + r]) + 2 * c, &h, 2);
+      unsigned char* at = static_cast<unsigned char*>(rows[8 * j + r]) + 2 * c;
+      std::memcpy(at, &h, 2);
+      if (on_write) on_write(at, 2);
     };
     if (trans) {
       put(2 * t, g, s[j]), put(2 * t + 1, g, s[j] >> 16);

@@ -1,10 +1,9 @@
-// sm90 pieces of the SIMT emulator (tests/simt/sm90_study/REPORT.md, step 2; PROGRESS.md).
-// Included only by the sm90 spike build (sm90_prelude.h, after simt_emu.h) and its self-test
-// (sm90_selftest.cpp); the default emulator build does not see it. Not yet wired into the sm90
-// overlay: the overlay's barrier.h sites still fail loudly.
+// sm90 pieces of the SIMT emulator (tests/simt/sm90_study/REPORT.md; PROGRESS.md), included by
+// sm90_prelude.h after simt_emu.h in builds with the Hopper GEMMs; the sm90 overlay routes
+// CUTLASS's barrier.h sites here. Self-test: sm90_selftest.cpp.
 //
-//  * cuTensorMapEncodeTiled stub (reached through cudaGetDriverEntryPointByVersion, see
-//    sm90_spike_stubs.cpp): the driver's documented checks, the parameters recorded in the
+//  * cuTensorMapEncodeTiled stub (reached through cudaGetDriverEntryPointByVersion, see the
+//    runtime entry points below): the driver's documented checks, the parameters recorded in the
 //    128-byte CUtensorMap under a magic number (ported from sm90_study/proto_sm90.cpp).
 //  * mbarrier with arrival and transaction counts and phase parity; blocking waits spin with
 //    a yield to the scheduler, with a no-progress deadlock report.
@@ -118,36 +117,8 @@ inline const TensorMapRec& tensor_map(const void* desc) {
   return *r;
 }
 
-// ------------------------------------------------------------------ progress / spin waits
-// Every barrier state change is progress. A thread whose wait is not satisfied yields to the
-// scheduler (spin). The block is deadlocked when every runnable thread has spun twice since the
-// last progress: each had its turn after the others and nothing changed (threads that block at
-// __syncthreads or a warp collective are the scheduler's own deadlock check).
-struct SpinState {
-  std::vector<int> spins;  // per thread, since the last progress
-};
-inline SpinState& spin_state() {
-  static thread_local SpinState s;
-  return s;
-}
-inline void progress() {
-  auto& v = spin_state().spins;
-  std::fill(v.begin(), v.end(), 0);
-}
-inline void spin_yield(const std::string& what) {
-  Sched& s = S();
-  auto& v = spin_state().spins;
-  if (v.size() != static_cast<size_t>(s.nthreads)) v.assign(s.nthreads, 0);
-  ++v[s.cur->lin];
-  bool stuck = true;
-  for (int i = 0; i < s.nthreads && stuck; ++i) {
-    if (s.fibers[i].state == St::kRun && v[i] < 2) stuck = false;
-  }
-  if (stuck) fail("deadlock: " + what + " never completes (every runnable thread waits, no barrier progress)");
-  yield_to_scheduler();
-}
-
-// State an sm90 piece keeps per block (barriers here, TMA's queues, wgmma's warp groups):
+// State an sm90 piece keeps per block (spin counts, barriers, stream-K flag reads, TMA's
+// queues, wgmma's warp groups):
 // state(reset) returns it, after reset(value) when a new block or launch first uses it;
 // current() tells whether this block has used it yet (the thread-exit hooks).
 template <class T>
@@ -176,6 +147,32 @@ class BlockLocal {
   T value_{};
 };
 
+// ------------------------------------------------------------------ progress / spin waits
+// Every barrier state change is progress. A thread whose wait is not satisfied yields to the
+// scheduler (spin). The block is deadlocked when every runnable thread has spun twice since the
+// last progress: each had its turn after the others and nothing changed (threads that block at
+// __syncthreads or a warp collective are the scheduler's own deadlock check). spin_counts: the
+// spins per thread since the last progress, in this block.
+inline std::vector<int>& spin_counts() {
+  static thread_local BlockLocal<std::vector<int>> b;
+  return b.state([](std::vector<int>& v) { v.assign(S().nthreads, 0); });
+}
+inline void progress() {
+  auto& v = spin_counts();
+  std::fill(v.begin(), v.end(), 0);
+}
+inline void spin_yield(const std::string& what) {
+  Sched& s = S();
+  auto& v = spin_counts();
+  ++v[s.cur->lin];
+  bool stuck = true;
+  for (int i = 0; i < s.nthreads && stuck; ++i) {
+    if (s.fibers[i].state == St::kRun && v[i] < 2) stuck = false;
+  }
+  if (stuck) fail("deadlock: " + what + " never completes (every runnable thread waits, no barrier progress)");
+  yield_to_scheduler();
+}
+
 // Per-block barrier state.
 struct MBar {
   uint32_t expected = 0;   // arrivals per phase
@@ -193,11 +190,7 @@ struct BlockBarriers {
 };
 inline BlockBarriers& barriers() {
   static thread_local BlockLocal<BlockBarriers> b;
-  return b.state([](BlockBarriers& v) {
-    v.mbar.clear();
-    for (auto& n : v.named) n = NamedBar{};
-    progress();
-  });
+  return b.state([](BlockBarriers& v) { v = BlockBarriers{}; });
 }
 
 inline std::string addr_str(const void* p) {
@@ -338,29 +331,26 @@ inline cudaError_t memset_async(void* p, int value, size_t count, cudaStream_t =
 // later one), so a wait that is not satisfied when reached can only be satisfied by its own
 // block: a load that returns the same value as this thread's previous load of the flag is a spin
 // (yield, and the deadlock report when nothing in the block makes progress).
-struct FlagSpin {
+struct FlagSpin {  // this thread's previous flag load in this block
   const int* ptr = nullptr;
   int value = 0;
-  long long launch = -1;
 };
 inline FlagSpin& flag_spin() {
-  static thread_local std::vector<FlagSpin> v;
-  Sched& s = S();
-  if (v.size() != static_cast<size_t>(s.nthreads)) v.assign(s.nthreads, FlagSpin{});
-  return v[s.cur->lin];
+  static thread_local BlockLocal<std::vector<FlagSpin>> b;
+  return b.state([](std::vector<FlagSpin>& v) { v.assign(S().nthreads, FlagSpin{}); })[S().cur->lin];
 }
 inline int flag_ld_acquire(const int* ptr) {
   check_access("ld.global.acquire.gpu (stream-K flag)", ptr, 4, false);
   FlagSpin& f = flag_spin();
   int v;
   std::memcpy(&v, ptr, 4);
-  if (f.ptr == ptr && f.value == v && f.launch == S().launches) {
+  if (f.ptr == ptr && f.value == v) {
     spin_yield("the stream-K flag at " + addr_str(ptr) + " (stays " + std::to_string(v) +
                "; block (" + std::to_string(S().block_idx.x) + "," + std::to_string(S().block_idx.y) +
                ") waits on a CTA that has not run or will not signal)");
     std::memcpy(&v, ptr, 4);
   }
-  f = FlagSpin{ptr, v, S().launches};
+  f = FlagSpin{ptr, v};
   return v;
 }
 inline void flag_red_release(int* ptr, int val) {

@@ -1,10 +1,10 @@
 """The sm90 section of the CUTLASS overlay (tests/simt/sm90_study/REPORT.md, step 1): patches, on
 top of cutlass_overlay.PATCHES, that let csrc/gemm/sm90 (CUTLASS 4.2 Hopper GEMM) compile as host
 C++ with NO silent host fallback: every inline-PTX site the kernel reaches is either routed to an
-ostq_emu function or replaced by a loud failure (ostq_emu::fail with a "sm90 overlay:" message).
-Each failure site is a to-do of steps 2-6 of the report's plan.
+ostq_emu function or replaced by a loud failure (ostq_emu::fail with a "sm90 overlay:" message);
+sm90_spike.py's -O0 audit lists the failure sites a unit still instantiates (none in ours).
 
-Used only by sm90_spike.py (OSTQ_SIMT_SM90 builds); the default emulator build does not load it.
+Used by build.py (the emulator module, unless OSTQUANT_SIMT_SM90=0) and sm90_spike.py.
 Same rules as cutlass_overlay: every pattern is counted, a mismatch fails the build.
 """
 from __future__ import annotations
@@ -208,7 +208,8 @@ def _sm100_pipeline(t: str) -> str:
 def _matrix_atoms(where: str, op: str, guard: str, ptr: str, count: int) -> Callable[[str], str]:
     """cute's stmatrix / ldmatrix copy atoms (`#if <guard> cast_smem_ptr_to_uint; asm volatile
     ("<op>.sync.aligned.xN[.trans].m8n8 ...") #else CUTE_INVALID_CONTROL_PATH`): a first branch
-    calling sm90_smem.h with the atom's registers."""
+    calling simt_emu.h's warp collective with the atom's registers (stmatrix writes through the
+    generic proxy: its bytes are marked for sm90_tma.h's async-proxy shadow)."""
     import re
     pat = re.compile(r"(  copy\(([^)]*)\)\n  \{\n)#if defined\(" + guard + r"\)\n"
                      r"    uint32_t smem_int_ptr = cast_smem_ptr_to_uint\(&" + ptr + r"\);\n"
@@ -223,9 +224,10 @@ def _matrix_atoms(where: str, op: str, guard: str, ptr: str, count: int) -> Call
                 raise OverlayError(f"{where}: {op}.x{n} with registers {regs}")
             if op == "stmatrix":
                 body = (f"    {{ const unsigned r_[{n}] = {{{', '.join(regs)}}};\n"
-                        f"      ::ostq_emu::sm90::stmatrix(r_, {n}, {trans}, &{ptr}); }}\n")
+                        f"      ::ostq_emu::stmatrix(r_, {n}, {trans}, &{ptr}, "
+                        f"&::ostq_emu::sm90::proxy_generic_write); }}\n")
             else:
-                body = (f"    {{ unsigned r_[{n}];\n      ::ostq_emu::sm90::ldmatrix(r_, {n}, {trans}, &{ptr});\n"
+                body = (f"    {{ unsigned r_[{n}];\n      ::ostq_emu::ldmatrix(r_, {n}, {trans}, &{ptr});\n"
                         + "".join(f"      {r} = r_[{i}];\n" for i, r in enumerate(regs)) + "    }\n")
             return (m.group(1) + "#if defined(OSTQ_SIMT_EMU)  // (tests/simt/sm90_overlay.py)\n" + body
                     + m.group(0)[len(m.group(1)):].replace("#if defined(", "#elif defined(", 1))
@@ -344,10 +346,10 @@ SM90_PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
      "subbyte_iterator::operator+=(uint64_t) turns a negative offset into +2^61 bytes (harmless "
      "in 32-bit shared addresses, a segfault on the host): signed", _subbyte_iterator),
     ("cute/arch/copy_sm90.hpp",
-     "stmatrix atoms are CUTE_INVALID_CONTROL_PATH on the host: sm90_smem.h's warp collective",
+     "stmatrix atoms are CUTE_INVALID_CONTROL_PATH on the host: simt_emu.h's warp collective",
      _matrix_atoms("cute/arch/copy_sm90.hpp", "stmatrix", "CUTE_ARCH_STSM_SM90_ENABLED", "smem_dst", 6)),
     ("cute/arch/copy_sm75.hpp",
-     "ldmatrix atoms are CUTE_INVALID_CONTROL_PATH on the host: sm90_smem.h's warp collective",
+     "ldmatrix atoms are CUTE_INVALID_CONTROL_PATH on the host: simt_emu.h's warp collective",
      _matrix_atoms("cute/arch/copy_sm75.hpp", "ldmatrix", "CUTE_ARCH_LDSM_SM75_ACTIVATED", "smem_src", 6)),
     ("cutlass/numeric_conversion.h",
      "int4 -> int8 Array<.,8> converter: host scalar loop instead of the device asm: the asm "

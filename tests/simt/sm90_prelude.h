@@ -1,4 +1,4 @@
-// Force-included after simt_emu.h in the sm90 spike build (sm90_spike.py) only.
+// Force-included after simt_emu.h in builds with the Hopper GEMMs (build.py, sm90_spike.py).
 #pragma once
 // CUDA's wmma (mma.h, namespace nvcuda) is device-only: keep CUTLASS's wmma wrappers out by
 // including cutlass/arch/wmma.h (#pragma once) with the toolkit version macro hidden. The sm90
@@ -16,7 +16,6 @@
 #include "sm90_emu.h"
 #include "sm90_tma.h"
 #include "sm90_wgmma.h"
-#include "sm90_smem.h"
 
 // the runtime entry points the Hopper GEMM's host code calls (sm90_emu.h)
 #define cudaGetDriverEntryPointByVersion ::ostq_emu::sm90::get_driver_entry_point_by_version

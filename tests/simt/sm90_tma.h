@@ -1,5 +1,5 @@
 // sm90 emulator: TMA (tests/simt/sm90_study/REPORT.md §2.1, §2.4, §3.3; step 4 of its plan).
-// Included by sm90_prelude.h after sm90_emu.h (sm90 spike builds and their self-tests only);
+// Included by sm90_prelude.h after sm90_emu.h (builds with the Hopper GEMMs and their self-tests);
 // sm90_overlay_tma.py routes CUTLASS / cute's TMA sites here. Self-test: sm90_tma_selftest.cpp.
 //
 //  * TMA tile load (cp.async.bulk.tensor.Nd.shared::cluster.global.mbarrier::complete_tx::bytes,

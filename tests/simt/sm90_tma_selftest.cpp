@@ -597,7 +597,36 @@ void proxy_case(int fence_by, bool cute_fence, const std::string& want, const st
   }
 }
 
+// The same through the routed stmatrix atom (the epilogue's smem writes): every lane's bytes
+// are marked, so the store needs each writer's fence.
+void stmatrix_proxy_case(bool fence, const std::string& want, const std::string& what) {
+  Grid2 gr;
+  const CUtensorMap map = gr.map();
+  const std::string e = error_of([&] {
+    run_block("tma_proxy_stmatrix", 32, 8192, [&] {
+      auto* base = ostq_emu::dyn_smem_base();
+      const unsigned l = threadIdx.x;
+      SM90_U32x4_STSM_N::copy(5000 + l, 6000 + l, 7000 + l, 8000 + l,
+                              *reinterpret_cast<cute::uint128_t*>(base + 16 * l));
+      if (fence) cutlass::arch::fence_view_async_shared();
+      __syncthreads();
+      if (l == 0) {
+        SM90_TMA_STORE_2D::copy(&map, base, 0, 0);
+        cute::tma_store_arrive();
+        cute::tma_store_wait<0>();
+      }
+    });
+  });
+  if (want.empty()) {
+    check(e.empty(), what + ": " + e);
+  } else {
+    check(has(e, want.c_str()), what + ": expected \"" + want + "\", got \"" + e + "\"");
+  }
+}
+
 void test_proxy() {
+  stmatrix_proxy_case(false, "not fenced by that thread", "store of unfenced stmatrix writes");
+  stmatrix_proxy_case(true, "", "stmatrix writes fenced by every writer");
   proxy_case(-1, false, "not fenced by that thread", "store of unfenced generic writes");
   proxy_case(0, false, "written by thread 1", "a fence by the issuing thread does not cover thread 1's writes");
   proxy_case(1, false, "", "fence_view_async_shared by the writer");

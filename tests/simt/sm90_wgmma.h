@@ -1,6 +1,6 @@
 // sm90 emulator: wgmma, the Hopper warp-group MMA (tests/simt/sm90_study/REPORT.md §2.2, §2.3,
 // §3.1; step 5 of its plan, with the warp-group rendezvous of step 2). Included by
-// sm90_prelude.h after sm90_emu.h (sm90 spike builds and their self-tests only);
+// sm90_prelude.h after sm90_emu.h (builds with the Hopper GEMMs and their self-tests);
 // sm90_overlay_wgmma.py routes cute's wgmma sites here (cute::warpgroup_arrive /
 // warpgroup_commit_batch / warpgroup_wait<N> and the RS atoms MMA_64xNx32_S32S8S8_RS_TN,
 // MMA_64xNx16_F32F16F16_RS, MMA_64xNx16_F32BF16BF16_RS). Self-test: sm90_wgmma_selftest.cpp.
