@@ -102,13 +102,14 @@ BUDGETS: Tuple[Budget, ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class Expect:
-    """Kernels whose ``"<source>: <short>"`` matches ``kernel`` (at least one must exist, for
-    ``arch``) each hold an instruction matching every regex of ``sass``."""
+    """Kernels whose ``"<source>: <short>"`` matches ``kernel`` (at least one must exist for
+    each arch of the build that ``arch``, a regex, fully matches) each hold an instruction
+    matching every regex of ``sass``."""
 
     kernel: str
     sass: Tuple[str, ...]
     why: str
-    arch: str = "sm_90a"
+    arch: str = r"sm_90a"
 
 
 _RS = r" R\d+, R\d+, gdesc\["  # wgmma with A from registers (RS), B from a shared-memory descriptor
@@ -127,6 +128,14 @@ EXPECTED_SASS: Tuple[Expect, ...] = (
            "W4A16 Hopper GEMM (bf16), 64-token tile"),
     Expect(r"^gemm/sm90/w4a16_t64_f16", (r"HGMMA\.64x64x16\.F32" + _RS,),
            "W4A16 Hopper GEMM (fp16), 64-token tile"),
+    Expect(r"^gemm/sm80/", (r"IMMA\.16864\.S4\.S4\.SAT", r"LDGSTS\.E\.BYPASS\.LTC128B\.128",
+                            r"LDSM\.16\.M88\.4"),
+           "int4 IMMA GEMM on Ampere / Ada: native int4 mma m16n8k64 (saturating), cp.async "
+           "and ldmatrix (checked by hand on an sm_80 compile, 2026-12-07: 64 IMMA.16864 per "
+           "kernel; CI builds only sm_90a)", arch=r"sm_8\d"),
+    Expect(r"^gemm/sm80/", (r"IMMA\.16832\.S8\.S8", r"LDGSTS\.E\.BYPASS\.LTC128B\.128"),
+           "the same kernel built for Hopper, which has no int4 IMMA: ptxas lowers the int4 mma "
+           "to int8 IMMA (OSTQUANT_GEMM_IMMA=1 tests it on an H100; docs/ops.md)"),
     Expect(r"w4a4_small_m_kernel", (r"IMMA\.16832\.S8\.S8", r"LDG\.E\.128"),
            "decode W4A4 GEMM: int4 codes sign-extended to int8, mma m16n8k32 s8; weights in "
            "128-bit loads"),
@@ -185,19 +194,23 @@ def _source_of(identifier: str) -> str:
     return identifier[i + len(CSRC_MARK):] if i >= 0 else identifier.strip()
 
 
-def _blocks(text: str):
-    """Split cuobjdump output into (arch, source, block text) per embedded cubin."""
+def _blocks(text: str, default: Tuple[str, str] = ("?", "")):
+    """Split cuobjdump output into (arch, source, block text) per embedded cubin; the output
+    for a bare .cubin (no fatbin headers) is one block with ``default``'s (arch, source)."""
     parts = re.split(r"^Fatbin elf code:\s*$", text, flags=re.M)
+    if len(parts) == 1:
+        yield default[0], default[1], text
+        return
     for part in parts[1:]:
         arch = _ARCH.search(part)
         ident = next((m.group(1) for m in map(_IDENT.match, part.splitlines()) if m), "")
         yield (arch.group(1) if arch else "?"), _source_of(ident), part
 
 
-def parse_resource_usage(text: str) -> List[Kernel]:
+def parse_resource_usage(text: str, default: Tuple[str, str] = ("?", "")) -> List[Kernel]:
     """Kernels of ``cuobjdump --dump-resource-usage`` output."""
     out: List[Kernel] = []
-    for arch, source, part in _blocks(text):
+    for arch, source, part in _blocks(text, default):
         name = None
         for line in part.splitlines():
             m = _FUNC.match(line)
@@ -212,11 +225,11 @@ def parse_resource_usage(text: str) -> List[Kernel]:
     return out
 
 
-def parse_elf_info(text: str) -> Dict[Tuple[str, str], dict]:
+def parse_elf_info(text: str, default: Tuple[str, str] = ("?", "")) -> Dict[Tuple[str, str], dict]:
     """``{(arch, mangled name): {"max_threads", "reg_cap", "spills"}}`` from ``cuobjdump -elf``:
     each kernel's ``.nv.info.<name>`` section."""
     info: Dict[Tuple[str, str], dict] = {}
-    for arch, _source, part in _blocks(text):
+    for arch, _source, part in _blocks(text, default):
         sections = re.split(r"^\.nv\.info\.(\S+)\s*$", part, flags=re.M)
         # [before, name1, body1, name2, body2, ...]; a body ends at the next section of any kind
         for name, body in zip(sections[1::2], sections[2::2]):
@@ -242,14 +255,22 @@ _SASS_FUNC = re.compile(r"^\s*Function : (\S+)\s*$", re.M)
 _SASS_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s*(.*?)\s*;")
 
 
-def parse_sass(text: str) -> Dict[Tuple[str, str], List[str]]:
+def parse_sass(text: str, default: Tuple[str, str] = ("?", "")) -> Dict[Tuple[str, str], List[str]]:
     """``{(arch, mangled name): [instruction text, ...]}`` from ``cuobjdump -sass``."""
     out: Dict[Tuple[str, str], List[str]] = {}
-    for arch, _source, part in _blocks(text):
+    for arch, _source, part in _blocks(text, default):
         pieces = _SASS_FUNC.split(part)
         for name, body in zip(pieces[1::2], pieces[2::2]):
             out[(arch, name)] = [m.group(1) for m in _SASS_INSTR.finditer(body)]
     return out
+
+
+def load_sass(so_path: str, kernels: Sequence[Kernel],
+              cuobjdump_tool: Optional[str] = None) -> Dict[Tuple[str, str], List[str]]:
+    """The SASS of ``so_path``'s kernels (``parse_sass`` of ``cuobjdump -sass``); a bare .cubin
+    takes the (arch, source) ``collect`` gave its kernels."""
+    default = (kernels[0].arch, kernels[0].source) if kernels else ("?", "")
+    return parse_sass(cuobjdump(so_path, "-sass", tool=cuobjdump_tool), default)
 
 
 def check_sass(kernels: Sequence[Kernel], sass: Dict[Tuple[str, str], List[str]],
@@ -257,22 +278,29 @@ def check_sass(kernels: Sequence[Kernel], sass: Dict[Tuple[str, str], List[str]]
     """Problems, one line each: an expectation no kernel of its arch matches, or a matching
     kernel without one of the instructions. Arches the build does not hold are skipped."""
     problems = []
-    archs = {k.arch for k in kernels}
+    archs = sorted({k.arch for k in kernels})
     for e in expected:
-        if e.arch not in archs:
+        for arch in (a for a in archs if re.fullmatch(e.arch, a)):
+            hits = [k for k in kernels
+                    if k.arch == arch and re.search(e.kernel, f"{k.source}: {k.short}")]
+            if not hits:
+                problems.append(f"{arch}: no kernel matches {e.kernel!r} ({e.why})")
+            problems += _missing_instructions(hits, sass, e)
+    return problems
+
+
+def _missing_instructions(hits: Sequence[Kernel], sass: Dict[Tuple[str, str], List[str]],
+                          e: Expect) -> List[str]:
+    problems = []
+    for k in hits:
+        code = sass.get((k.arch, k.name))
+        if code is None:
+            problems.append(f"{k.arch} {k.source}: {k.short}: no SASS found")
             continue
-        hits = [k for k in kernels if k.arch == e.arch and re.search(e.kernel, f"{k.source}: {k.short}")]
-        if not hits:
-            problems.append(f"{e.arch}: no kernel matches {e.kernel!r} ({e.why})")
-        for k in hits:
-            code = sass.get((k.arch, k.name))
-            if code is None:
-                problems.append(f"{k.arch} {k.source}: {k.short}: no SASS found")
-                continue
-            for pat in e.sass:
-                if not any(re.search(pat, line) for line in code):
-                    problems.append(f"{k.arch} {k.source}: {k.short}: no instruction matches "
-                                    f"{pat!r} ({e.why})")
+        for pat in e.sass:
+            if not any(re.search(pat, line) for line in code):
+                problems.append(f"{k.arch} {k.source}: {k.short}: no instruction matches "
+                                f"{pat!r} ({e.why})")
     return problems
 
 
@@ -353,10 +381,15 @@ def collect(so_path: str, cuobjdump_tool: Optional[str] = None) -> List[Kernel]:
     def run(*args: str) -> str:
         return cuobjdump(so_path, *args, tool=cuobjdump_tool)
 
-    kernels = parse_resource_usage(run("--dump-resource-usage"))
+    elf = run("-elf")
+    default = ("?", os.path.basename(so_path))
+    m = re.search(r"\bsm=(\w+)", elf)  # a bare .cubin: its ELF header names the arch
+    if m and "Fatbin elf code" not in elf:
+        default = ("sm_" + m.group(1), default[1])
+    kernels = parse_resource_usage(run("--dump-resource-usage"), default)
     if not kernels:
         raise ResourceError(f"{so_path} holds no device code (a build without CUDA?)")
-    info = parse_elf_info(run("-elf"))
+    info = parse_elf_info(elf, default)
     names = demangle(sorted({k.name for k in kernels}))
     for k in kernels:
         d = info.get((k.arch, k.name), {})
@@ -431,7 +464,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"wrote {path}")
     if args.check:
         try:
-            problems = check(kernels) + check_sass(kernels, parse_sass(cuobjdump(so, "-sass")))
+            problems = check(kernels) + check_sass(kernels, load_sass(so, kernels))
         except ResourceError as e:
             sys.exit(f"bench.resources: {e}")
         for p in problems:
