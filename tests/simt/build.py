@@ -238,6 +238,8 @@ def load(verbose: bool = False):
         fp += "-nosm90"
     if os.environ.get("OSTQUANT_SIMT_ASAN") == "1":
         fp += "-asan"
+    if os.environ.get("OSTQUANT_SIMT_UBSAN") == "1":
+        fp += "-ubsan"
     base = Path(os.environ.get("OSTQUANT_SIMT_BUILD",
                                Path.home() / ".cache" / "ostquant" / "simt")) / fp
     base.mkdir(parents=True, exist_ok=True)
@@ -275,6 +277,13 @@ def load(verbose: bool = False):
     if os.environ.get("OSTQUANT_SIMT_ASAN") == "1":  # run python with LD_PRELOAD=libasan.so
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
         ldflags += ["-fsanitize=address"]
+    if os.environ.get("OSTQUANT_SIMT_UBSAN") == "1":  # reports in $UBSAN_OPTIONS' log_path
+        # undefined behaviour in the kernels' host-compiled code: signed overflow in index
+        # arithmetic, shifts out of range or of negative values, misaligned or null accesses,
+        # out-of-bounds indexing of arrays of known size, invalid bool/enum loads. vptr is off
+        # (torch's classes are not built with it).
+        flags += ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-omit-frame-pointer"]
+        ldflags += ["-fsanitize=undefined"]
     return cpp_extension.load(
         name=f"ostquant_simt_{fp.replace('-', '_')}",
         extra_ldflags=ldflags,

@@ -243,6 +243,21 @@ def _workspace_h(t: str) -> str:
     return sub(t, '#include "cutlass.h"\n', '#include "cutlass/cutlass.h"\n', 1, "workspace.h")
 
 
+# a sub-word element stored through `reinterpret_cast<Storage const &>(x) & kMask`: a Storage-wide
+# read of x (4 bytes of a 2-byte bfloat16_t / half_t temporary for Array<T, N>::reference with
+# Storage uint32_t). On the GPU x is a register; on the host it is a stack object, and reading past
+# it is what AddressSanitizer reported in the sm90 EVT epilogue (NumericArrayConverter<bfloat16_t,
+# float, N> has no packed specialization without __CUDA_ARCH__ >= 800, so its generic loop assigns
+# element by element). The masked value is the same: copy only x's own bytes (little-endian).
+_STORAGE_OF_X = ("([&] { Storage s_ = 0; __builtin_memcpy(&s_, &x, sizeof(x) < sizeof(Storage) ? "
+                 "sizeof(x) : sizeof(Storage)); return s_; }())  /* tests/simt/cutlass_overlay.py */")
+
+
+def _storage_read(where: str) -> Callable[[str], str]:
+    return lambda t: sub(t, "(reinterpret_cast<Storage const &>(x) & kMask)",
+                         f"({_STORAGE_OF_X} & kMask)", 1, where)
+
+
 # (header under include/, reason, patch)
 PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
     ("cutlass/workspace.h",
@@ -282,6 +297,12 @@ PATCHES: list[tuple[str, str, Callable[[str], str]]] = [
     ("cutlass/arch/mma_sm80.h",
      "mma.sync m16n8k64 s4*s4+s32 satfinite is an assert(0) on the host: "
      "ostq_emu::mma_m16n8k64_s4_sat (PTX ISA fragment layout, checked against cute)", _mma_sm80),
+    ("cutlass/array_subbyte.h",
+     "Array<T, N>::reference::operator= (T under 32 bits) reads x Storage-wide, past a 2-byte "
+     "element on the host stack: read only x's bytes", _storage_read("array_subbyte.h")),
+    ("cutlass/subbyte_reference.h",
+     "SubbyteReference::set reads x Storage-wide: read only x's bytes",
+     _storage_read("subbyte_reference.h")),
 ]
 
 
