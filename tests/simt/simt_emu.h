@@ -52,9 +52,12 @@
 
 // Fiber switches: _setjmp/_longjmp between stacks (no signal-mask syscall: ~50x faster than
 // swapcontext, which only starts each fiber), or swapcontext throughout under AddressSanitizer,
-// which follows stack switches only through it.
+// with every switch announced to it (__sanitizer_start/finish_switch_fiber): ASan then knows
+// which stack is current, so a C++ throw on a fiber unpoisons that fiber's stack rather than a
+// guess at the main thread's (which reported the fiber's own frames as use-after-scope).
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
 #define OSTQ_SIMT_FAST_SWITCH 0
 #else
 #define OSTQ_SIMT_FAST_SWITCH 1
@@ -86,6 +89,7 @@ struct Fiber {
   jmp_buf jb;           // where a suspended fiber resumes (fast switch)
   bool started = false;
   char* stack = nullptr;
+  void* asan_fake_stack = nullptr;  // (ASan) the fiber's fake stack while it is switched out
   uint3 tid;
   int lin = 0;
   St state = St::kDone;
@@ -103,6 +107,10 @@ struct WarpState {
 struct Sched {
   ucontext_t main_ctx;
   jmp_buf main_jb;
+  // (ASan) the scheduler's stack, as the first switch into a fiber reports it
+  const void* asan_main_bottom = nullptr;
+  size_t asan_main_size = 0;
+  void* asan_main_fake_stack = nullptr;
   std::vector<Fiber> fibers;
   Fiber* cur = nullptr;
   uint3 block_idx{0, 0, 0};
@@ -185,7 +193,9 @@ inline void yield_to_scheduler() {
 #if OSTQ_SIMT_FAST_SWITCH
   if (!_setjmp(f->jb)) _longjmp(s.main_jb, 1);
 #else
+  __sanitizer_start_switch_fiber(&f->asan_fake_stack, s.asan_main_bottom, s.asan_main_size);
   swapcontext(&f->ctx, &s.main_ctx);
+  __sanitizer_finish_switch_fiber(f->asan_fake_stack, nullptr, nullptr);
 #endif
 }
 
@@ -426,6 +436,9 @@ inline std::vector<void (*)()>& thread_exit_hooks() {
 
 inline void fiber_entry() {
   Sched& s = S();
+#if !OSTQ_SIMT_FAST_SWITCH
+  __sanitizer_finish_switch_fiber(nullptr, &s.asan_main_bottom, &s.asan_main_size);
+#endif
   try {
     s.body(s.body_arg);
     // copies still in flight land anyway (a kernel that never waits for them: its problem)
@@ -447,8 +460,10 @@ inline void fiber_entry() {
   }
 #if OSTQ_SIMT_FAST_SWITCH
   _longjmp(s.main_jb, 1);  // never returns: the scheduler resumes
+#else
+  // returns to main_ctx through uc_link; a null save slot: this fiber's fake stack goes
+  __sanitizer_start_switch_fiber(nullptr, s.asan_main_bottom, s.asan_main_size);
 #endif
-  // (swapcontext build) returns to main_ctx through uc_link
 }
 
 inline std::string dim_str(dim3 d) {
@@ -555,7 +570,9 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
               }
             }
 #else
+            __sanitizer_start_switch_fiber(&s.asan_main_fake_stack, f.stack, kStackBytes);
             swapcontext(&s.main_ctx, &f.ctx);
+            __sanitizer_finish_switch_fiber(s.asan_main_fake_stack, nullptr, nullptr);
 #endif
             s.cur = nullptr;
             ran = true;

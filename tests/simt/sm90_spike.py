@@ -4,6 +4,7 @@ plus the sm90 sections (sm90_overlay*.py) and the sm90 emulator headers (sm90_pr
 it, and run it:
 
     .venv/bin/python tests/simt/sm90_spike.py [--unit w4a4_t128_f16] [--cases] [--run M N K ...]
+        [--sanitize address|undefined]
 
 * compile + link of the unit (the x86 assembler rejects any inline PTX that is still reached);
 * --cases: sm90_run.cpp runs CASES on the emulator against a bit-exact reference;
@@ -12,6 +13,8 @@ it, and run it:
 * an audit compile at -O0 listing the loud-failure sites ("sm90 overlay" ostq_emu::fail strings)
   still instantiated in the unit: what the emulator does not cover fails with a message rather
   than taking CUTLASS's silent host fallbacks.
+--sanitize builds everything with AddressSanitizer or UBSan (in a directory of its own): the
+programs run standalone, so reports name files and lines and C++ exceptions work.
 Not part of the default emulator build (build.load()); tests/test_simt_sm90_spike.py runs it.
 """
 from __future__ import annotations
@@ -38,6 +41,13 @@ FLAGS = ["-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-g0", "-ffp-contract=off", "
          "-DOSTQ_SIMT_EMU", "-DOSTQ_SIMT_HAVE_CUTE", "-DOSTQ_SIMT_SM90",
          "-DOSTQUANT_HAS_CUTLASS=1", "-DOSTQUANT_SM90_GEMM=1", "-DOSTQUANT_SM80_GEMM=1",
          "-D__CUDACC_VER_MAJOR__=13"]
+
+# --sanitize: compile and link flags; the programs stop at the first report
+SANITIZE = {
+    "address": ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"],
+    "undefined": ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined",
+                  "-fno-omit-frame-pointer", "-g"],
+}
 
 DRIVER = r"""
 // links the unit: references its entry point (nothing is launched)
@@ -90,12 +100,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--cases", action="store_true", help="run the CASES on the emulator")
     ap.add_argument("--no-selftests", action="store_true")
     ap.add_argument("--no-audit", action="store_true", help="skip the -O0 audit compile")
+    ap.add_argument("--sanitize", choices=sorted(SANITIZE), default=None,
+                    help="build with AddressSanitizer / UBSan (reports stop the program)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    root = Path(os.environ.get("OSTQUANT_SIMT_BUILD", Path.home() / ".cache/ostquant/simt")) / "sm90-spike"
+    root = Path(os.environ.get("OSTQUANT_SIMT_BUILD", Path.home() / ".cache/ostquant/simt")) / (
+        "sm90-spike" + (f"-{args.sanitize}" if args.sanitize else ""))
     root.mkdir(parents=True, exist_ok=True)
     cute = build._cutlass_include()
     if cute is None:
@@ -118,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     cxx = os.environ.get("CXX", "g++")
     common = [cxx] + FLAGS + [f"-DOSTQ_SM90_FN={name}", "-include", str(HERE / "simt_emu.h"), "-include",
                               str(HERE / "sm90_prelude.h")] + iflags
+    if args.sanitize:
+        common += SANITIZE[args.sanitize]  # after FLAGS: -g wins over -g0
+        os.environ.setdefault("ASAN_OPTIONS", "detect_leaks=0")
+        os.environ.setdefault("UBSAN_OPTIONS", "print_stacktrace=1")
     if args.selftests:  # only the self-test programs (quick, while developing)
         return run_selftests(base, common)
     obj = base / "unit.o"
