@@ -452,13 +452,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print_table(rows, ["arch", "source", "kernel", "regs", "reg_cap", "max_threads", "spills",
                        "stack_bytes", "shared_bytes"])
     if args.json:
-        from bench.common import write_json  # noqa: E402
+        from bench.common import results_path, write_json  # noqa: E402
 
-        out_dir = args.out_dir or os.environ.get("OUT") or os.path.join(
-            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
-        os.makedirs(out_dir, exist_ok=True)
         archs = "-".join(sorted({k.arch.replace("sm_", "sm") for k in kernels}))
-        path = os.path.join(out_dir, f"resources-{archs}.json")
+        path = results_path("resources", archs, args.out_dir)
         write_json(path, "resources", [{k: v for k, v in r.items() if k != "mangled"} for r in rows],
                    device=f"none: static, from the {archs} cubins of {os.path.basename(so)}")
         print(f"wrote {path}")
