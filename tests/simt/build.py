@@ -215,6 +215,20 @@ def prepare(build_dir: Path) -> list[Path]:
     return units
 
 
+# Sanitized module variants (tests/simt/README.md), each under its own fingerprint: name ->
+# (environment switch, fingerprint suffix, compile flags); sm90_spike.py --sanitize uses the flags.
+# address: run Python with LD_PRELOAD="libasan.so libstdc++.so". undefined: undefined behaviour
+# in the kernels' host-compiled code (signed overflow in index arithmetic, shifts out of range or
+# of negative values, misaligned or null accesses, out-of-bounds indexing of arrays of known size,
+# invalid bool/enum loads), reported in $UBSAN_OPTIONS' log_path; vptr is off (torch's classes
+# are not built with it).
+SANITIZERS = {
+    "address": ("OSTQUANT_SIMT_ASAN", "asan", ["-fsanitize=address", "-fno-omit-frame-pointer"]),
+    "undefined": ("OSTQUANT_SIMT_UBSAN", "ubsan",
+                  ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-omit-frame-pointer"]),
+}
+
+
 def load(verbose: bool = False):
     """Build (or reuse) and import the emulated-kernel module."""
     import sys
@@ -236,10 +250,9 @@ def load(verbose: bool = False):
     sm90 = sm80 and os.environ.get("OSTQUANT_SIMT_SM90", "1") != "0"
     if sm80 and not sm90:
         fp += "-nosm90"
-    if os.environ.get("OSTQUANT_SIMT_ASAN") == "1":
-        fp += "-asan"
-    if os.environ.get("OSTQUANT_SIMT_UBSAN") == "1":
-        fp += "-ubsan"
+    sanitizers = [n for n, (env, _, _) in SANITIZERS.items() if os.environ.get(env) == "1"]
+    for n in sanitizers:
+        fp += "-" + SANITIZERS[n][1]
     base = Path(os.environ.get("OSTQUANT_SIMT_BUILD",
                                Path.home() / ".cache" / "ostquant" / "simt")) / fp
     base.mkdir(parents=True, exist_ok=True)
@@ -274,16 +287,9 @@ def load(verbose: bool = False):
         if tools.is_dir():
             cute_dirs.append(str(tools))
     ldflags = []
-    if os.environ.get("OSTQUANT_SIMT_ASAN") == "1":  # run python with LD_PRELOAD=libasan.so
-        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
-        ldflags += ["-fsanitize=address"]
-    if os.environ.get("OSTQUANT_SIMT_UBSAN") == "1":  # reports in $UBSAN_OPTIONS' log_path
-        # undefined behaviour in the kernels' host-compiled code: signed overflow in index
-        # arithmetic, shifts out of range or of negative values, misaligned or null accesses,
-        # out-of-bounds indexing of arrays of known size, invalid bool/enum loads. vptr is off
-        # (torch's classes are not built with it).
-        flags += ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-omit-frame-pointer"]
-        ldflags += ["-fsanitize=undefined"]
+    for n in sanitizers:
+        flags += SANITIZERS[n][2]
+        ldflags += [f"-fsanitize={n}"]
     return cpp_extension.load(
         name=f"ostquant_simt_{fp.replace('-', '_')}",
         extra_ldflags=ldflags,

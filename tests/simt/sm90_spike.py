@@ -42,13 +42,6 @@ FLAGS = ["-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-g0", "-ffp-contract=off", "
          "-DOSTQUANT_HAS_CUTLASS=1", "-DOSTQUANT_SM90_GEMM=1", "-DOSTQUANT_SM80_GEMM=1",
          "-D__CUDACC_VER_MAJOR__=13"]
 
-# --sanitize: compile and link flags; the programs stop at the first report
-SANITIZE = {
-    "address": ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"],
-    "undefined": ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined",
-                  "-fno-omit-frame-pointer", "-g"],
-}
-
 DRIVER = r"""
 // links the unit: references its entry point (nothing is launched)
 #include "gemm/sm90/launch.h"
@@ -100,7 +93,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--cases", action="store_true", help="run the CASES on the emulator")
     ap.add_argument("--no-selftests", action="store_true")
     ap.add_argument("--no-audit", action="store_true", help="skip the -O0 audit compile")
-    ap.add_argument("--sanitize", choices=sorted(SANITIZE), default=None,
+    ap.add_argument("--sanitize", choices=sorted(build.SANITIZERS), default=None,
                     help="build with AddressSanitizer / UBSan (reports stop the program)")
     return ap.parse_args(argv)
 
@@ -132,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     common = [cxx] + FLAGS + [f"-DOSTQ_SM90_FN={name}", "-include", str(HERE / "simt_emu.h"), "-include",
                               str(HERE / "sm90_prelude.h")] + iflags
     if args.sanitize:
-        common += SANITIZE[args.sanitize]  # after FLAGS: -g wins over -g0
+        # the emulator module's sanitizer flags (build.SANITIZERS), with line numbers (after
+        # FLAGS: -g wins over -g0); UBSan stops at the first report like ASan
+        common += build.SANITIZERS[args.sanitize][2] + ["-g"] + (
+            ["-fno-sanitize-recover=undefined"] if args.sanitize == "undefined" else [])
         os.environ.setdefault("ASAN_OPTIONS", "detect_leaks=0")
         os.environ.setdefault("UBSAN_OPTIONS", "print_stacktrace=1")
     if args.selftests:  # only the self-test programs (quick, while developing)
