@@ -27,6 +27,20 @@ def test_pack_unpack_roundtrip_all_values():
     assert torch.equal(O.unpack_int4(O.pack_int4(pairs)), pairs)
 
 
+
+def test_unpack_every_byte_against_python_ints():
+    # the byte format spelled out with Python integers, independent of the tensor tricks
+    def signed(n):
+        return n - 16 if n >= 8 else n
+    want = [v for b in range(256) for v in (signed(b & 0xF), signed(b >> 4))]
+    allb = torch.arange(256, dtype=torch.uint8)
+    got = ref.unpack_int4(allb.reshape(4, 64))
+    assert got.dtype == torch.int8 and got.shape == (4, 128)
+    assert got.reshape(-1).tolist() == want
+    assert ref.unpack_int4(allb.reshape(16, 16)[:, ::2]).reshape(-1).tolist() == \
+        [v for b in range(0, 256, 2) for v in (signed(b & 0xF), signed(b >> 4))]  # strided input
+    assert ref.unpack_int4(torch.empty(0, 3, dtype=torch.uint8)).shape == (0, 6)
+
 # --------------------------------------------------------------------------- quantization
 
 def _qparams64(x, bits, sym, clip):

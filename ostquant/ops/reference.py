@@ -42,14 +42,17 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: uint8 [..., K/2] -> int8 [..., K] with values in [-8, 7]."""
-    p = packed.to(torch.int16)
-    lo = p & 0xF
-    hi = (p >> 4) & 0xF
-    lo = torch.where(lo >= 8, lo - 16, lo)
-    hi = torch.where(hi >= 8, hi - 16, hi)
-    out = torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-    return out.to(torch.int8)
+    """Inverse of :func:`pack_int4`: uint8 [..., K/2] -> int8 [..., K] with values in [-8, 7].
+
+    Byte ``b`` holds element ``2i`` in its low nibble and ``2i+1`` in its high nibble, both
+    two's complement. Read as int8, the high nibble is ``b >> 4`` (arithmetic shift) and the
+    low one ``((b & 15) ^ 8) - 8`` (sign extension of 4 bits); all int8 arithmetic, no
+    widening: the CPU runtime unpacks every weight on every call, so this is its hot loop.
+    """
+    s = packed.contiguous().view(torch.int8)
+    lo = ((s & 15) ^ 8) - 8
+    hi = s >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 # ----------------------------------------------------------------------------------------
