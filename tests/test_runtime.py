@@ -336,6 +336,19 @@ def test_bad_input_raises_clearly(quantized, model_dirs):
         rt.generate([[1, 999]], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         rt.generate([[1]], max_new_tokens=0)
+    # token ids must be integers (a float tensor or 1.5 was silently truncated before)
+    with pytest.raises(ValueError, match="integer token ids, got a torch.float32 tensor"):
+        rt.generate(torch.ones(1, 3), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"prompt 1 holds non-integer token ids \(first: 1.5"):
+        rt.generate([[1, 2], [1.5, 2]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="non-integer token ids .*bool"):
+        rt.generate([[True, 2]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"1-D \(one prompt\) or 2-D .* shape \(1, 1, 3\)"):
+        rt.generate(torch.ones(1, 1, 3, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"prompt 0 must be a 1-D tensor .* shape \(1, 2\)"):
+        rt.generate([torch.ones(1, 2, dtype=torch.long)], max_new_tokens=2)
+    with pytest.raises(ValueError, match="string or a sequence of token ids, got NoneType"):
+        rt.generate([None], max_new_tokens=2)
     nt = QuantizedCausalLM.random("tiny", "w4a4kv4", dtype=torch.float32)
     with pytest.raises(ValueError, match="tokenizer"):
         nt.generate("text", max_new_tokens=2)
@@ -412,6 +425,11 @@ def test_memory_report():
     assert r.activations > 0 and r.total == r.weights + r.kv_cache + r.activations
     assert not r.measured and r.peak is None
     assert "KV cache" in r.format() and set(r.to_dict()) >= {"weights", "total", "kv_cache"}
+    for bad in ({"batch_size": 0}, {"batch_size": -1}, {"seqlen": 0}, {"context": 0},
+                {"batch_size": 1.5}):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=f"memory_report: {name} must be an integer >= 1"):
+            q.memory_report(**bad)
 
 
 def test_float_kv_cache_masks_padding_and_decodes():

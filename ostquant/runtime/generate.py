@@ -18,6 +18,7 @@ says why and the decode runs eagerly; ``result.extra["cuda_graph"]`` says which 
 """
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -135,6 +136,10 @@ def encode_prompts(prompts, tokenizer=None, add_special_tokens: bool = True
                                     isinstance(prompts[0], int)):
         prompts = [prompts]
     if isinstance(prompts, torch.Tensor):
+        _check_id_tensor(prompts, "the prompt batch")
+        if prompts.dim() not in (1, 2):
+            raise ValueError(f"generate: a tensor of prompts must be 1-D (one prompt) or 2-D "
+                             f"([batch, tokens]), got shape {tuple(prompts.shape)}")
         if prompts.dim() == 1:
             prompts = prompts[None]
         prompts = prompts.tolist()
@@ -149,13 +154,38 @@ def encode_prompts(prompts, tokenizer=None, add_special_tokens: bool = True
                                  "none; pass tokenizer= or token ids)")
             ids = list(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"])
         elif isinstance(p, torch.Tensor):
-            ids = [int(t) for t in p.reshape(-1).tolist()]
+            _check_id_tensor(p, f"prompt {i}")
+            if p.dim() > 1:
+                raise ValueError(f"generate: prompt {i} must be a 1-D tensor of token ids, got "
+                                 f"shape {tuple(p.shape)}")
+            ids = p.reshape(-1).tolist()
         else:
-            ids = [int(t) for t in p]
+            try:
+                ids = list(p)
+            except TypeError:
+                raise ValueError(f"generate: prompt {i} must be a string or a sequence of token "
+                                 f"ids, got {type(p).__name__}") from None
+            bad = [t for t in ids if not _is_int_id(t)]
+            if bad:
+                raise ValueError(f"generate: prompt {i} holds non-integer token ids "
+                                 f"(first: {bad[0]!r} of type {type(bad[0]).__name__})")
+            ids = [int(t) for t in ids]
         if not ids:
             raise ValueError(f"generate: prompt {i} is empty")
         out.append(ids)
     return out
+
+
+def _is_int_id(t) -> bool:
+    if isinstance(t, torch.Tensor):
+        return t.dim() == 0 and not (t.dtype.is_floating_point or t.dtype.is_complex or
+                                     t.dtype == torch.bool)
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
+def _check_id_tensor(t: torch.Tensor, what: str) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"generate: {what} must hold integer token ids, got a {t.dtype} tensor")
 
 
 def prepare_prompts(model, prompts, max_new_tokens: int, tokenizer=None,

@@ -7,6 +7,7 @@ CPU; on CUDA :func:`measure_peak` measures them with ``torch.cuda.max_memory_all
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Tuple
 
@@ -160,6 +161,9 @@ def memory_report(model, cache=None, batch_size: int = 1, seqlen: int = 1,
     doing that forward — is given)."""
     from .kv_cache import KVCache
 
+    for name, v in (("batch_size", batch_size), ("seqlen", seqlen), ("context", context)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+            raise ValueError(f"memory_report: {name} must be an integer >= 1, got {v!r}")
     s = model.spec
     proj, emb, head, other = weight_bytes(model)
     if cache is not None:
