@@ -115,6 +115,9 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+__device__ __forceinline__ unsigned short bits16(__half x) { return __half_as_ushort(x); }
+__device__ __forceinline__ unsigned short bits16(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+
 template <int N>
 __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[N]) {
   static_assert(N == 1 || N == 2 || N == 4, "1, 2 or 4 words");
@@ -501,7 +504,9 @@ __global__ void __launch_bounds__(kWarps * 32, 3) kv_attn_mma_kernel(const __gri
   }
 }
 
-// Merge the splits of every output row: one warp per row.
+// Merge the splits of every output row: one warp per row, each lane E = D/32 consecutive
+// elements, read and written as one vector (16 / 8 bytes of partials per lane: coalesced, where
+// E scalar loads were 4 bytes out of every 16 per request; tests/simt/memprof.py).
 template <typename T, int D>
 __global__ void __launch_bounds__(256) kv_attn_combine_kernel(const float* __restrict__ part_o,
                                                               const float* __restrict__ part_ml,
@@ -520,13 +525,26 @@ __global__ void __launch_bounds__(256) kv_attn_combine_kernel(const float* __res
     const float2 ml = *reinterpret_cast<const float2*>(part_ml + (s * R + row) * 2);
     const float f = fast_exp2(ml.x - u);
     l += ml.y * f;
-    const float* po = part_o + (s * R + row) * D + lane * E;
+    const Vec<float, E> po = load_vec<float, E>(part_o + (s * R + row) * D + lane * E);
 #pragma unroll
-    for (int e = 0; e < E; ++e) acc[e] += po[e] * f;
+    for (int e = 0; e < E; ++e) acc[e] += po.v[e] * f;
+  }
+  // packed into 32-bit words and stored as one 8- / 4-byte value (nvcc copies a struct of
+  // __half / __nv_bfloat16 member by member: 16-bit stores)
+  static_assert(E == 2 || E == 4, "head_dim 64 or 128");
+  uint32_t w[E / 2];
+#pragma unroll
+  for (int e = 0; e < E / 2; ++e) {
+    w[e] = static_cast<uint32_t>(bits16(from_float<T>(acc[2 * e] / l))) |
+           (static_cast<uint32_t>(bits16(from_float<T>(acc[2 * e + 1] / l))) << 16);
   }
   T* dst = out + row * D + lane * E;
-#pragma unroll
-  for (int e = 0; e < E; ++e) dst[e] = from_float<T>(acc[e] / l);
+  if constexpr (E == 4) {  // (a uint2 store came out as two 32-bit stores)
+    *reinterpret_cast<unsigned long long*>(dst) =
+        static_cast<unsigned long long>(w[0]) | (static_cast<unsigned long long>(w[1]) << 32);
+  } else {
+    *reinterpret_cast<uint32_t*>(dst) = w[0];
+  }
 }
 
 // ------------------------------------------------------------------------------ fp32 kernel

@@ -56,9 +56,8 @@ __global__ void __launch_bounds__(kMaxThreads) hadamard_kernel(const HadamardPar
     for (int vi = tid; vi < nvec; vi += T_) {
       const int64_t off = static_cast<int64_t>(vi) << p.log_E;
       if (p.E == 8) {
-        const float4 a = reinterpret_cast<const float4*>(s + off)[0];
-        const float4 b = reinterpret_cast<const float4*>(s + off)[1];
-        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        float v[8];
+        load8_shared(s, vi, v);
 #pragma unroll
         for (int e = 0; e < 8; ++e) v[e] *= p.scale;
         store8(ob + off, v);

@@ -114,12 +114,32 @@ __device__ __forceinline__ void hadamard_k_stage(const HadamardParams& p, const 
 #pragma unroll
     for (int ii = 0; ii < kTileI; ++ii) {
       if (ii < nout) {
+        // the TJ values as one vector (j0 is a multiple of TJ, m of TJ): per-element 2-byte
+        // stores TJ·2 bytes apart across the lanes took two bank wavefronts each
+        Vec<T, TJ> o;
 #pragma unroll
-        for (int c = 0; c < TJ; ++c) {
-          store_float(__fmul_rn(acc[ii][c], p.scale), dst + static_cast<int64_t>(ii) * p.m + c);
-        }
+        for (int c = 0; c < TJ; ++c) store_float(__fmul_rn(acc[ii][c], p.scale), &o.v[c]);
+        store_vec<T, TJ>(dst + static_cast<int64_t>(ii) * p.m, o);
       }
     }
+  }
+}
+
+// y[8·wi .. 8·wi+7] of one row as float: from the float buffer (K == 1) as two conflict-free
+// 16-byte loads, from the dtype buffer (K > 1) as one 16-byte load (fp32: 32 bytes). Per-element
+// loads, 16 or 32 bytes apart across the lanes, were 4- or 8-way bank conflicts
+// (tests/simt/memprof.py).
+template <typename T>
+__device__ __forceinline__ void load8_y(bool in_s, const float* ys, const T* yt, int64_t wi,
+                                        float (&a)[8]) {
+  if (in_s) {
+    load8_shared(ys, wi, a);
+  } else if constexpr (sizeof(T) == 4) {
+    load8_shared(reinterpret_cast<const float*>(yt), wi, a);
+  } else {
+    const Vec<T, 8> v = load_vec<T, 8>(yt + wi * 8);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) a[e] = to_float(v.v[e]);
   }
 }
 
@@ -182,11 +202,11 @@ __global__ void __launch_bounds__(kMaxThreads) hadamard_quant_kernel(const Hadam
     if (n % 8 == 0) {  // 8 codes -> one 8-byte store
       for (int64_t wi = gt; wi < n / 8; wi += tpr) {
         uint32_t word[2] = {0u, 0u};
+        float a8[8];
+        load8_y(in_s, ys, yt, wi, a8);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-          const int64_t i = wi * 8 + e;
-          const float a = in_s ? ys[i] : to_float(yt[i]);
-          word[e >> 2] |= (static_cast<uint32_t>(quantize_value(a, qp)) & 0xffu) << (8 * (e & 3));
+          word[e >> 2] |= (static_cast<uint32_t>(quantize_value(a8[e], qp)) & 0xffu) << (8 * (e & 3));
         }
         reinterpret_cast<uint2*>(c_row)[wi] = make_uint2(word[0], word[1]);
       }
@@ -201,12 +221,12 @@ __global__ void __launch_bounds__(kMaxThreads) hadamard_quant_kernel(const Hadam
   if (n % 8 == 0) {  // 8 codes -> one 4-byte store
     for (int64_t wi = gt; wi < n / 8; wi += tpr) {
       uint32_t word = 0;
+      float a8[8];
+      load8_y(in_s, ys, yt, wi, a8);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int64_t i = wi * 8 + 2 * e;
-        const float a = in_s ? ys[i] : to_float(yt[i]);
-        const float b = in_s ? ys[i + 1] : to_float(yt[i + 1]);
-        word |= static_cast<uint32_t>(pack_int4_pair(quantize_value(a, qp), quantize_value(b, qp)))
+        word |= static_cast<uint32_t>(pack_int4_pair(quantize_value(a8[2 * e], qp),
+                                                     quantize_value(a8[2 * e + 1], qp)))
                 << (8 * e);
       }
       reinterpret_cast<uint32_t*>(q_row)[wi] = word;

@@ -228,6 +228,15 @@ SANITIZERS = {
                   ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-omit-frame-pointer"]),
 }
 
+# The memory-access profile variant (memprof.cpp, memprof.py): -O0 so that every access keeps
+# the width the source gives it, GCC's kernel-address instrumentation with calls for every access
+# (no sanitizer runtime: memprof.cpp defines the hooks), line tables for addr2line. Built without
+# CUTLASS (the hand-written kernels are what it profiles).
+MEMPROF = ("OSTQUANT_SIMT_MEMPROF", "memprof",
+           ["-O0", "-g", "-fno-omit-frame-pointer", "-fsanitize=kernel-address",
+            "--param=asan-instrumentation-with-call-threshold=0", "--param=asan-stack=0",
+            "--param=asan-globals=0", "-DOSTQ_SIMT_MEMPROF"])
+
 
 def load(verbose: bool = False):
     """Build (or reuse) and import the emulated-kernel module."""
@@ -241,7 +250,8 @@ def load(verbose: bool = False):
         os.environ["PATH"] = bindir + os.pathsep + os.environ["PATH"]
     inc = cuda_include()
     fp = _fingerprint()
-    cute = _cutlass_include()
+    memprof = os.environ.get(MEMPROF[0]) == "1"
+    cute = None if memprof else _cutlass_include()
     sm80 = cute is not None and os.environ.get("OSTQUANT_SIMT_CUTLASS", "1") != "0"
     if cute is not None and not sm80:
         fp += "-nocutlass"
@@ -253,6 +263,8 @@ def load(verbose: bool = False):
     sanitizers = [n for n, (env, _, _) in SANITIZERS.items() if os.environ.get(env) == "1"]
     for n in sanitizers:
         fp += "-" + SANITIZERS[n][1]
+    if memprof:
+        fp += "-" + MEMPROF[1]
     base = Path(os.environ.get("OSTQUANT_SIMT_BUILD",
                                Path.home() / ".cache" / "ostquant" / "simt")) / fp
     base.mkdir(parents=True, exist_ok=True)
@@ -290,10 +302,12 @@ def load(verbose: bool = False):
     for n in sanitizers:
         flags += SANITIZERS[n][2]
         ldflags += [f"-fsanitize={n}"]
+    if memprof:
+        flags += MEMPROF[2]
     return cpp_extension.load(
         name=f"ostquant_simt_{fp.replace('-', '_')}",
         extra_ldflags=ldflags,
-        sources=[str(u) for u in units] + [str(HERE / "emu_bindings.cpp")],
+        sources=[str(u) for u in units] + [str(HERE / "emu_bindings.cpp"), str(HERE / "memprof.cpp")],
         extra_cflags=flags,
         extra_include_paths=[str(HERE / "stubs"), str(base / "src"), str(inc)] + cute_dirs,
         build_directory=str(base),

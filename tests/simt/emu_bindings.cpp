@@ -14,9 +14,11 @@
 #include "quant/ops.h"
 
 void register_selftests(pybind11::module_& m);  // selftest.cpp
+void register_memprof(pybind11::module_& m);    // memprof.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_selftests(m);
+  register_memprof(m);
   using namespace ostquant;
   m.def("pack_int4", &pack_int4_cuda);
   m.def("unpack_int4", &unpack_int4_cuda);

@@ -55,7 +55,9 @@
 // with every switch announced to it (__sanitizer_start/finish_switch_fiber): ASan then knows
 // which stack is current, so a C++ throw on a fiber unpoisons that fiber's stack rather than a
 // guess at the main thread's (which reported the fiber's own frames as use-after-scope).
-#if defined(__SANITIZE_ADDRESS__)
+// (The memprof build's kernel-address instrumentation defines __SANITIZE_ADDRESS__ too, but runs
+// no ASan runtime: it keeps the fast switch.)
+#if defined(__SANITIZE_ADDRESS__) && !defined(OSTQ_SIMT_MEMPROF)
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define OSTQ_SIMT_FAST_SWITCH 0
@@ -130,6 +132,7 @@ struct Sched {
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
   std::string kernel;        // name for messages
+  const char* kernel_name = "";  // the launch's kernel expression (memprof: per-kernel rows)
   std::string error;         // first error of the launch
   bool aborting = false;
   bool reverse = false;      // schedule order within a block
@@ -481,6 +484,10 @@ inline cudaError_t set_error(cudaError_t e) {
   return e;
 }
 
+#if defined(OSTQ_SIMT_MEMPROF)
+void memprof_block_end();  // tests/simt/memprof.cpp
+#endif
+
 // Run `body` (the kernel call) for every thread of every block.
 template <typename F>
 void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem,
@@ -501,6 +508,7 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
   }
   ++s.launches;
   ++s.launch_names[name];
+  s.kernel_name = name;
   s.kernel = std::string(name) + "<<<" + dim_str(grid) + ", " + dim_str(block) + ", " +
              std::to_string(smem) + ">>>";
   s.grid_dim = grid;
@@ -596,6 +604,9 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
             break;
           }
         }
+#if defined(OSTQ_SIMT_MEMPROF)
+        if (!s.aborting) memprof_block_end();  // memprof.cpp: the block's accesses -> warp requests
+#endif
       }
   s.cur = nullptr;
   if (!s.error.empty()) {
@@ -994,8 +1005,9 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
 inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
 
+// (memprof builds at -O0: always inlined, so the load is the call site's, not one shared site)
 template <typename T>
-inline T __ldg(const T* p) {
+__attribute__((always_inline)) inline T __ldg(const T* p) {
   return *p;
 }
 // CUDA's __byte_perm uses the low 3 bits of each selector nibble (no sign mode, unlike prmt)
