@@ -71,7 +71,7 @@ def test_global_sectors_per_request(MP, name):
     st = _one(sites, "global", "store")  # out[t] = ...: 32 x 4 B, coalesced
     assert (st.sectors, st.ideal_sectors, st.efficiency) == (4, 4, 1.0)
     # named by its source line (the patterns are in memprof.cpp)
-    assert ld.where.startswith("simt/memprof.cpp:") and "gp[" in ld.code or "gp)" in ld.code
+    assert ld.where.startswith("simt/memprof.cpp:") and ("gp[" in ld.code or "gp)" in ld.code)
 
 
 # pattern -> (width, wavefronts of the load, ideal) for one full warp
@@ -103,6 +103,20 @@ def test_partial_warps_and_several_warps(MP):
     ld = _one(sites, "global", "load")
     assert ld.requests == 2 and ld.lanes == 40
     assert (ld.sectors, ld.ideal_sectors) == (4 + 1, 4 + 1)
+
+
+def test_a_failed_launch_leaves_nothing_behind(MP):
+    memprof, mod = MP
+    g, out = torch.zeros(32 * 32 + 64), torch.zeros(32)
+
+    def run():
+        with pytest.raises(RuntimeError, match="__trap"):
+            mod.memprof_pattern("global_then_trap", g, out, 32)
+        mod.memprof_pattern("global_coalesced_4", g, out, 32)
+    rep = memprof.profile(mod, run, g, out)
+    assert not rep.find(kernel_contains="global_then_trap")
+    ld = _one(rep.find(kernel_contains="global_coalesced_4"), "global", "load")
+    assert (ld.requests, ld.lanes, ld.sectors) == (1, 32, 4)
 
 
 def test_unknown_pattern_and_unbuilt_module(MP):

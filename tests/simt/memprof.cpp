@@ -234,10 +234,16 @@ void add_request(const std::string& kernel, const std::vector<Lane>& req) {
 namespace ostq_emu {
 
 // The block's accesses, warp by warp: the k-th execution of a site by each lane is one request.
-void memprof_block_end() {
+// A block that failed (the launch throws) is dropped, so its accesses do not reach the next one.
+void memprof_block_end(bool keep) {
   if (!g_on) return;
   g_busy = true;
   Recorder& r = R();
+  if (!keep) {
+    for (auto& v : r.per_thread) v.clear();
+    g_busy = false;
+    return;
+  }
   const Sched& s = S();
   const std::string kernel = s.kernel_name;
   using Site = std::tuple<uintptr_t, int, int, int>;  // pc, shared, store, size
@@ -312,6 +318,13 @@ void memprof_pattern(const std::string& pattern, at::Tensor g, at::Tensor out, i
       const int t = threadIdx.x;
       const float4 v = reinterpret_cast<const float4*>(gp)[t];
       op[t] = v.x + v.w;
+    });
+  } else if (pattern == "global_then_trap") {    // loads, then the block fails: nothing kept
+    run([&] {
+      const int t = threadIdx.x;
+      op[t] = gp[t];
+      __syncthreads();
+      if (t == 0) __trap();
     });
   } else if (pattern == "global_broadcast_4") {  // every lane the same word: 1 sector
     run([&] { const int t = threadIdx.x; op[t] = gp[0]; });

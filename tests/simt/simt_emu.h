@@ -485,7 +485,7 @@ inline cudaError_t set_error(cudaError_t e) {
 }
 
 #if defined(OSTQ_SIMT_MEMPROF)
-void memprof_block_end();  // tests/simt/memprof.cpp
+void memprof_block_end(bool keep);  // tests/simt/memprof.cpp (keep = false: the block failed)
 #endif
 
 // Run `body` (the kernel call) for every thread of every block.
@@ -605,7 +605,7 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
           }
         }
 #if defined(OSTQ_SIMT_MEMPROF)
-        if (!s.aborting) memprof_block_end();  // memprof.cpp: the block's accesses -> warp requests
+        memprof_block_end(!s.aborting);  // memprof.cpp: the block's accesses -> warp requests
 #endif
       }
   s.cur = nullptr;
