@@ -138,6 +138,7 @@ def _case(MP, name):
 
 @pytest.mark.parametrize("name", ["quantize_per_token", "quantize_per_token_packed",
                                   "rmsnorm_quantize_per_token", "hadamard_transform",
+                                  "hadamard_transform_k172",
                                   "hadamard_quantize_per_token"])
 def test_row_kernels_are_coalesced_and_conflict_free(MP, name):
     """The row kernels read and write whole rows with 16- / 8-byte vectors: every global request

@@ -315,6 +315,10 @@ def _cases():
         x = rnd(4, 4096)
         return (lambda: mod.hadamard_transform(x, 4096 ** -0.5)), [x]
 
+    def hadamard_k(mod):  # K·2^k: 11008 = 172 · 64 (LLaMA-2-7B's down_proj input)
+        x = rnd(2, 11008)
+        return (lambda: mod.hadamard_transform(x, 11008 ** -0.5)), [x]
+
     def hadamard_quant(mod):
         x = rnd(4, 11008)
         return (lambda: mod.hadamard_quantize_per_token(x, 11008 ** -0.5, 4, False, 1.0, False)), [x]
@@ -366,7 +370,8 @@ def _cases():
         return setup
 
     return {"quantize_per_token": quant, "quantize_per_token_packed": quant_packed,
-            "hadamard_transform": hadamard, "hadamard_quantize_per_token": hadamard_quant,
+            "hadamard_transform": hadamard, "hadamard_transform_k172": hadamard_k,
+            "hadamard_quantize_per_token": hadamard_quant,
             "rmsnorm_quantize_per_token": rmsnorm_quant,
             "kv_cache_append_fused": append,
             "attention_decode_gqa_hd128": attention(1, 32, 8, 128, 256, 1),
