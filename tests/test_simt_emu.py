@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -63,12 +62,9 @@ DT_IDS = ["bf16", "fp16", "fp32"]
 @pytest.fixture(scope="module")
 def E():
     os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler for the SIMT emulator")
-    try:
-        simt_build.cuda_include()
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    why = simt_build.unavailable()
+    if why:
+        pytest.skip(why)
     mod = simt_build.load()
     mod.set_schedule(False)
     mod.set_sm_count(132)

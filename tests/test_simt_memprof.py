@@ -24,10 +24,9 @@ def MP():
     if shutil.which("addr2line") is None:
         pytest.skip("addr2line (binutils) not found")
     import build
-    try:
-        build.cuda_include()
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    why = build.unavailable()
+    if why:
+        pytest.skip(why)
     import memprof
     mod = memprof.load()
     assert mod.memprof_available

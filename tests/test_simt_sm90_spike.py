@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,14 +33,11 @@ pytestmark = pytest.mark.simt
 
 
 def _spike(tmp_path, *args: str) -> str:
-    try:
-        simt_build.cuda_include()
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    why = simt_build.unavailable("g++")
+    if why:
+        pytest.skip(why)
     if simt_build._cutlass_include() is None:
         pytest.skip("no CUTLASS headers")
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("no C++ compiler")
     env = dict(os.environ, OSTQUANT_SIMT_BUILD=str(tmp_path))
     r = subprocess.run([sys.executable, str(HERE / "sm90_spike.py"), *args], env=env,
                        capture_output=True, text=True, timeout=1800)

@@ -169,6 +169,19 @@ def cuda_include() -> Path:
     return inc
 
 
+def unavailable(cxx_default: str = "c++") -> str | None:
+    """Why the emulator cannot be built here (no C++ compiler — ``$CXX`` or ``cxx_default`` —,
+    no CUDA headers), or None: the tests skip with it."""
+    import shutil
+    if shutil.which(os.environ.get("CXX", cxx_default)) is None:
+        return "no C++ compiler for the SIMT emulator"
+    try:
+        cuda_include()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
 def _cutlass_include() -> str | None:
     """CUTLASS's include directory (the sm80 GEMM, the layout self-test against cute), or None."""
     import importlib.util
