@@ -176,15 +176,18 @@ def encode_prompts(prompts, tokenizer=None, add_special_tokens: bool = True
     return out
 
 
+def _int_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def _is_int_id(t) -> bool:
     if isinstance(t, torch.Tensor):
-        return t.dim() == 0 and not (t.dtype.is_floating_point or t.dtype.is_complex or
-                                     t.dtype == torch.bool)
+        return t.dim() == 0 and _int_dtype(t.dtype)
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 def _check_id_tensor(t: torch.Tensor, what: str) -> None:
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+    if not _int_dtype(t.dtype):
         raise ValueError(f"generate: {what} must hold integer token ids, got a {t.dtype} tensor")
 
 
