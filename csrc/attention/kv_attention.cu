@@ -99,6 +99,17 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// lo, hi rounded to T and packed into one word (lo in the low half), as pack_half2 for fp16
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) { return pack_half2(lo, hi); }
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
 __device__ __forceinline__ float half_lo(uint32_t x) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(x & 0xFFFF)));
 }
@@ -114,9 +125,6 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
-
-__device__ __forceinline__ unsigned short bits16(__half x) { return __half_as_ushort(x); }
-__device__ __forceinline__ unsigned short bits16(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
 
 template <int N>
 __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[N]) {
@@ -534,10 +542,7 @@ __global__ void __launch_bounds__(256) kv_attn_combine_kernel(const float* __res
   static_assert(E == 2 || E == 4, "head_dim 64 or 128");
   uint32_t w[E / 2];
 #pragma unroll
-  for (int e = 0; e < E / 2; ++e) {
-    w[e] = static_cast<uint32_t>(bits16(from_float<T>(acc[2 * e] / l))) |
-           (static_cast<uint32_t>(bits16(from_float<T>(acc[2 * e + 1] / l))) << 16);
-  }
+  for (int e = 0; e < E / 2; ++e) w[e] = pack2<T>(acc[2 * e] / l, acc[2 * e + 1] / l);
   T* dst = out + row * D + lane * E;
   if constexpr (E == 4) {  // (a uint2 store came out as two 32-bit stores)
     *reinterpret_cast<unsigned long long*>(dst) =

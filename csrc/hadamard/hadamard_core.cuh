@@ -78,8 +78,20 @@ inline bool hadamard_setup(HadamardParams& p, int K, int64_t m) {
   return true;
 }
 
-// s[8·vi .. 8·vi+7] from shared memory as two 16-byte loads, in the lane order the stores of
-// hadamard_fwht_rows use (bit 2 of vi: upper half first), free of bank conflicts.
+// v[0..7] to s[8·vi .. 8·vi+7] as two 16-byte stores. Stores 32 bytes apart across the lanes
+// would hit each bank twice per quarter-warp; lanes with bit 2 of vi set store their upper half
+// first, so each store of a quarter-warp covers the 32 banks once (tests/simt/memprof.py).
+__device__ __forceinline__ void store8_shared(float* s, int64_t vi, const float (&v)[8]) {
+  const int sw = static_cast<int>((vi >> 2) & 1);
+  const float4 lo = make_float4(v[0], v[1], v[2], v[3]);
+  const float4 hi = make_float4(v[4], v[5], v[6], v[7]);
+  float4* p = reinterpret_cast<float4*>(s + (vi << 3));
+  p[sw] = sw ? hi : lo;
+  p[sw ^ 1] = sw ? lo : hi;
+}
+
+// s[8·vi .. 8·vi+7] from shared memory as two 16-byte loads, in store8_shared's lane order,
+// free of bank conflicts.
 __device__ __forceinline__ void load8_shared(const float* s, int64_t vi, float (&v)[8]) {
   const int sw = static_cast<int>((vi >> 2) & 1);
   const float4* p = reinterpret_cast<const float4*>(s + (vi << 3));
@@ -186,15 +198,7 @@ __device__ __forceinline__ void hadamard_fwht_rows(const HadamardParams& p, cons
     if (ok) {
       float* dst = s + (static_cast<int64_t>(vi) << p.log_E);
       if (p.E == 8) {
-        // Two 16-byte stores 32 bytes apart across the lanes would hit each bank twice per
-        // quarter-warp; lanes with bit 2 of vi set store their upper half first, so each store
-        // of a quarter-warp covers the 32 banks once (tests/simt/memprof.py).
-        const float4 lo = make_float4(v[0], v[1], v[2], v[3]);
-        const float4 hi = make_float4(v[4], v[5], v[6], v[7]);
-        const int sw = (vi >> 2) & 1;
-        float4* d4 = reinterpret_cast<float4*>(dst);
-        d4[sw] = sw ? hi : lo;
-        d4[sw ^ 1] = sw ? lo : hi;
+        store8_shared(s, vi, v);
       } else {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
