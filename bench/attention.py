@@ -70,10 +70,8 @@ class Caches:
 
     def __init__(self, B, S, hkv, d, device, with_bf16=True, seed=0):
         g = torch.Generator(device=device).manual_seed(seed)
-        self.k = [torch.empty(B, S, hkv, d // 2, dtype=torch.uint8, device=device),
-                  torch.empty(B, S, hkv, dtype=torch.float16, device=device),
-                  torch.empty(B, S, hkv, dtype=torch.float16, device=device)]
-        self.v = [torch.empty_like(t) for t in self.k]
+        self.k = list(O.int4_kv_tensors(B, S, hkv, d, device))  # the runtime's layout
+        self.v = list(O.int4_kv_tensors(B, S, hkv, d, device))
         self.kb = torch.empty(B, S, hkv, d, dtype=torch.bfloat16, device=device) if with_bf16 else None
         self.vb = torch.empty_like(self.kb) if with_bf16 else None
         for s0 in range(0, S, FILL_CHUNK):
@@ -171,10 +169,8 @@ def _time_append(phase, model, heads, B, S, device, dry_run, rows):
     hq, hkv, d = heads
     cap = S + 1
     g = torch.Generator(device=device).manual_seed(2)
-    kc = [torch.zeros(B, cap, hkv, d // 2, dtype=torch.uint8, device=device),
-          torch.zeros(B, cap, hkv, dtype=torch.float16, device=device),
-          torch.zeros(B, cap, hkv, dtype=torch.float16, device=device)]
-    vc = [torch.zeros_like(t) for t in kc]
+    kc = list(O.int4_kv_tensors(B, cap, hkv, d, device))
+    vc = list(O.int4_kv_tensors(B, cap, hkv, d, device))
     k = torch.randn(B, S, hkv, d, generator=g, device=device).to(torch.bfloat16)
     v = torch.randn(B, S, hkv, d, generator=g, device=device).to(torch.bfloat16)
     lens = torch.ones(B, dtype=torch.int32, device=device)

@@ -37,12 +37,27 @@ def _poison():
     del big, small
 
 
-def _junk_cache(n, p, hkv, d, g):
-    """Cache tensors filled with random bytes (codes) and random finite fp16 (scale/zero)."""
+def _head_major(t):
+    """The same values as ``t`` [n, slots, Hkv], stored head-major (ops.int4_kv_tensors)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _junk_cache(n, p, hkv, d, g, head_major=False):
+    """Cache tensors filled with random bytes (codes) and random finite fp16 (scale/zero);
+    scale/zero token-major (contiguous) or head-major (the runtime's layout)."""
     codes = torch.randint(0, 256, (n, p, hkv, d // 2), dtype=torch.uint8, generator=g)
     scale = torch.rand(n, p, hkv, generator=g).half()
     zero = torch.randint(-8, 8, (n, p, hkv), generator=g).half()
+    if head_major:
+        scale, zero = _head_major(scale), _head_major(zero)
     return [codes, scale, zero]
+
+
+def _relayout(cache, head_major):
+    """A copy of one cache side (codes, scale, zero) with scale/zero in the given layout."""
+    codes, scale, zero = cache
+    lay = _head_major if head_major else (lambda t: t.contiguous())
+    return [codes.clone(), lay(scale.clone()), lay(zero.clone())]
 
 
 def _cuda(ts):
@@ -121,7 +136,8 @@ def test_kv_cuda_ops_registered():
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("hkv", [1, 3, 8])
 @pytest.mark.parametrize("paged", [False, True])
-def test_append_bit_exact(dtype, d, hkv, paged):
+@pytest.mark.parametrize("head_major", [True, False], ids=["head-major", "token-major"])
+def test_append_bit_exact(dtype, d, hkv, paged, head_major):
     g = torch.Generator().manual_seed(hkv * 1000 + d)
     B, page, max_pages = 3, 16, 6
     cap = page * max_pages
@@ -132,7 +148,7 @@ def test_append_bit_exact(dtype, d, hkv, paged):
     else:
         table = None
         kcache, vcache = _junk_cache(B, cap, hkv, d, g), _junk_cache(B, cap, hkv, d, g)
-    kg, vg = _cuda(kcache), _cuda(vcache)
+    kg, vg = _cuda(_relayout(kcache, head_major)), _cuda(_relayout(vcache, head_major))
     lens = torch.tensor([0, 5, 30], dtype=torch.int32)
     for S in (17, 1, 1, 33):  # prefill chunks, decode steps; crosses page boundaries
         k, v = _kv_data(B, S, hkv, d, dtype, g), _kv_data(B, S, hkv, d, dtype, g)
@@ -148,7 +164,8 @@ def test_append_bit_exact(dtype, d, hkv, paged):
     O.kv_check_errors()
     for name, got, want in zip(("k codes", "k scale", "k zero", "v codes", "v scale", "v zero"),
                                kg + vg, kcache + vcache):
-        _assert_equal(got, want, f"{name} ({dtype}, d={d}, hkv={hkv}, paged={paged})")
+        _assert_equal(got, want, f"{name} ({dtype}, d={d}, hkv={hkv}, paged={paged}, "
+                                 f"head_major={head_major})")
 
 
 def test_append_special_rows_bit_exact():
@@ -200,9 +217,10 @@ def test_fused_append_bit_exact(dtype, d, rope, had):
 
 # --------------------------------------------------------------------------- attention
 
-def _filled_cache(B, cap, hkv, d, lens, dtype, g):
-    """A contiguous CUDA cache holding random K/V for positions [0, lens[b])."""
-    caches = [_cuda(_junk_cache(B, cap, hkv, d, g)) for _ in range(2)]
+def _filled_cache(B, cap, hkv, d, lens, dtype, g, head_major=True):
+    """A contiguous CUDA cache holding random K/V for positions [0, lens[b]); scale/zero
+    head-major (the runtime's layout) unless asked otherwise."""
+    caches = [_cuda(_junk_cache(B, cap, hkv, d, g, head_major)) for _ in range(2)]
     S = int(max(lens))
     k, v = _kv_data(B, S, hkv, d, dtype, g, outliers=False), _kv_data(B, S, hkv, d, dtype, g,
                                                                         outliers=False)
@@ -212,7 +230,8 @@ def _filled_cache(B, cap, hkv, d, lens, dtype, g):
 
 
 def _to_paged(caches, lens, page, g, device="cuda"):
-    """Copy a contiguous cache into a shuffled page pool; returns pools + block table."""
+    """Copy a contiguous cache into a shuffled page pool (scale/zero in the cache's layout);
+    returns pools + block table."""
     (kc, ks, kz), (vc, vs, vz) = caches
     B, cap, hkv, dh = kc.shape
     max_pages = -(-cap // page)
@@ -226,6 +245,8 @@ def _to_paged(caches, lens, page, g, device="cuda"):
                 lo, hi = p * page, min((p + 1) * page, cap)
                 if lo < hi:
                     pool[int(table[b, p]), : hi - lo] = src[b, lo:hi]
+        if src.dim() == 3 and src.shape[2] > 1 and src.stride(1) == 1:  # head-major scale/zero
+            pool = _head_major(pool)
         pools.append(pool)
     # pages past each sequence's length are "not allocated"
     for b in range(B):
@@ -303,6 +324,38 @@ def test_prefill_attention(dtype, case, paged):
     else:
         got = O.int4_kv_attention(q, *caches[0], *caches[1], lens.cuda(), causal=causal)
     _check_attention(got, want, dtype, f"prefill case {case} paged={paged}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("sq", [1, 20])
+def test_attention_scale_layouts_agree(dtype, sq):
+    """Token-major and head-major scale/zero: the same numbers, bit for bit, contiguous and
+    paged (decode with split-KV, and prefill)."""
+    _check_scale_layouts_agree(O, dtype, sq, "cuda")
+
+
+def _check_scale_layouts_agree(ops, dtype, sq, device):
+    g = torch.Generator().manual_seed(21 + sq)
+    B, hq, hkv, d = 2, 8, 2, 128
+    lens = torch.tensor([300, sq + 5], dtype=torch.int32)
+    caches = [_junk_cache(B, 310, hkv, d, g) for _ in range(2)]
+    k, v = (_kv_data(B, 300, hkv, d, torch.bfloat16, g, outliers=False) for _ in range(2))
+    O.kv_cache_append(k, v, *caches[0], *caches[1], torch.zeros(B, dtype=torch.int32))
+    q = torch.randn(B, sq, hq, d, generator=g).to(dtype).to(device)
+    lens_d = lens.to(device)
+    outs = []
+    for head_major in (False, True):
+        c = [[t.to(device) for t in _relayout(side, head_major)] for side in caches]
+        assert (c[0][1].stride(1) == 1) == head_major
+        got = ops.int4_kv_attention(q, *c[0], *c[1], lens_d, d ** -0.5, True)
+        pools, table = _to_paged(c, lens, 32, torch.Generator().manual_seed(3), device=device)
+        assert (pools[1].stride(1) == 1) == head_major
+        gotp = ops.paged_int4_kv_attention(q, *pools, table, lens_d, d ** -0.5, True, -1)
+        outs.append((got.cpu(), gotp.cpu()))
+    for (a, b), what in zip(zip(*outs), ("contiguous", "paged")):
+        assert torch.equal(a, b), f"{what}: token-major and head-major scale/zero differ"
+    want = _sdpa_reference(q.cpu(), *caches[0], *caches[1], lens, True, d ** -0.5)
+    _check_attention(outs[1][0], want, dtype, "head-major")
 
 
 def test_attention_fp32_matches_reference():
@@ -451,6 +504,24 @@ def test_cuda_bad_input_raises():
         O.paged_kv_cache_append(k, k, *_cuda(_junk_cache(2, 24, 2, 64, g)),
                                 *_cuda(_junk_cache(2, 24, 2, 64, g)),
                                 torch.zeros(1, 1, dtype=torch.int32, device="cuda"), z)
+    _check_scale_layout_errors(lambda *c: O.kv_cache_append(k, k, *c, z),
+                               lambda *c: O.int4_kv_attention(k, *c, z + 1), "cuda", g)
+
+
+def _check_scale_layout_errors(append, attend, device, g):
+    """Scale/zero with gaps (a strided slice) or with layouts differing between the four
+    tensors are refused by the append and the attention ops, naming the problem."""
+    kc = [t.to(device) for t in _junk_cache(1, 8, 2, 64, g)]
+    km = [t.to(device) for t in _junk_cache(1, 8, 2, 64, g, head_major=True)]
+    gappy = [t.to(device) for t in _junk_cache(1, 8, 4, 64, g)]
+    gappy = [kc[0], gappy[1][:, :, ::2], kc[2]]
+    for op in (append, attend):
+        with pytest.raises(ValueError, match="k_scale must be dense"):
+            op(*gappy, *kc)
+        with pytest.raises(ValueError, match="same strides"):
+            op(*kc, *km)
+        with pytest.raises(ValueError, match="same strides"):
+            op(kc[0], kc[1], km[2], *kc)
 
 
 # --------------------------------------------------------------------------- opcheck
@@ -459,7 +530,7 @@ def _opcheck_cases():
     g = torch.Generator().manual_seed(14)
     B, hkv, d, page = 2, 2, 64, 16
     kc, vc = _junk_cache(B, 32, hkv, d, g), _junk_cache(B, 32, hkv, d, g)
-    kp, vp = _junk_cache(6, page, hkv, d, g), _junk_cache(6, page, hkv, d, g)
+    kp, vp = _junk_cache(6, page, hkv, d, g, True), _junk_cache(6, page, hkv, d, g, True)
     table = torch.tensor([[4, 1], [0, 2]], dtype=torch.int32)
     k = torch.randn(B, 3, hkv, d, generator=g).to(torch.bfloat16)
     cos, sin = _cos_sin(B, 3, d, torch.bfloat16, g)

@@ -51,8 +51,9 @@ import build as simt_build  # noqa: E402
 
 from test_cuda_fused_quant import SET_IDS, SETTINGS, _check_triplet, _data  # noqa: E402
 from test_cuda_gemm import _w4a4_inputs, _w4a16_inputs  # noqa: E402
-from test_cuda_kv import (_assert_equal, _block_table, _check_attention, _cos_sin,  # noqa: E402
-                          _junk_cache, _kv_data, _sdpa_reference, _to_paged)
+from test_cuda_kv import (_assert_equal, _block_table, _check_attention,  # noqa: E402
+                          _check_scale_layout_errors, _check_scale_layouts_agree, _cos_sin,
+                          _junk_cache, _kv_data, _relayout, _sdpa_reference, _to_paged)
 
 pytestmark = pytest.mark.simt
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -635,7 +636,8 @@ def test_kv_append_special_rows_and_views(E):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("paged", [False, True])
-def test_kv_append_bit_exact(E, dtype, d, paged):
+@pytest.mark.parametrize("head_major", [True, False], ids=["head-major", "token-major"])
+def test_kv_append_bit_exact(E, dtype, d, paged, head_major):
     g = torch.Generator().manual_seed(d + paged)
     B, hkv, page, max_pages = 3, 3, 16, 4
     cap = page * max_pages
@@ -646,7 +648,7 @@ def test_kv_append_bit_exact(E, dtype, d, paged):
     else:
         table = None
         kc, vc = _junk_cache(B, cap, hkv, d, g), _junk_cache(B, cap, hkv, d, g)
-    ke, ve = [t.clone() for t in kc], [t.clone() for t in vc]
+    ke, ve = _relayout(kc, head_major), _relayout(vc, head_major)
     lens = torch.tensor([0, 5, 30], dtype=torch.int32)
     for S in (17, 1, 9):  # prefill chunk, decode step, crossing page boundaries
         k, v = _kv_data(B, S, hkv, d, dtype, g), _kv_data(B, S, hkv, d, dtype, g)
@@ -660,7 +662,8 @@ def test_kv_append_bit_exact(E, dtype, d, paged):
     assert E.kv_status() is None
     for name, got, want in zip(("k codes", "k scale", "k zero", "v codes", "v scale", "v zero"),
                                ke + ve, kc + vc):
-        _assert_equal(got, want, f"{name} ({dtype}, d={d}, paged={paged})")
+        _assert_equal(got, want, f"{name} ({dtype}, d={d}, paged={paged}, "
+                                 f"head_major={head_major})")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -688,7 +691,8 @@ def test_kv_append_fused_bit_exact(E, dtype, d, rope, had):
 
 
 def _filled_cache(B, cap, hkv, d, lens, dtype, g):
-    caches = [_junk_cache(B, cap, hkv, d, g) for _ in range(2)]
+    """Random K/V for positions [0, lens[b]), scale/zero head-major (the runtime's layout)."""
+    caches = [_junk_cache(B, cap, hkv, d, g, head_major=True) for _ in range(2)]
     S = int(max(lens))
     k = _kv_data(B, S, hkv, d, dtype, g, outliers=False)
     v = _kv_data(B, S, hkv, d, dtype, g, outliers=False)
@@ -739,6 +743,16 @@ def test_kv_attention(E, case, paged, dtype):
         if dtype == torch.float32:  # the CUDA-core kernel: the reference op's own numbers
             want_op = O.int4_kv_attention(q, *caches[0], *caches[1], lens, causal=causal)
             torch.testing.assert_close(got, want_op, rtol=1e-5, atol=1e-5)
+    assert E.kv_status() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DT_IDS[::2])
+@pytest.mark.parametrize("sq", [1, 20])
+def test_kv_attention_scale_layouts_agree(E, dtype, sq):
+    """Token-major and head-major scale/zero give the same output bit for bit (contiguous and
+    paged; decode with split-KV, prefill; the tensor-core and the float32 kernel)."""
+    with poisoned():
+        _check_scale_layouts_agree(E, dtype, sq, "cpu")
     assert E.kv_status() is None
 
 
@@ -795,6 +809,8 @@ def test_bad_input_raises_like_the_cuda_ops(E):
         E.kv_cache_append(k, k.half(), *kc, *kc, z)
     with pytest.raises(ValueError, match="multiple"):
         E.int4_kv_attention(torch.randn(1, 1, 3, 64), *kc, *kc, z + 1, 0.125, True)
+    _check_scale_layout_errors(lambda *c: E.kv_cache_append(k, k, *c, z),
+                               lambda *c: E.int4_kv_attention(k, *c, z + 1, 0.125, True), "cpu", g)
     with pytest.raises(ValueError, match="dtype"):
         E.hadamard_transform(torch.randn(4, 64).double(), 0.125)
     with pytest.raises(ValueError, match="CPU tensor for the emulated kernel"):

@@ -154,3 +154,19 @@ def test_row_kernels_are_coalesced_and_conflict_free(MP, name):
     main = max((s for s in rep.sites if s.space == "global" and s.op == "load"),
                key=lambda s: s.bytes)
     assert main.width == 16 and main.active_lanes == 32, main.to_dict()
+
+
+@pytest.mark.parametrize("name", ["attention_decode_mha_hd64", "attention_decode_paged_gqa_hd128"])
+def test_attention_kv_loads_use_every_sector(MP, name):
+    """In the runtime's cache layout (ops.int4_kv_tensors) the attention's per-step KV loads —
+    the K / V codes and the per-token scale / zero — move only sectors they use. The scale/zero
+    loads moved 8× their bytes while scale/zero were stored token-major ([.., slots, Hkv]):
+    16 tokens of one head Hkv values apart."""
+    rep = _case(MP, name)
+    kv = [s for s in rep.sites if s.kernel.startswith("kv_attn_mma_kernel") and
+          s.space == "global" and s.op == "load" and
+          ("srow" in s.code or "reinterpret_cast<const uint" in s.code)]
+    assert sum("srow" in s.code for s in kv) == 2, [s.to_dict() for s in rep.sites]
+    assert len(kv) == 4, [s.to_dict() for s in kv]
+    for s in kv:
+        assert s.sectors == s.ideal_sectors, f"{name}: {s.to_dict()}"

@@ -87,7 +87,8 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_kernel(const __gr
   }
   const int64_t pos = L + s;
   const int page = kv_page(lay, b, pos);
-  const int64_t row = kv_row(lay, page, kv_slot(lay, pos), h);
+  const int64_t slot = kv_slot(lay, pos);
+  const int64_t row = kv_row(lay, page, slot, h);
 
   const int64_t src = ((static_cast<int64_t>(b) * a.S + s) * lay.Hkv + h) * D + lane * E;
   float x[E];
@@ -151,8 +152,9 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kv_append_kernel(const __gr
   }
   store_vec<uint8_t, E / 2>(codes + lane * (E / 2), packed);
   if (lane == 0) {
-    static_cast<__half*>(is_v ? a.cache.v_scale : a.cache.k_scale)[row] = __float2half_rn(p.scale);
-    static_cast<__half*>(is_v ? a.cache.v_zero : a.cache.k_zero)[row] = __float2half_rn(p.zero);
+    const int64_t si = kv_sc_index(lay, page, slot, h);
+    static_cast<__half*>(is_v ? a.cache.v_scale : a.cache.k_scale)[si] = __float2half_rn(p.scale);
+    static_cast<__half*>(is_v ? a.cache.v_zero : a.cache.k_zero)[si] = __float2half_rn(p.zero);
   }
 }
 

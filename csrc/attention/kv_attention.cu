@@ -177,10 +177,8 @@ __device__ __forceinline__ void load_step(const KvAttnArgs& a, int b, int kvh, i
     page = 0;  // stay in bounds; the status word makes the next call raise
   }
   const int64_t slot0 = kv_slot(lay, t0);
-  auto row_of = [&](int tau) {
-    const int64_t t = min(t0 + tau, last_tok);
-    return kv_row(lay, page, slot0 + (t - t0), kvh);
-  };
+  auto slot_of = [&](int tau) { return slot0 + (min(t0 + tau, last_tok) - t0); };
+  auto row_of = [&](int tau) { return kv_row(lay, page, slot_of(tau), kvh); };
   const uint8_t* kc = static_cast<const uint8_t*>(a.cache.k_codes);
   const uint8_t* vc = static_cast<const uint8_t*>(a.cache.v_codes);
 #pragma unroll
@@ -192,7 +190,7 @@ __device__ __forceinline__ void load_step(const KvAttnArgs& a, int b, int kvh, i
     const int tau = 2 * j + (k & 1) + 8 * (k >> 1);
     load_words<D / 64>(vc + row_of(tau) * (D / 2) + g * (D / 16), sd.vw[k]);
   }
-  const int64_t srow = row_of(lane & 15);
+  const int64_t srow = kv_sc_index(lay, page, slot_of(lane & 15), kvh);
   const unsigned short* sp = static_cast<const unsigned short*>(lane < 16 ? a.cache.k_scale : a.cache.v_scale);
   const unsigned short* zp = static_cast<const unsigned short*>(lane < 16 ? a.cache.k_zero : a.cache.v_zero);
   sd.sz = static_cast<uint32_t>(__ldg(sp + srow)) | (static_cast<uint32_t>(__ldg(zp + srow)) << 16);
@@ -579,13 +577,11 @@ __global__ void __launch_bounds__(128) kv_attn_f32_kernel(const __grid_constant_
   const __half* kzr = static_cast<const __half*>(a.cache.k_zero);
   const __half* vsc = static_cast<const __half*>(a.cache.v_scale);
   const __half* vzr = static_cast<const __half*>(a.cache.v_zero);
-  auto row_of = [&](int64_t t) {
-    int page = kv_page(lay, b, t);
-    if (page < 0) {
-      kv_report(lay, kKvAttnNoPage, b);
-      page = 0;
-    }
-    return kv_row(lay, page, kv_slot(lay, t), kvh);
+  auto page_of = [&](int64_t t) {
+    const int page = kv_page(lay, b, t);
+    if (page >= 0) return page;
+    kv_report(lay, kKvAttnNoPage, b);
+    return 0;
   };
   auto block_reduce = [&](float v, bool is_max) {
 #pragma unroll
@@ -606,9 +602,10 @@ __global__ void __launch_bounds__(128) kv_attn_f32_kernel(const __grid_constant_
     const int64_t t = t0 + tid;
     float s = -INFINITY;
     if (t < lim) {
-      const int64_t row = row_of(t);
-      const float sc = __half2float(ksc[row]), z = __half2float(kzr[row]);
-      const uint8_t* c = kc + row * (D / 2);
+      const int page = page_of(t);
+      const int64_t slot = kv_slot(lay, t), si = kv_sc_index(lay, page, slot, kvh);
+      const float sc = __half2float(ksc[si]), z = __half2float(kzr[si]);
+      const uint8_t* c = kc + kv_row(lay, page, slot, kvh) * (D / 2);
       float dot = 0.f;
       for (int k = 0; k < D / 2; ++k) {
         const uint8_t by = c[k];
@@ -629,10 +626,11 @@ __global__ void __launch_bounds__(128) kv_attn_f32_kernel(const __grid_constant_
       o *= alpha;
       const int64_t n = min(static_cast<int64_t>(NTH), lim - t0);
       for (int64_t tt = 0; tt < n; ++tt) {
-        const int64_t row = row_of(t0 + tt);
-        const uint8_t by = vc[row * (D / 2) + tid / 2];
+        const int page = page_of(t0 + tt);
+        const int64_t slot = kv_slot(lay, t0 + tt), si = kv_sc_index(lay, page, slot, kvh);
+        const uint8_t by = vc[kv_row(lay, page, slot, kvh) * (D / 2) + tid / 2];
         const float c = static_cast<float>((tid & 1) ? unpack_int4_hi(by) : unpack_int4_lo(by));
-        o += ps[tt] * ((c - __half2float(vzr[row])) * __half2float(vsc[row]));
+        o += ps[tt] * ((c - __half2float(vzr[si])) * __half2float(vsc[si]));
       }
     }
     __syncthreads();

@@ -40,9 +40,15 @@ __device__ __forceinline__ int64_t kv_slot(const KvLayout& lay, int64_t t) {
   return lay.block_table == nullptr ? t : (t & ((int64_t{1} << lay.log2_page) - 1));
 }
 
-// Row index (into scale/zero; codes are row · D/2 bytes) of (page, slot, head).
+// Row index of (page, slot, head) in the codes: the row's D/2 bytes start at row · D/2.
 __device__ __forceinline__ int64_t kv_row(const KvLayout& lay, int page, int64_t slot, int h) {
   return (static_cast<int64_t>(page) * lay.page_size + slot) * lay.Hkv + h;
+}
+
+// Element index of (page, slot, head) in scale / zero (their strides, launch.h).
+__device__ __forceinline__ int64_t kv_sc_index(const KvLayout& lay, int page, int64_t slot, int h) {
+  return static_cast<int64_t>(page) * lay.sc_page + slot * lay.sc_slot +
+         static_cast<int64_t>(h) * lay.sc_head;
 }
 
 }  // namespace ostquant

@@ -4,8 +4,9 @@
 //
 // Checks that need the *values* of the lengths or of the block table (cache full, page not
 // allocated, seqlens out of range) run on the device (kv_status.h): no host sync per call.
-// Caches are written in place and must be contiguous; k, v, q, cos, sin may have any strides
-// (copied to a contiguous, 16-byte aligned tensor when needed).
+// Caches are written in place: codes must be contiguous, scale/zero dense in any dimension order
+// (the four with one layout, launch.h); k, v, q, cos, sin may have any strides (copied to a
+// contiguous, 16-byte aligned tensor when needed).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -45,7 +46,8 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
   return c;
 }
 
-// One cache tensor: codes uint8 `shape`, scale/zero float16 shape[:3]; contiguous, on ref's device.
+// One cache tensor: codes uint8 `shape` (contiguous), scale/zero float16 shape[:3] (dense, any
+// dimension order), on ref's device.
 void check_cache(const char* op, const std::string& name, const at::Tensor& codes,
                  const at::Tensor& scale, const at::Tensor& zero, at::IntArrayRef shape,
                  const at::Tensor& ref, const char* ref_name) {
@@ -59,13 +61,32 @@ void check_cache(const char* op, const std::string& name, const at::Tensor& code
   };
   meta(sname, scale);
   meta(zname, zero);
+  check_on(op, name.c_str(), codes, ref, ref_name);
+  check_contiguous(op, name.c_str(), codes);
   auto place = [&](const std::string& nm, const at::Tensor& t) {
     check_on(op, nm.c_str(), t, ref, ref_name);
-    check_contiguous(op, nm.c_str(), t);
+    OSTQ_CHECK(op, t.is_non_overlapping_and_dense(), nm,
+               " must be dense (contiguous in some dimension order, e.g. head-major), got strides ",
+               shape_str(t.strides()));
   };
-  place(name, codes);
   place(sname, scale);
   place(zname, zero);
+}
+
+// k_scale, k_zero, v_scale and v_zero share one memory layout (the kernels take one set of
+// strides); strides of size-1 dimensions do not matter.
+void check_scale_layout(const char* op, const at::Tensor& ks, const at::Tensor& kz,
+                        const at::Tensor& vs, const at::Tensor& vz) {
+  auto same = [&](const at::Tensor& t) {
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      if (t.size(d) > 1 && t.stride(d) != ks.stride(d)) return false;
+    }
+    return true;
+  };
+  OSTQ_CHECK(op, same(kz) && same(vs) && same(vz),
+             "k_scale, k_zero, v_scale and v_zero must have the same strides, got ",
+             shape_str(ks.strides()), ", ", shape_str(kz.strides()), ", ", shape_str(vs.strides()),
+             ", ", shape_str(vz.strides()));
 }
 
 void check_lengths(const char* op, const char* name, const at::Tensor& lens, int64_t b,
@@ -102,7 +123,14 @@ int log2_exact(int64_t p) {
   return l;
 }
 
-KvLayout contiguous_layout(const at::Tensor& cache, const at::Tensor& lens) {
+void set_scale_strides(KvLayout& lay, const at::Tensor& scale) {
+  lay.sc_page = scale.stride(0);
+  lay.sc_slot = scale.stride(1);
+  lay.sc_head = scale.stride(2);
+}
+
+KvLayout contiguous_layout(const at::Tensor& cache, const at::Tensor& scale,
+                           const at::Tensor& lens) {
   KvLayout lay;
   lay.B = static_cast<int>(cache.size(0));
   lay.page_size = static_cast<int>(cache.size(1));
@@ -116,10 +144,12 @@ KvLayout contiguous_layout(const at::Tensor& cache, const at::Tensor& lens) {
   lay.seqlens = lens.const_data_ptr();
   lay.seqlens64 = lens.scalar_type() == at::kLong;
   lay.status = kv_status_device_word();
+  set_scale_strides(lay, scale);
   return lay;
 }
 
-KvLayout paged_layout(const at::Tensor& pool, const at::Tensor& table, const at::Tensor& lens) {
+KvLayout paged_layout(const at::Tensor& pool, const at::Tensor& scale, const at::Tensor& table,
+                      const at::Tensor& lens) {
   KvLayout lay;
   lay.B = static_cast<int>(table.size(0));
   lay.page_size = static_cast<int>(pool.size(1));
@@ -133,6 +163,7 @@ KvLayout paged_layout(const at::Tensor& pool, const at::Tensor& table, const at:
   lay.seqlens = lens.const_data_ptr();
   lay.seqlens64 = lens.scalar_type() == at::kLong;
   lay.status = kv_status_device_word();
+  set_scale_strides(lay, scale);
   return lay;
 }
 
@@ -189,6 +220,7 @@ void append_impl(const char* op, const at::Tensor& k_in, const at::Tensor& v_in,
   }
   check_cache(op, kname, kc, ks, kz, {N, P, Hkv, D / 2}, k_in, "k");
   check_cache(op, vname, vc, vs, vz, {N, P, Hkv, D / 2}, k_in, "k");
+  check_scale_layout(op, ks, kz, vs, vz);
   check_int_ranges(op, N, P, Hkv, D);
   if (paged) check_block_table(op, table, B, k_in, "k");
   check_lengths(op, "cache_seqlens", lens_in, B, k_in, "k");
@@ -215,7 +247,7 @@ void append_impl(const char* op, const at::Tensor& k_in, const at::Tensor& v_in,
   const at::Tensor tab = paged ? table.contiguous() : at::Tensor();
 
   KvAppendArgs a;
-  a.lay = paged ? paged_layout(kc, tab, lens) : contiguous_layout(kc, lens);
+  a.lay = paged ? paged_layout(kc, ks, tab, lens) : contiguous_layout(kc, ks, lens);
   a.cache = tensors(kc, ks, kz, vc, vs, vz);
   a.k = k.const_data_ptr();
   a.v = v.const_data_ptr();
@@ -261,6 +293,7 @@ at::Tensor attention_impl(const char* op, const at::Tensor& q_in, const at::Tens
              Hkv, ")");
   check_cache(op, kname, kc, ks, kz, {N, P, Hkv, D / 2}, q_in, "q");
   check_cache(op, vname, vc, vs, vz, {N, P, Hkv, D / 2}, q_in, "q");
+  check_scale_layout(op, ks, kz, vs, vz);
   check_int_ranges(op, N, P, Hkv, D);
   if (paged) check_block_table(op, table, B, q_in, "q");
   check_lengths(op, "seqlens", lens_in, B, q_in, "q");
@@ -273,7 +306,7 @@ at::Tensor attention_impl(const char* op, const at::Tensor& q_in, const at::Tens
   at::Tensor out = at::empty(q.sizes(), q.options());
 
   KvAttnArgs a;
-  a.lay = paged ? paged_layout(kc, tab, lens) : contiguous_layout(kc, lens);
+  a.lay = paged ? paged_layout(kc, ks, tab, lens) : contiguous_layout(kc, ks, lens);
   a.cache = tensors(kc, ks, kz, vc, vs, vz);
   a.q = q.const_data_ptr();
   a.out = out.data_ptr();

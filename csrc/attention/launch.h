@@ -9,9 +9,14 @@
 //   zero   float16 [num_pages, page_size, Hkv]
 //
 // Token t of sequence b lives in page block_table[b, t >> log2(page_size)], slot
-// t & (page_size − 1): element row ((page · page_size + slot) · Hkv + h). The contiguous cache
+// t & (page_size − 1): codes row ((page · page_size + slot) · Hkv + h). The contiguous cache
 // [B, Smax, Hkv, D/2] is the same thing with one page per sequence (page = b, page_size = Smax,
 // no block table), so every kernel serves both modes.
+//
+// Codes are contiguous. Scale and zero may be stored in any dense order (the four tensors with
+// the same strides, KvLayout::sc_*): the runtime stores them head-major, [num_pages, Hkv,
+// page_size] permuted to the shape above, so the 16 consecutive tokens of one head that an
+// attention step reads are 32 contiguous bytes (one sector) instead of 16 strided values.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -45,6 +50,11 @@ struct KvLayout {
   const void* seqlens = nullptr;         // int32 or int64 [B]
   bool seqlens64 = false;
   int* status = nullptr;       // device-visible status word (may be nullptr)
+  // element strides of scale / zero along (page, slot, head); token-major contiguous:
+  // (page_size·Hkv, Hkv, 1), head-major: (Hkv·page_size, 1, page_size)
+  int64_t sc_page = 0;
+  int64_t sc_slot = 0;
+  int64_t sc_head = 0;
 };
 
 struct KvTensors {

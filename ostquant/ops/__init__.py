@@ -161,6 +161,35 @@ def quantize_kv(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
     return torch.ops.ostquant.quantize_kv(x)
 
 
+def int4_kv_tensors(num: int, slots: int, num_kv_heads: int, head_dim: int,
+                    device=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Storage for one side (K or V) of an int4 KV cache, in the layout the KV ops take.
+
+    Returns codes uint8 ``[num, slots, Hkv, head_dim/2]`` (zeros, contiguous) and float16
+    scale (ones) and zero (zeros) ``[num, slots, Hkv]``. ``num, slots`` are ``batch, max_len``
+    for a contiguous cache and ``num_pages, page_size`` for a paged pool.
+
+    The scale/zero tensors are *stored head-major* (``[num, Hkv, slots]`` in memory, viewed
+    with the dims swapped): the CUDA attention reads the scales of 16 consecutive tokens of one
+    head per step, and this layout makes them 32 contiguous bytes instead of 16 values ``Hkv``
+    apart. The KV ops accept any dense layout of scale/zero (all four the same); this is the
+    one the runtime uses.
+    """
+    for name, n in (("num", num), ("slots", slots), ("num_kv_heads", num_kv_heads)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"int4_kv_tensors: {name} must be an integer >= 1, got {n!r}")
+    if head_dim not in KV_HEAD_DIMS:
+        raise ValueError(f"int4_kv_tensors: head_dim = {head_dim} is not supported "
+                         f"(supported: {KV_HEAD_DIMS})")
+    codes = torch.zeros(num, slots, num_kv_heads, head_dim // 2, dtype=torch.uint8,
+                        device=device)
+    scale = torch.ones(num, num_kv_heads, slots, dtype=torch.float16,
+                       device=device).transpose(1, 2)
+    zero = torch.zeros(num, num_kv_heads, slots, dtype=torch.float16,
+                       device=device).transpose(1, 2)
+    return codes, scale, zero
+
+
 def kv_cache_append(k, v, k_cache, k_scale, k_zero, v_cache, v_scale, v_zero,
                     cache_seqlens) -> None:
     """Quantize ``k``/``v`` [B, S, Hkv, D] and write them into the int4 cache in place.
@@ -295,7 +324,8 @@ def kv_check_errors() -> None:
 __all__ = [
     "GEMM_K_ALIGN", "KV_HEAD_DIMS", "KV_MIN_PAGE_SIZE", "OpInputError", "cuda_ops", "extension_loaded",
     "extension_error", "pack_int4", "unpack_int4", "quantize_per_token", "quantize_per_channel",
-    "int4_gemm", "w4a16_gemm", "hadamard_transform", "quantize_kv", "kv_cache_append",
+    "int4_gemm", "w4a16_gemm", "hadamard_transform", "quantize_kv", "int4_kv_tensors",
+    "kv_cache_append",
     "int4_kv_attention", "kv_cache_append_fused", "paged_kv_cache_append",
     "paged_int4_kv_attention", "kv_check_errors", "quantize_per_token_packed",
     "hadamard_quantize_per_token", "rmsnorm_quantize_per_token",

@@ -6,7 +6,8 @@ Layout (both kinds), per decoder layer: ``[B, Smax, Hkv, D]`` with sequence ``b`
 sequence; pages are taken as sequences grow and given back by :meth:`PagedKVCache.release`).
 
 * ``kv_bits=4``: the layout of the ``ostquant`` KV ops (docs/ops.md): codes uint8
-  ``[B, Smax, Hkv, D/2]``, scale and zero float16 ``[B, Smax, Hkv]``; written by
+  ``[B, Smax, Hkv, D/2]``, scale and zero float16 ``[B, Smax, Hkv]`` (stored head-major,
+  :func:`ostquant.ops.int4_kv_tensors`); written by
   :func:`ostquant.ops.kv_cache_append`, read by :func:`ostquant.ops.int4_kv_attention`.
   Asymmetric int4 per (token, head), exactly the numbers of the fake quantizer
   :func:`ostquant.quant.fake_quant_kv` used during calibration and evaluation.
@@ -56,13 +57,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, is_cau
 
 def _int4_storage(shape, head_dim: int, device) -> Tuple[torch.Tensor, ...]:
     """One layer of an int4 cache: K then V, each codes uint8 ``shape + (D/2,)`` and float16
-    scale / zero ``shape``."""
-    t: List[torch.Tensor] = []
-    for _kv in range(2):
-        t += [torch.zeros(*shape, head_dim // 2, dtype=torch.uint8, device=device),
-              torch.ones(*shape, dtype=torch.float16, device=device),
-              torch.zeros(*shape, dtype=torch.float16, device=device)]
-    return tuple(t)
+    scale / zero ``shape``, stored head-major (:func:`ostquant.ops.int4_kv_tensors`)."""
+    return ops.int4_kv_tensors(*shape, head_dim, device) + \
+        ops.int4_kv_tensors(*shape, head_dim, device)
 
 
 class KVCache:

@@ -328,12 +328,10 @@ def _cases():
         return (lambda: mod.rmsnorm_quantize_per_token(x, w, 1e-6, 4, False, 1.0, False)), [x, w]
 
     def cache(B, cap, hkv, d, S):
-        """An int4 cache [B, cap, hkv, ...] holding S tokens per sequence (reference append)."""
+        """An int4 cache [B, cap, hkv, ...] in the runtime's layout (ops.int4_kv_tensors:
+        scale/zero head-major) holding S tokens per sequence (reference append)."""
         import ostquant.ops as O
-        kc = [torch.zeros(B, cap, hkv, d // 2, dtype=torch.uint8),
-              torch.zeros(B, cap, hkv, dtype=torch.float16),
-              torch.zeros(B, cap, hkv, dtype=torch.float16)]
-        vc = [t.clone() for t in kc]
+        kc, vc = list(O.int4_kv_tensors(B, cap, hkv, d)), list(O.int4_kv_tensors(B, cap, hkv, d))
         O.kv_cache_append(rnd(B, S, hkv, d), rnd(B, S, hkv, d), *kc, *vc,
                           torch.zeros(B, dtype=torch.int32))
         return kc, vc
@@ -344,6 +342,20 @@ def _cases():
             q, lens = rnd(B, sq, hq, d), torch.full((B,), S, dtype=torch.int32)
             return (lambda: mod.int4_kv_attention(q, *kc, *vc, lens, d ** -0.5, True)), \
                 [q, lens, *kc, *vc]
+        return setup
+
+    def paged_attention(B, hq, hkv, d, S, page):
+        def setup(mod):
+            import ostquant.ops as O
+            n = B * S // page
+            kp, vp = list(O.int4_kv_tensors(n, page, hkv, d)), list(O.int4_kv_tensors(n, page, hkv, d))
+            table = torch.randperm(n, generator=g).view(B, S // page).to(torch.int32)
+            lens = torch.full((B,), S, dtype=torch.int32)
+            O.paged_kv_cache_append(rnd(B, S, hkv, d), rnd(B, S, hkv, d), *kp, *vp, table,
+                                    torch.zeros(B, dtype=torch.int32))
+            q = rnd(B, 1, hq, d)
+            return (lambda: mod.paged_int4_kv_attention(q, *kp, *vp, table, lens, d ** -0.5,
+                                                        True, -1)), [q, lens, table, *kp, *vp]
         return setup
 
     def append(mod):
@@ -377,6 +389,7 @@ def _cases():
             "attention_decode_gqa_hd128": attention(1, 32, 8, 128, 256, 1),
             "attention_decode_mha_hd64": attention(2, 4, 4, 64, 128, 1),
             "attention_prefill_hd128": attention(1, 8, 2, 128, 64, 64),
+            "attention_decode_paged_gqa_hd128": paged_attention(1, 8, 2, 128, 128, 16),
             "int4_gemm_decode": gemm(4, 256, 4096),
             "w4a16_gemm_decode": gemm(4, 256, 4096, w4a16=True)}
 
