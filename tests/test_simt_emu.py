@@ -337,14 +337,17 @@ def test_w4a16_gemm(E, M, NK, dtype):
     want = ref.w4a16_gemm(x, wp, ws, b)
     with poisoned():
         got = both_orders(E, lambda: E.w4a16_gemm(x, wp, ws, b))
-    assert got.shape == want.shape and got.dtype == dtype
+    _check_w4a16(got, want, x, qw, ws, f"w4a16 M={M} N={N} K={K}")
+
+
+def _check_w4a16(got, want, x, qw, ws, what):
+    assert got.shape == want.shape and got.dtype == want.dtype, what
     # fp32 sums in another order, one rounding to dtype: within 2 ulp + the sums' rounding
-    eps = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    eps = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[got.dtype]
     absdot = x.double().abs() @ (qw.double().abs() * ws.double()[:, None]).T
     tol = 2 * eps * want.double().abs() + 2.0 ** -16 * absdot + 1e-30
     bad = (got.double() - want.double()).abs() > tol
-    assert not torch.isnan(got).any() and not bad.any(), \
-        f"w4a16 M={M} N={N} K={K}: {int(bad.sum())} values off"
+    assert not torch.isnan(got).any() and not bad.any(), f"{what}: {int(bad.sum())} values off"
 
 
 def test_int4_gemm_split_k_plans(E):
@@ -356,6 +359,24 @@ def test_int4_gemm_split_k_plans(E):
             E.set_sm_count(sms)
             with poisoned():
                 _assert_equal(E.int4_gemm(*args, torch.float16), want, f"{sms} SMs")
+    finally:
+        E.set_sm_count(132)
+
+
+def test_w4a16_gemm_split_k_plans(E):
+    """The W4A16 small-M kernel under other split-K plans (the split-reduce kernel, splits whose
+    last unrolled window is past the split's end) and at every M up to 16 (the activation
+    rows it stages through shared memory)."""
+    try:
+        for M, N, K, sms in [(16, 64, 4096, 1), (16, 64, 4096, 3), (9, 96, 2080, 16),
+                             (2, 32, 1056, 132), (15, 40, 672, 7)]:
+            (x, wp, ws, b), qw = _w4a16_inputs(M, N, K, torch.bfloat16, torch.float32,
+                                               device="cpu")
+            E.set_sm_count(sms)
+            with poisoned():
+                got = E.w4a16_gemm(x, wp, ws, b)
+            _check_w4a16(got, ref.w4a16_gemm(x, wp, ws, b), x, qw, ws,
+                         f"w4a16 M={M} N={N} K={K} on {sms} SMs")
     finally:
         E.set_sm_count(132)
 

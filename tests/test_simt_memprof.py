@@ -170,3 +170,21 @@ def test_attention_kv_loads_use_every_sector(MP, name):
     assert len(kv) == 4, [s.to_dict() for s in kv]
     for s in kv:
         assert s.sectors == s.ideal_sectors, f"{name}: {s.to_dict()}"
+
+
+def test_w4a16_decode_stages_x_coalesced_and_conflict_free(MP):
+    """The W4A16 small-M GEMM at M = 16: weight and activation loads move only sectors they
+    use, and the activations' trip through shared memory (coalesced store, fragment loads) has
+    no bank conflicts. Loaded straight into the MMA fragments, the activations took 2× their
+    sectors and, read by two warps per CTA, 8× the weights' sectors."""
+    rep = _case(MP, "w4a16_gemm_decode_m16")
+    main = [s for s in rep.sites if s.kernel.startswith("w4a16_small_m_kernel")]
+    loads = [s for s in main if s.space == "global" and s.op == "load" and s.width == 16]
+    smem = [s for s in main if s.space == "shared"]
+    assert len(loads) == 2 and len(smem) == 4, [s.to_dict() for s in main]
+    for s in loads:
+        assert s.sectors == s.ideal_sectors, s.to_dict()
+    for s in smem:
+        assert s.conflicts == 0, s.to_dict()
+    # weights 64 × 512 B = 1024 sectors; activations 16 × 2 KB once per CTA (2 CTAs) = 2048
+    assert sorted(s.sectors for s in loads) == [1024, 2048], [s.to_dict() for s in loads]

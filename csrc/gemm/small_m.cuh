@@ -12,7 +12,9 @@
 //    consecutive k of window w starting at w·128 + 32t: one 16-byte load per weight row
 //    (and, for W4A16, 64 bytes per activation row; for W4A4, 16 bytes).
 //  * a warp owns kNT n-tiles (8·kNT weight rows), re-using its activation registers for all of
-//    them; the kWarpsN warps of a CTA own consecutive n-tiles (kRowsPerCta rows per CTA);
+//    them; the kWarpsN warps of a CTA own consecutive n-tiles (kRowsPerCta rows per CTA). The
+//    W4A16 kernel has one warp per warp row, with kRowsPerCta / 8 n-tiles, and stages its
+//    activations through shared memory (w4a16_small_m.cu);
 //  * the kWarpsK warps of a CTA stride over the windows of the CTA's K range (intra-CTA split-K)
 //    and add their partial sums through shared memory in a fixed order;
 //  * when N / kRowsPerCta CTAs would not fill the GPU, K is also split across CTAs
@@ -58,35 +60,40 @@ __device__ __forceinline__ float w4a16_epilogue_value(float acc, int64_t n,
   return y;
 }
 
+// Shared memory reduce_and_store needs for NT n-tiles per warp and WN warps along N.
+template <int NT, int WN>
+constexpr int kRedElems = (kWarpsK > 1 ? kWarpsK - 1 : 1) * WN * NT * 4 * 32;
+
 // After the main loop: add the kWarpsK warps' accumulators (fixed order) through shared memory,
 // then warp row wk == 0 writes either the final output (splits == 1) or its split's partial
-// slice. Acc is float (W4A16) or int32_t (W4A4). Must be reached by every thread of the CTA.
-template <typename Acc, typename Store>
-__device__ __forceinline__ void reduce_and_store(Acc (&acc)[kNT][4], Acc* red, int wn, int wk,
+// slice. Acc is float (W4A16) or int32_t (W4A4); a warp holds NT n-tiles, WN warps share a warp
+// row (W4A4: kNT, kWarpsN; W4A16: see w4a16_small_m.cu). Must be reached by every thread.
+template <int NT, int WN, typename Acc, typename Store>
+__device__ __forceinline__ void reduce_and_store(Acc (&acc)[NT][4], Acc* red, int wn, int wk,
                                                  int lane, Store&& store) {
   if constexpr (kWarpsK > 1) {
-    // red: [kWarpsK - 1][kWarpsN][kNT * 4][32]
+    // red: [kWarpsK - 1][WN][NT * 4][32]
     if (wk > 0) {
 #pragma unroll
-      for (int i = 0; i < kNT; ++i)
+      for (int i = 0; i < NT; ++i)
 #pragma unroll
         for (int c = 0; c < 4; ++c)
-          red[(((wk - 1) * kWarpsN + wn) * kNT * 4 + i * 4 + c) * 32 + lane] = acc[i][c];
+          red[(((wk - 1) * WN + wn) * NT * 4 + i * 4 + c) * 32 + lane] = acc[i][c];
     }
     __syncthreads();
     if (wk != 0) return;
 #pragma unroll 1
     for (int s = 0; s < kWarpsK - 1; ++s) {
 #pragma unroll
-      for (int i = 0; i < kNT; ++i)
+      for (int i = 0; i < NT; ++i)
 #pragma unroll
         for (int c = 0; c < 4; ++c)
-          acc[i][c] += red[((s * kWarpsN + wn) * kNT * 4 + i * 4 + c) * 32 + lane];
+          acc[i][c] += red[((s * WN + wn) * NT * 4 + i * 4 + c) * 32 + lane];
     }
   }
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int i = 0; i < kNT; ++i)
+  for (int i = 0; i < NT; ++i)
 #pragma unroll
     for (int c = 0; c < 4; ++c) store(g + 8 * (c >> 1), 8 * i + 2 * t + (c & 1), acc[i][c]);
 }

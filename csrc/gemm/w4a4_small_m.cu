@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(kThreads)
     w4a4_small_m_kernel(const uint8_t* __restrict__ x, const uint8_t* __restrict__ w, int M,
                         int64_t N, int64_t K, int64_t windows_per_split, const GemmEpilogue epi,
                         int32_t* __restrict__ partial) {
-  __shared__ int32_t red[(kWarpsK > 1 ? kWarpsK - 1 : 1) * kWarpsN * kNT * 4 * 32];
+  __shared__ int32_t red[kRedElems<kNT, kWarpsN>];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int wn = warp % kWarpsN;
@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  reduce_and_store(acc, red, wn, wk, lane, [&](int m, int col, int32_t v) {
+  reduce_and_store<kNT, kWarpsN>(acc, red, wn, wk, lane, [&](int m, int col, int32_t v) {
     const int64_t n = n0 + col;
     if (m >= M || n >= N) return;
     if (partial != nullptr) {

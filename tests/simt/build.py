@@ -122,22 +122,28 @@ def rewrite_launches(src: str, where: str = "") -> tuple[str, int]:
         n += 1
 
 
-_STATIC_SMEM = re.compile(r"__shared__\s+([\w:]+)\s+(\w+)\s*\[([^\]]+)\]\s*;")
+_STATIC_SMEM = re.compile(r"__shared__\s+([\w:]+)\s+(\w+)\s*((?:\[[^\]]+\]\s*)+);")
 _site = [0]
 
 
 def rewrite_shared(src: str) -> tuple[str, int]:
     """`extern __shared__ T x[];` -> `T* x = <the launch's dynamic shared memory>;`,
-    `__shared__ T x[N];` -> `T (&x)[N] = <this block's array for this declaration>;`."""
+    `__shared__ T x[N];` -> `T (&x)[N] = <this block's array for this declaration>;`, and
+    `__shared__ T x[A][B]...;` the same array viewed with those dimensions."""
     src, n = _EXTERN_SMEM.subn(
         lambda m: (f"{m.group(1)}* {m.group(2)} = "
                    f"reinterpret_cast<{m.group(1)}*>(::ostq_emu::dyn_smem_base());"), src)
 
     def static(m):
         _site[0] += 1
-        t, name, size = m.group(1), m.group(2), m.group(3)
-        return (f"{t} (&{name})[{size}] = "
-                f"::ostq_emu::shared_array<{t}, static_cast<size_t>({size})>({_site[0]});")
+        t, name = m.group(1), m.group(2)
+        dims = re.findall(r"\[([^\]]+)\]", m.group(3))
+        size = " * ".join(f"static_cast<size_t>({d})" for d in dims)
+        arr = f"::ostq_emu::shared_array<{t}, {size}>({_site[0]})"
+        if len(dims) == 1:
+            return f"{t} (&{name})[{dims[0]}] = {arr};"
+        shape = "".join(f"[{d}]" for d in dims)
+        return f"{t} (&{name}){shape} = *reinterpret_cast<{t} (*){shape}>(&{arr});"
     src, k = _STATIC_SMEM.subn(static, src)
     return src, n + k
 

@@ -391,7 +391,8 @@ def _cases():
             "attention_prefill_hd128": attention(1, 8, 2, 128, 64, 64),
             "attention_decode_paged_gqa_hd128": paged_attention(1, 8, 2, 128, 128, 16),
             "int4_gemm_decode": gemm(4, 256, 4096),
-            "w4a16_gemm_decode": gemm(4, 256, 4096, w4a16=True)}
+            "w4a16_gemm_decode": gemm(4, 256, 4096, w4a16=True),
+            "w4a16_gemm_decode_m16": gemm(16, 64, 1024, w4a16=True)}
 
 
 def main(argv=None) -> int:
