@@ -141,9 +141,12 @@ EXPECTED_SASS: Tuple[Expect, ...] = (
     Expect(r"w4a4_small_m_kernel", (r"IMMA\.16832\.S8\.S8", r"LDG\.E\.128"),
            "decode W4A4 GEMM: int4 codes sign-extended to int8, mma m16n8k32 s8; weights in "
            "128-bit loads"),
-    Expect(r"w4a16_small_m_kernel<__half>", (r"HMMA\.16816\.F32 ", r"LDG\.E\.128"),
-           "decode W4A16 GEMM (fp16): mma m16n8k16 with fp32 accumulators, 128-bit weight loads"),
-    Expect(r"w4a16_small_m_kernel<__nv_bfloat16>", (r"HMMA\.16816\.F32\.BF16", r"LDG\.E\.128"),
+    Expect(r"w4a16_small_m_kernel<__half>", (r"HMMA\.16816\.F32 ", r"LDG\.E\.128",
+                                              r"STS\.128", r"LDS\.128"),
+           "decode W4A16 GEMM (fp16): mma m16n8k16 with fp32 accumulators, 128-bit weight and "
+           "activation loads, activations staged through shared memory in 128-bit accesses"),
+    Expect(r"w4a16_small_m_kernel<__nv_bfloat16>", (r"HMMA\.16816\.F32\.BF16", r"LDG\.E\.128",
+                                                      r"STS\.128", r"LDS\.128"),
            "decode W4A16 GEMM (bf16)"),
     Expect(r"kv_attn_mma_kernel<__nv_bfloat16", (r"HMMA\.16816\.F32\.BF16", r"HMMA\.16816\.F32 ",
                                                   r"MUFU\.EX2"),
