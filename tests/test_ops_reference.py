@@ -270,6 +270,33 @@ def test_kv_cache_append_positions_and_contents():
         O.kv_cache_append(k, v, kc, ks, kz, vc, vs, vz, torch.tensor([0, 0, 13], dtype=torch.int32))
 
 
+def test_int4_kv_tensors_layout_and_use():
+    """ops.int4_kv_tensors: the op shapes, scale/zero stored head-major, initial values; the
+    reference append / attention on it give what they give on a contiguous cache."""
+    codes, scale, zero = O.int4_kv_tensors(2, 16, 3, 64)
+    assert codes.shape == (2, 16, 3, 32) and codes.dtype == torch.uint8 and codes.is_contiguous()
+    for t in (scale, zero):
+        assert t.shape == (2, 16, 3) and t.dtype == torch.float16
+        assert t.stride() == (48, 1, 16)  # [2, 3, 16] in memory
+    assert bool((scale == 1).all()) and bool((zero == 0).all()) and bool((codes == 0).all())
+    hm = [O.int4_kv_tensors(2, 16, 3, 64) for _ in range(2)]
+    tm = [[t.contiguous() for t in side] for side in hm]
+    k, v = torch.randn(2, 5, 3, 64), torch.randn(2, 5, 3, 64)
+    lens = torch.tensor([0, 7], dtype=torch.int32)
+    for c in (hm, tm):
+        O.kv_cache_append(k, v, *c[0], *c[1], lens)
+    for a, b in zip(hm[0] + hm[1], tm[0] + tm[1]):
+        assert torch.equal(a, b)
+    q = torch.randn(2, 1, 6, 64)
+    assert torch.equal(O.int4_kv_attention(q, *hm[0], *hm[1], lens + 5),
+                       O.int4_kv_attention(q, *tm[0], *tm[1], lens + 5))
+    with pytest.raises(ValueError, match="head_dim"):
+        O.int4_kv_tensors(1, 16, 2, 96)
+    for bad in ((0, 16, 2), (1, 16.0, 2), (1, 16, True)):
+        with pytest.raises(ValueError, match="integer >= 1"):
+            O.int4_kv_tensors(*bad, 64)
+
+
 def _attn64(q, k, v, lens, sq, causal, scale):
     """Per-sequence float64 attention with explicit GQA expansion."""
     B, _, hq, d = q.shape
