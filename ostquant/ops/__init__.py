@@ -18,7 +18,9 @@ import torch
 
 from . import library as _library  # noqa: F401  (registers schemas + reference kernels)
 from .checks import GEMM_K_ALIGN, KV_HEAD_DIMS, KV_MIN_PAGE_SIZE
+from .checks import _check_head_dim
 from .validate import OpInputError
+from .validate import fail as _fail
 
 _ext = None
 _ext_error: Optional[str] = None
@@ -175,12 +177,11 @@ def int4_kv_tensors(num: int, slots: int, num_kv_heads: int, head_dim: int,
     apart. The KV ops accept any dense layout of scale/zero (all four the same); this is the
     one the runtime uses.
     """
+    op = "int4_kv_tensors"
     for name, n in (("num", num), ("slots", slots), ("num_kv_heads", num_kv_heads)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"int4_kv_tensors: {name} must be an integer >= 1, got {n!r}")
-    if head_dim not in KV_HEAD_DIMS:
-        raise ValueError(f"int4_kv_tensors: head_dim = {head_dim} is not supported "
-                         f"(supported: {KV_HEAD_DIMS})")
+            _fail(op, f"{name} must be an integer >= 1, got {n!r}")
+    _check_head_dim(op, head_dim)
     codes = torch.zeros(num, slots, num_kv_heads, head_dim // 2, dtype=torch.uint8,
                         device=device)
     scale = torch.ones(num, num_kv_heads, slots, dtype=torch.float16,
